@@ -1,0 +1,1 @@
+"""tunedeck flows: the ML core (``flows.core``) and the Prefect layer around it."""

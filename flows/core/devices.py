@@ -1,0 +1,30 @@
+"""Pick the torch device a stage runs on."""
+
+from __future__ import annotations
+
+import torch
+
+from flows.core.errors import TunedeckError
+
+
+def resolve_device(spec: str) -> torch.device:
+    """base.device to a torch.device: auto picks the CUDA GPU with most free memory, then MPS, then CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            return torch.device("cuda", free.index(max(free)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TunedeckError(f"base.device is '{spec}' but torch sees no CUDA GPU here: use auto or cpu.")
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise TunedeckError(
+                f"base.device is '{spec}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible: use cuda:0 or auto."
+            )
+        return torch.device("cuda", index)
+    if spec == "mps" and not torch.backends.mps.is_available():
+        raise TunedeckError("base.device is 'mps' but Apple MPS is not available here: use auto or cpu.")
+    return torch.device(spec)

@@ -1,0 +1,126 @@
+"""Scan an image folder (one sub-folder per class), validate and decode every image once.
+
+The source folder is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from flows.core.errors import TunedeckError
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A file left out of the data set, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The images that decoded, as one uint8 array, with their labels."""
+
+    classes: tuple[str, ...]
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64
+    rejected: tuple[Rejected, ...]
+    version: str  # the folder's md5 as DVC computes it ("<md5>.dir")
+
+
+def list_class_folders(source: Path) -> list[Path]:
+    """The class sub-folders of source, sorted; raise TunedeckError if there is no usable folder."""
+    what = f"data.source '{source}'"
+    if not source.exists():
+        raise TunedeckError(
+            f"{what} does not exist: point data.source in params.yaml at a folder with one "
+            "sub-folder of images per class (run `tunedeck demo` to make an example)."
+        )
+    if not source.is_dir():
+        raise TunedeckError(f"{what} is a file, not a folder: point it at a folder with one sub-folder per class.")
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise TunedeckError(
+            f"{what} has no class sub-folders: put the images of each class in a sub-folder named after it."
+        )
+    return folders
+
+
+def folder_version(source: Path) -> str:
+    """The md5 DVC gives this folder (md5 of its sorted file list), so versions match dvc.lock."""
+    entries = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        entries.append({"md5": hashlib.md5(path.read_bytes()).hexdigest(), "relpath": path.relative_to(source).as_posix()})
+    entries.sort(key=lambda e: tuple(e["relpath"].split("/")))
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Decode one image to (size, size, 3) uint8: shorter side resized to size, centre crop.
+
+    Raises ValueError with a short reason when the file is empty, truncated or not an image.
+    """
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError("not an image") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"broken image ({exc})") from None
+    scale = size / min(rgb.size)
+    resized = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))), Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def decode_folder(source: Path, size: int, workers: int | None = None, progress=None) -> Decoded:
+    """Validate and decode every file under source's class folders; broken ones are rejected.
+
+    Classes left with no images are rejected too; fewer than two classes is an error.
+    """
+    folders = list_class_folders(source)
+    files = [(f, p) for f in folders for p in sorted(f.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    rejected: list[Rejected] = []
+
+    def work(item: tuple[Path, Path]) -> tuple[Path, Path, np.ndarray | str]:
+        folder, path = item
+        try:
+            return folder, path, decode_image(path, size)
+        except ValueError as exc:
+            return folder, path, str(exc)
+
+    by_class: dict[str, list[np.ndarray]] = {f.name: [] for f in folders}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for folder, path, result in pool.map(work, files):
+            if isinstance(result, str):
+                rejected.append(Rejected(str(path), result))
+            else:
+                by_class[folder.name].append(result)
+            if progress is not None:
+                progress(1)
+    for name, images in by_class.items():
+        if not images:
+            rejected.append(Rejected(str(source / name), "class folder has no usable images; class left out"))
+    classes = tuple(name for name, images in by_class.items() if images)
+    if len(classes) < 2:
+        found = f"only '{classes[0]}'" if classes else "none"
+        raise TunedeckError(
+            f"data.source '{source}' needs at least 2 classes with usable images (found {found}): "
+            "add a sub-folder of images for each class."
+        )
+    images = np.stack([img for name in classes for img in by_class[name]])
+    labels = np.concatenate([np.full(len(by_class[name]), i, dtype=np.int64) for i, name in enumerate(classes)])
+    return Decoded(classes, images, labels, tuple(rejected), folder_version(source))

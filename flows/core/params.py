@@ -1,0 +1,162 @@
+"""params.yaml, loaded once into frozen typed objects.
+
+Unknown keys, wrong types and out-of-range values are rejected with one sentence that names
+the key and what is allowed. Experiments change params through DVC (``dvc exp run -S``),
+never through literals in code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flows.core.errors import TunedeckError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Group(BaseModel):
+    """A params group: frozen, and unknown keys are an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BaseParams(_Group):
+    """Settings every stage shares."""
+
+    seed: int = Field(42, ge=0, description="seed for the split, initialisation and batches")
+    device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError("must be one of auto, cpu, mps, cuda, cuda:N")
+        return value
+
+
+class DataParams(_Group):
+    """The image folder and how it is split."""
+
+    source: str = Field(min_length=1, description="folder with one sub-folder of images per class")
+    image_size: int = Field(224, ge=8, le=1024, description="square side the images are decoded to")
+    val_fraction: float = Field(0.15, ge=0.0, le=0.5)
+    test_fraction: float = Field(0.15, gt=0.0, le=0.9)
+    limit_per_class: int | None = Field(None, ge=1, description="at most this many train images per class")
+
+
+class ModelParams(_Group):
+    """The timm backbone and where its starting weights come from."""
+
+    name: str = Field(min_length=1, description="a timm model name, e.g. resnet18")
+    pretrained: bool | str = Field(True, description="true (timm's default tag), false, or a weights file")
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("pretrained")
+    @classmethod
+    def _weights_file(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.endswith((".safetensors", ".pth", ".pt", ".bin")):
+            raise ValueError("must be true, false, or a path to a .safetensors/.pth/.pt/.bin file")
+        return value
+
+
+class TrainParams(_Group):
+    """The fine-tuning run."""
+
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.05, ge=0.0, le=1.0)
+    optimizer: Literal["adamw", "adam", "sgd", "momentum", "lamb", "rmsprop"] = "adamw"
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+
+
+class EvaluateParams(_Group):
+    """The held-out test."""
+
+    batch_size: int = Field(256, ge=1, le=65_536)
+
+
+class Params(_Group):
+    """Everything in params.yaml."""
+
+    base: BaseParams = BaseParams()
+    data: DataParams
+    model: ModelParams
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved params, defaults filled in, as plain data."""
+        return self.model_dump(mode="json")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, validate and freeze params.yaml; raise TunedeckError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunedeckError(f"{path} not found: run from the project root, where params.yaml lives.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise TunedeckError(f"{path} is not valid YAML{where}: fix the syntax there.") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise TunedeckError with one sentence on the first problem."""
+    if not isinstance(raw, dict):
+        raise TunedeckError(f"{source} must be a mapping of groups (base, data, model, train, evaluate).")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise TunedeckError(describe_error(exc, source)) from None
+
+
+def save_resolved(params: Params, folder: str | Path) -> Path:
+    """Write the resolved params next to a stage's outputs, so every output says how it was made."""
+    out = Path(folder) / "params.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+    return out
+
+
+def describe_error(exc: ValidationError, source: str) -> str:
+    """Turn pydantic's first error into one sentence that names the key and what is allowed."""
+    err = exc.errors()[0]
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return _unknown_key(key, source)
+    if err["type"] == "missing":
+        return f"{source}: key '{key}' is missing: add it (see the params reference in README.md)."
+    message = err["msg"].removeprefix("Value error, ")
+    message = re.sub(r"^Input should be", "must be", message)
+    message = re.sub(r"^(String|List) should", "must", message)
+    if not message.startswith("must"):
+        message = "is invalid: " + message[0].lower() + message[1:]
+    return f"{source}: {key} {message} (got {err.get('input')!r})."
+
+
+def _unknown_key(key: str, source: str) -> str:
+    parts = key.split(".")
+    group_model: type[BaseModel] = Params
+    for part in parts[:-1]:
+        field = group_model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type):
+            break
+        group_model = field.annotation
+    allowed = sorted(group_model.model_fields)
+    close = difflib.get_close_matches(parts[-1], allowed, n=1)
+    hint = f" (did you mean '{'.'.join(parts[:-1] + close)}'?)" if close else ""
+    where = f"'{'.'.join(parts[:-1])}'" if len(parts) > 1 else "the top level"
+    return f"{source}: unknown key '{key}'{hint}; allowed in {where}: {', '.join(allowed)}."

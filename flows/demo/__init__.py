@@ -1,0 +1,1 @@
+"""The offline transfer-learning demo (``tunedeck demo``)."""

@@ -1,0 +1,150 @@
+"""The embedded default: a local Prefect server, SQLite under the project, bound to 127.0.0.1.
+
+``tunedeck server start|stop|status`` drive it; stages find it through ``api_url()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from flows.core.errors import TunedeckError
+
+DEFAULT_PORT = 4200
+STATE = Path(".tunedeck")
+
+
+def state_dir(root: Path | None = None) -> Path:
+    """Where the server keeps its database, log and pid (``.tunedeck/`` in the project)."""
+    return (root or Path.cwd()) / STATE
+
+
+def healthy(url: str, timeout: float = 0.5) -> bool:
+    """Whether a Prefect API answers /health at url within timeout seconds."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _record(root: Path | None = None) -> dict | None:
+    path = state_dir(root) / "server.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if _alive(record.get("pid", -1)) else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid is a running Prefect server (and not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    return b"prefect" in cmdline and b"server" in cmdline
+
+
+def local_url(root: Path | None = None) -> str | None:
+    """The API URL of this project's local server, when it is running."""
+    record = _record(root)
+    return record["url"] if record else None
+
+
+def api_url(root: Path | None = None) -> str | None:
+    """The Prefect API stages report to: PREFECT_API_URL if set, else the local server's."""
+    return os.environ.get("PREFECT_API_URL") or local_url(root)
+
+
+def server_env(root: Path | None = None) -> dict[str, str]:
+    """Environment for the server: PREFECT_HOME (and so its SQLite file) under the project."""
+    env = dict(os.environ)
+    env["PREFECT_HOME"] = str(state_dir(root).resolve() / "prefect")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 90.0) -> str:
+    """Start the local server in the background and wait until it answers; return its API URL."""
+    running = local_url(root)
+    if running:
+        return running
+    url = f"http://127.0.0.1:{port}/api"
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise TunedeckError(
+                f"port {port} on 127.0.0.1 is already in use: stop what holds it, or pass --port to use another."
+            )
+    folder = state_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(root),
+            start_new_session=True,
+        )
+    (folder / "server.json").write_text(json.dumps({"pid": proc.pid, "url": url, "port": port}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise TunedeckError(f"the Prefect server exited at start ({tail[0][:200]}): see {log_path}.")
+        if healthy(url):
+            return url
+        time.sleep(0.3)
+    stop(root)
+    raise TunedeckError(f"the Prefect server did not answer within {timeout:.0f} s: see {log_path}.")
+
+
+def stop(root: Path | None = None, timeout: float = 15.0) -> bool:
+    """Stop the local server this project started; False when none was running."""
+    record = _record(root)
+    path = state_dir(root) / "server.json"
+    if record is None:
+        path.unlink(missing_ok=True)
+        return False
+    pid = record["pid"]
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid) and not _reaped(pid):
+        time.sleep(0.2)
+    if _alive(pid) and not _reaped(pid):
+        os.killpg(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def _reaped(pid: int) -> bool:
+    """Reap pid if it is our exited child; True when it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        return not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (OSError, IndexError):
+        return True

@@ -1,0 +1,40 @@
+"""What every stage entry point shares: logging, params, the flow wrapper, clean failures."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from flows.core.errors import TunedeckError
+from flows.core.params import Params, load_params
+from flows.core.paths import PARAMS
+
+
+def setup_logging() -> None:
+    """Plain 'message' lines on stderr for the tunedeck logger."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("tunedeck")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def run_main(name: str, work: Callable[[Params], dict[str, Any]], tags: Callable[[], list[str]] = list) -> int:
+    """Load params.yaml, run work as the flow ``name``; print one sentence and return 2 on bad input."""
+    setup_logging()
+    try:
+        from flows.orchestration import run_stage
+
+        params = load_params(PARAMS)
+        summary = run_stage(name, lambda: work(params), params.to_dict(), [f"stage:{name}", *tags()])
+    except TunedeckError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; nothing was written past the last complete output.", file=sys.stderr)
+        return 130
+    logging.getLogger("tunedeck").info("%s done: %s", name, ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
