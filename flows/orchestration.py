@@ -63,7 +63,9 @@ def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[st
         return work()
     os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tunedeck")
-    from prefect import flow, tags as prefect_tags
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    from prefect import flow
+    from prefect import tags as prefect_tags
     from prefect.artifacts import acreate_markdown_artifact
     from prefect.states import Failed
 

@@ -41,9 +41,12 @@ def per_class_scores(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -
 
 
 def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
-    """Score the trained model on the test split; write out/metrics.json and out/confusion.json."""
-    from flows.core.train import Normalizer, evaluate_split
+    """Score the trained model on the test split.
+
+    Writes out/metrics.json (headline), out/per_class.json and out/confusion.json (a DVC plot).
+    """
     from flows.core.model import Preprocessing
+    from flows.core.train import Normalizer, evaluate_split
 
     device = resolve_device(params.base.device)
     model, config = load_trained(models, device)
@@ -57,11 +60,11 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
         "loss": loss,
         "macro_f1": float(np.mean([s["f1"] for s in per_class.values()])),
         "n_test": int(len(test_y)),
-        "per_class": per_class,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(test_y.tolist(), pred.tolist())]
+    (out / "per_class.json").write_text(json.dumps(per_class, indent=2))
+    confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(test_y.tolist(), pred.tolist(), strict=True)]
     (out / "confusion.json").write_text(json.dumps(confusion))
     save_resolved(params, out)
     return metrics

@@ -10,3 +10,4 @@ MODEL_CONFIG = MODELS / "model.json"
 TRAIN_LIVE = Path("dvclive")
 EVAL = Path("eval")
 SPLITS = ("train", "val", "test")
+WEIGHTS = Path("weights")

@@ -146,6 +146,7 @@ def train(params: Params, prepared: Path, out: Path, on_epoch: EpochHook | None 
         "best_epoch": best_epoch + 1,
         "val_accuracy": best_acc if len(val_y) else None,
         "sha256": sha,
+        "train_seconds": round(time.perf_counter() - start, 1),
     }
     (out / "model.json").write_text(json.dumps(config, indent=2))
     save_resolved(params, out)

@@ -14,11 +14,12 @@ log = logging.getLogger("tunedeck")
 
 def work(params: Params) -> dict:
     """Run prepare with a progress bar; report rejected files on the console and in rejected.json."""
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from flows.core.images import list_class_folders
     from flows.core.prepare import prepare
-    from pathlib import Path
 
     source = Path(params.data.source)
     total = sum(1 for f in list_class_folders(source) for p in f.rglob("*") if p.is_file() and not p.name.startswith("."))

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from pathlib import Path
 
 from flows.core.params import Params
-from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE
+from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS
 from flows.stages.entry import run_main
 
 
 def work(params: Params) -> dict:
     """Train with dvclive logging every epoch's metrics (plots under dvclive/plots)."""
     from dvclive import Live
-
     from flows.core.train import train
 
+    warn_if_untracked_weights(params)
     with Live(dir=str(TRAIN_LIVE), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         live.log_params({"model": params.model.name, "pretrained": str(params.model.pretrained)})
 
@@ -31,6 +33,15 @@ def work(params: Params) -> dict:
         "weights_from": result.weights_from,
         "seconds": round(result.seconds, 1),
     }
+
+
+def warn_if_untracked_weights(params: Params) -> None:
+    """A weights file outside weights/ is not a DVC dependency: say so, once."""
+    spec = params.model.pretrained
+    if isinstance(spec, str) and not Path(spec).resolve().is_relative_to(WEIGHTS.resolve()):
+        logging.getLogger("tunedeck").warning(
+            "train: model.pretrained '%s' lies outside %s/, so DVC cannot see when it changes; move it there.", spec, WEIGHTS
+        )
 
 
 def tags() -> list[str]:

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny real image folders and params, deterministic and offline."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from flows.core.params import Params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test reaches the Hugging Face Hub, and none reports to a Prefect server by accident."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+
+
+def write_images(folder: Path, classes: dict[str, int], size: int = 20, seed: int = 0) -> Path:
+    """A folder with one sub-folder per class of small PNGs whose colour depends on the class."""
+    rng = np.random.default_rng(seed)
+    for c, (name, count) in enumerate(classes.items()):
+        sub = folder / name
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            base = np.zeros((size, size, 3), dtype=np.uint8)
+            base[..., c % 3] = 200
+            noise = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(base + noise).save(sub / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Three classes of 12 images each."""
+    return write_images(tmp_path / "images", {"cat": 12, "dog": 12, "fox": 12})
+
+
+def tiny_params_dict(source: str) -> dict:
+    """The project's params.yaml, shrunk to a tiny timm test model on CPU."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = copy.deepcopy(raw)
+    raw["base"]["device"] = "cpu"
+    raw["data"].update(source=source, image_size=16, val_fraction=0.2, test_fraction=0.2, limit_per_class=None)
+    raw["model"].update(name="test_resnet", pretrained=False)
+    raw["train"].update(epochs=2, batch_size=8)
+    return raw
+
+
+@pytest.fixture
+def tiny_params(image_folder: Path) -> Params:
+    """Params for the tiny image folder and model."""
+    return parse_params(tiny_params_dict(str(image_folder)))

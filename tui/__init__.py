@@ -1,0 +1,1 @@
+"""tunedeck's terminal side: the ``tunedeck`` command and the Textual dashboard."""

@@ -1,0 +1,64 @@
+"""The ``tunedeck`` command: demo, the local Prefect server, and the dashboard."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flows.core.errors import TunedeckError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, one sub-command per job."""
+    parser = argparse.ArgumentParser(prog="tunedeck", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="offline transfer-learning demo: pretrain on digits 0-4, fine-tune on 5-9")
+    srv = sub.add_parser("server", help="the local Prefect server (SQLite under .tunedeck/, 127.0.0.1)")
+    srv.add_argument("action", choices=["start", "stop", "status"])
+    srv.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
+    sub.add_parser("dash", help="the terminal dashboard")
+    return parser
+
+
+def server_command(action: str, port: int) -> int:
+    """tunedeck server start|stop|status."""
+    from flows import server
+
+    if action == "start":
+        url = server.start(port)
+        print(f"Prefect server running at {url.removesuffix('/api')} (stages report to it; `tunedeck server stop` stops it).")
+        if port != server.DEFAULT_PORT:
+            print(f"For the prefect CLI: export PREFECT_API_URL={url}")
+    elif action == "stop":
+        print("Prefect server stopped." if server.stop() else "No Prefect server of this project was running.")
+    else:
+        url = server.local_url()
+        print(f"Prefect server running at {url}." if url else "Prefect server not running (`tunedeck server start`).")
+        return 0 if url else 3
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; bad input is one sentence on stderr and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from flows.demo.run import run_demo
+
+            run_demo()
+            return 0
+        if args.command == "server":
+            return server_command(args.action, args.port)
+        from tui.app import run_dashboard
+
+        return run_dashboard()
+    except TunedeckError as exc:
+        print(f"tunedeck: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunedeck: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
