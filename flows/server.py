@@ -98,6 +98,7 @@ def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 9
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=server_env(root),
+            cwd=root or Path.cwd(),
             start_new_session=True,
         )
     (folder / "server.json").write_text(json.dumps({"pid": proc.pid, "url": url, "port": port}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from flows.core.errors import TunedeckError
 from flows.core.params import load_params, parse_params, save_resolved
@@ -13,7 +14,7 @@ from tests.conftest import ROOT, tiny_params_dict
 def test_project_params_load_and_are_frozen():
     params = load_params(ROOT / "params.yaml")
     assert params.model.name == "resnet18"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         params.train.lr = 1.0  # type: ignore[misc]
 
 

@@ -1,0 +1,67 @@
+"""A temporary copy of this repository with tiny data, for end-to-end runs of the real tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, tiny_params_dict, write_images
+
+SKIP = ("data/demo/", "dvclive/", "eval/", "dvc.lock", "models/model", ".tunedeck/", "weights/demo")
+
+
+def project_files() -> list[str]:
+    """Tracked files and new, not-ignored ones (so uncommitted work is what gets tested)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    return [f for f in out if f and not f.startswith(SKIP) and (ROOT / f).is_file()]
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment the tools run in: this venv first on PATH, a fixed git identity."""
+    base = dict(os.environ)
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
+    base.update(
+        GIT_AUTHOR_NAME="tunedeck tests", GIT_AUTHOR_EMAIL="tests@tunedeck.invalid",
+        GIT_COMMITTER_NAME="tunedeck tests", GIT_COMMITTER_EMAIL="tests@tunedeck.invalid",
+        HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PREFECT_LOGGING_LEVEL="WARNING",
+    )
+    base.pop("PREFECT_API_URL", None)
+    base.update(extra)
+    return base
+
+
+def make_project(dest: Path) -> Path:
+    """Copy the repo to dest, add tiny images, shrink params.yaml, and commit it all to a new git repo."""
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    write_images(dest / "data" / "tiny", {"red": 10, "green": 10, "blue": 10})
+    raw = tiny_params_dict("data/tiny")
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(dest, "git", "init", "-q")
+    run(dest, "git", "add", "-A")
+    run(dest, "git", "commit", "-q", "-m", "tiny project")
+    return dest
+
+
+def run(cwd: Path, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
+    """Run a command in the project; on failure show its output."""
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env(**extra), timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
