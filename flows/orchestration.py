@@ -7,10 +7,14 @@ and runs on. ``TUNEDECK_PREFECT=off`` switches the Prefect layer off (used by be
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import os
+import queue
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,43 +55,96 @@ def reachable_api() -> str | None:
     return None
 
 
-def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[str, Any], tags: list[str]) -> dict[str, Any]:
-    """Run work() as the flow ``name`` (a Completed or Failed flow run) or plainly; return its summary.
+class Reporter:
+    """The stage side of ``flows.reporter``: a child process that holds the stage's flow run."""
 
-    ``parameters`` are shown on the flow run; work's summary (versions, metrics) is attached
-    to the run as a markdown artifact. A TunedeckError from work fails the run with its
-    sentence, without a traceback, and is raised again here.
+    def __init__(self, name: str, url: str, parameters: dict[str, Any], tags: list[str]) -> None:
+        log_dir = server.state_dir()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "reporter.log", "ab") as errors:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.reporter"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
+        self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, name="reporter-answers", daemon=True).start()
+        self.send({"name": name, "api_url": url, "parameters": parameters, "tags": tags})
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "url" in message:
+                print(f"prefect: flow run '{message['name']}' at {message['url']}", file=sys.stderr, flush=True)
+            self.answers.put(message)
+        self.answers.put({"final": None})
+
+    def send(self, message: dict[str, Any]) -> None:
+        """One JSON line to the reporter; a reporter that has gone is not the stage's problem."""
+        try:
+            self.proc.stdin.write(json.dumps(message, default=str) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def finish(self, message: dict[str, Any], timeout: float = 20.0) -> str | None:
+        """Send the outcome and wait (bounded) until the run has its final state."""
+        self.send(message)
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                answer = self.answers.get(timeout=left)
+            except queue.Empty:
+                break
+            if "final" in answer:
+                return answer["final"]
+        print(f"tunedeck: the flow run did not confirm its end within {timeout:.0f} s; see {server.state_dir() / 'reporter.log'}.", file=sys.stderr)
+        return None
+
+
+class _Forward(logging.Handler):
+    """Sends the stage's log records to its flow run."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__(logging.INFO)
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.send({"log": record.getMessage(), "level": record.levelno})
+
+
+def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[str, Any], tags: list[str]) -> dict[str, Any]:
+    """Run work() plainly, mirrored by the Prefect flow run ``name`` when a server is up.
+
+    The flow run (opened by a reporter process beside this one) shows ``parameters`` and the
+    stage's log, ends Completed with work's summary attached as an artifact, Failed with the
+    sentence of a TunedeckError (raised again here), or Crashed if this process dies.
     """
     url = reachable_api()
     if url is None:
         return work()
-    os.environ["PREFECT_API_URL"] = url
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tunedeck")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    from prefect import flow
-    from prefect import tags as prefect_tags
-    from prefect.artifacts import acreate_markdown_artifact
-    from prefect.states import Failed
-
-    failure: list[TunedeckError] = []
-
-    @flow(name=name, persist_result=False, log_prints=True, validate_parameters=False)
-    async def stage(params: dict[str, Any]) -> Any:
-        try:
-            summary = work()
-        except TunedeckError as exc:
-            failure.append(exc)
-            return Failed(message=str(exc))
-        await acreate_markdown_artifact(markdown=_markdown(name, summary), key=f"{name}-summary", description=f"{name} stage")
-        return summary
-
-    with prefect_tags("tunedeck", "dvc", *tags):
-        state = asyncio.run(stage(parameters, return_state=True))
-    if failure:
-        raise failure[0]
-    return state.result()
-
-
-def _markdown(name: str, summary: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {key} | {value} |" for key, value in summary.items())
-    return f"# {name}\n\n| | |\n|---|---|\n{rows}\n"
+    reporter = Reporter(name, url, parameters, tags)
+    forward = _Forward(reporter)
+    logger = logging.getLogger("tunedeck")
+    logger.addHandler(forward)
+    try:
+        summary = work()
+    except TunedeckError as exc:
+        reporter.finish({"failed": str(exc)})
+        raise
+    except BaseException as exc:
+        reporter.finish({"failed": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        logger.removeHandler(forward)
+    reporter.finish({"done": summary})
+    return summary

@@ -1,0 +1,78 @@
+"""``python -m flows.reporter``: the Prefect flow run of one stage, run beside the stage's process.
+
+The stage process starts this reporter as a child and goes straight on with its work, so
+importing Prefect and opening the flow run happen on another core, at the same time. The
+stage streams JSON lines to the reporter's stdin:
+
+  {"name", "api_url", "parameters", "tags"}   first line: which flow run to open
+  {"log": text, "level": n}                   a log line of the stage, sent to the run's logs
+  {"done": summary}                           success: the run ends Completed, summary as an artifact
+  {"failed": sentence}                        bad input: the run ends Failed with that sentence
+
+If stdin closes with none of the last two (the stage was killed), the run ends Crashed at once.
+The reporter answers on stdout: {"flow_run_id", "url"} once the run is open, {"final": state}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+
+def answer(message: dict[str, Any]) -> None:
+    """One JSON line to the stage process (ignored if it has gone)."""
+    try:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def markdown(name: str, summary: dict[str, Any]) -> str:
+    """The stage's summary (versions, metrics) as a small markdown table."""
+    rows = "\n".join(f"| {key} | {value} |" for key, value in summary.items())
+    return f"# {name}\n\n| | |\n|---|---|\n{rows}\n"
+
+
+def main() -> int:
+    """Open the flow run, relay the stage's lines into it, close it with the stage's outcome."""
+    spec = json.loads(sys.stdin.readline())
+    os.environ["PREFECT_API_URL"] = spec["api_url"]
+    from prefect import flow, get_run_logger, tags
+    from prefect.artifacts import acreate_markdown_artifact
+    from prefect.context import get_run_context
+    from prefect.states import Crashed, Failed
+
+    name = spec["name"]
+
+    @flow(name=name, persist_result=False, validate_parameters=False)
+    async def stage(params: dict[str, Any]) -> Any:
+        run = get_run_context().flow_run
+        ui = spec["api_url"].removesuffix("/api")
+        answer({"flow_run_id": str(run.id), "url": f"{ui}/runs/flow-run/{run.id}", "name": run.name})
+        logger = get_run_logger()
+        while True:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line:
+                return Crashed(message=f"the {name} stage process ended before finishing (killed?)")
+            message = json.loads(line)
+            if "log" in message:
+                logger.log(message.get("level", 20), message["log"])
+            elif "failed" in message:
+                return Failed(message=message["failed"])
+            elif "done" in message:
+                summary = message["done"]
+                await acreate_markdown_artifact(markdown=markdown(name, summary), key=f"{name}-summary")
+                return summary
+
+    with tags("tunedeck", "dvc", *spec["tags"]):
+        state = asyncio.run(stage(spec["parameters"], return_state=True))
+    answer({"final": state.type.value})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
