@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from flows.core.devices import resolve_device
 from flows.core.model import Preprocessing, build_model, check_model_name, preprocessing
@@ -102,7 +103,9 @@ def train(params: Params, prepared: Path, out: Path, on_epoch: EpochHook | None 
     scheduler = _scheduler(optimizer, params)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     gen = torch.Generator().manual_seed(params.base.seed)
-    best_acc, best_epoch, best_state = -1.0, 0, None
+    best_acc, best_epoch, best_state = float("-inf"), 0, None
+    steps = -(-len(train_y) // cfg.batch_size)
+    bar = tqdm(total=cfg.epochs * steps, desc="train", unit="step", disable=None, leave=False)
     for epoch in range(cfg.epochs):
         model.train()
         tic, seen, total = time.perf_counter(), 0, 0.0
@@ -114,6 +117,7 @@ def train(params: Params, prepared: Path, out: Path, on_epoch: EpochHook | None 
             optimizer.step()
             seen += len(y)
             total += loss.item() * len(y)
+            bar.update()
         metrics = {
             "train/loss": total / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
@@ -130,6 +134,7 @@ def train(params: Params, prepared: Path, out: Path, on_epoch: EpochHook | None 
         log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    bar.close()
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
     save_file(best_state, str(weights))

@@ -64,7 +64,7 @@ def dvc(*args: str, quiet: bool = False) -> None:
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if not quiet:
+        if not quiet and "No file hash info found" not in line:
             print(f"    {line}", end="", flush=True)
     if proc.wait() != 0:
         tail = "".join(lines[-5:]).strip()
@@ -98,7 +98,9 @@ def run_demo() -> list[Outcome]:
     check_project()
     tic = time.perf_counter()
     print("[1/5] Prefect: ", end="", flush=True)
-    url = server.api_url() if os.environ.get("PREFECT_API_URL") else server.start()
+    url = os.environ.get("PREFECT_API_URL") or server.start()
+    if not server.healthy(url, timeout=3.0):
+        raise TunedeckError(f"PREFECT_API_URL is {url} but no Prefect server answers there: start it, or unset it.")
     print(f"server at {url.removesuffix('/api')}")
     print("[2/5] data: scikit-learn's bundled digits as 32x32 PNG folders, versioned with dvc add")
     print(f"    {write_digits(SOURCE_DATA, range(0, 5))} images of 0-4 in {SOURCE_DATA}")

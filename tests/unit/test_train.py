@@ -66,3 +66,10 @@ def test_training_is_deterministic_on_cpu(tiny_params, tmp_path):
     a = train(tiny_params, tmp_path / "p", tmp_path / "a")
     b = train(tiny_params, tmp_path / "p", tmp_path / "b")
     assert a.model_sha256 == b.model_sha256
+
+
+def test_training_without_a_validation_split_keeps_the_lowest_loss(tiny_params, tmp_path):
+    params = tiny_params.model_copy(update={"data": tiny_params.data.model_copy(update={"val_fraction": 0.0})})
+    prepare(params, tmp_path / "p")
+    result = train(params, tmp_path / "p", tmp_path / "m")
+    assert result.val_accuracy is None and (tmp_path / "m" / "model.safetensors").is_file()
