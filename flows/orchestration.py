@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flows import server
@@ -55,6 +56,15 @@ def reachable_api() -> str | None:
     return None
 
 
+def run_file(pid: int) -> Path:
+    """``.tunedeck/runs/<pid>.json``: the flow run a stage process mirrors, while it runs.
+
+    Stage processes started by ``dvc repro`` have no PREFECT__FLOW_RUN_ID in their environment,
+    so this file is how the dashboard joins a GPU process to its flow run.
+    """
+    return server.state_dir() / "runs" / f"{pid}.json"
+
+
 class Reporter:
     """The stage side of ``flows.reporter``: a child process that holds the stage's flow run."""
 
@@ -71,6 +81,8 @@ class Reporter:
             )
         self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, name="reporter-answers", daemon=True).start()
+        self.name = name
+        self.pid_file: Path | None = None
         self.send({"name": name, "api_url": url, "parameters": parameters, "tags": tags})
 
     def _read(self) -> None:
@@ -81,8 +93,15 @@ class Reporter:
                 continue
             if "url" in message:
                 print(f"prefect: flow run '{message['name']}' at {message['url']}", file=sys.stderr, flush=True)
+                self._mark_running(message)
             self.answers.put(message)
         self.answers.put({"final": None})
+
+    def _mark_running(self, message: dict[str, Any]) -> None:
+        """Tell the dashboard which flow run this process (and its GPU memory) belongs to."""
+        self.pid_file = run_file(os.getpid())
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(json.dumps({"flow_run_id": message["flow_run_id"], "name": message["name"], "stage": self.name}))
 
     def send(self, message: dict[str, Any]) -> None:
         """One JSON line to the reporter; a reporter that has gone is not the stage's problem."""
@@ -95,6 +114,8 @@ class Reporter:
     def finish(self, message: dict[str, Any], timeout: float = 20.0) -> str | None:
         """Send the outcome and wait (bounded) until the run has its final state."""
         self.send(message)
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
         try:
             self.proc.stdin.close()
         except OSError:
