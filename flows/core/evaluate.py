@@ -45,14 +45,14 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
 
     Writes out/metrics.json (headline), out/per_class.json and out/confusion.json (a DVC plot).
     """
-    from flows.core.model import Preprocessing
-    from flows.core.train import Normalizer, evaluate_split
+    from flows.core.augment import Normalizer
+    from flows.core.scoring import score
 
     device = resolve_device(params.base.device)
     model, config = load_trained(models, device)
     test_x, test_y = load_split(prepared, "test")
-    norm = Normalizer(Preprocessing(tuple(config["mean"]), tuple(config["std"]), config["interpolation"]), device)
-    loss, accuracy, pred = evaluate_split(model, norm, test_x, test_y, params.evaluate.batch_size)
+    norm = Normalizer(config["mean"], config["std"], device)
+    loss, accuracy, pred = score(model, norm, test_x, test_y, params.evaluate.batch_size)
     classes = config["classes"]
     per_class = per_class_scores(test_y, pred, classes)
     metrics = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.core.errors import TunedeckError
 
@@ -31,6 +31,7 @@ class BaseParams(_Group):
 
     seed: int = Field(42, ge=0, description="seed for the split, initialisation and batches")
     device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N")
+    devices: int = Field(1, ge=1, le=64, description="processes for data-parallel training (torchrun DDP when > 1)")
 
     @field_validator("device")
     @classmethod
@@ -65,18 +66,57 @@ class ModelParams(_Group):
         return value
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "lamb", "lars", "lion", "adan", "rmsprop",
+              "adafactor", "nadamw", "radam", "adopt")
+
+
 class TrainParams(_Group):
-    """The fine-tuning run."""
+    """The fine-tuning run: optimisation, transfer-learning controls, augmentation, speed, checkpoints."""
 
     epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=1, le=65_536)
+    batch_size: int = Field(64, ge=1, le=65_536, description="images per micro-batch")
+    accum_steps: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.05, ge=0.0, le=1.0)
-    optimizer: Literal["adamw", "adam", "sgd", "momentum", "lamb", "rmsprop"] = "adamw"
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    optimizer: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
+    scheduler: Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
+    clip_grad: float | None = Field(None, gt=0.0, description="max gradient norm")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # transfer learning
+    freeze_epochs: int = Field(0, ge=0, description="epochs with the backbone frozen (a linear probe)")
+    unfreeze: Literal["all", "gradual"] = "all"
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="layer-wise LR decay (timm)")
+    head_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="head LR = lr x this")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="EMA of weights (timm ModelEmaV3)")
+    # augmentation
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    crop_padding: int = Field(0, ge=0, le=256, description="random crops after reflect-padding by this many pixels")
+    auto_augment: str | None = Field(None, description="timm's string, e.g. rand-m9-mstd0.5 or augmix-m5")
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)
+    mixup: float = Field(0.0, ge=0.0, le=10.0, description="mixup alpha (0: off)")
+    cutmix: float = Field(0.0, ge=0.0, le=10.0, description="cutmix alpha (0: off)")
+    workers: int = Field(0, ge=0, le=64, description="DataLoader workers (for auto_augment)")
+    # speed
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    # checkpoints and stopping
+    early_stopping: int | None = Field(None, ge=1, description="patience in epochs (null: off)")
+    keep_top: int = Field(1, ge=1, le=100, description="best checkpoints kept by val accuracy")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between mid-epoch checkpoints (0: per epoch)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.freeze_epochs > self.epochs:
+            raise ValueError(
+                f"train.freeze_epochs ({self.freeze_epochs}) must not exceed train.epochs ({self.epochs})"
+            )
+        if self.unfreeze == "gradual" and self.freeze_epochs == 0:
+            raise ValueError("train.unfreeze: gradual needs train.freeze_epochs of at least 1")
+        if self.auto_augment is not None and not re.match(r"^(rand|augmix|original|originalr|v0|v0r|3a)(-|$)", self.auto_augment):
+            raise ValueError(f"train.auto_augment '{self.auto_augment}' is not a timm policy: use e.g. rand-m9-mstd0.5")
+        return self
 
 
 class EvaluateParams(_Group):
@@ -135,6 +175,8 @@ def describe_error(exc: ValidationError, source: str) -> str:
     """Turn pydantic's first error into one sentence that names the key and what is allowed."""
     err = exc.errors()[0]
     key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}."
     if err["type"] == "extra_forbidden":
         return _unknown_key(key, source)
     if err["type"] == "missing":

@@ -3,36 +3,92 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
+from flows.core.errors import TunedeckError
 from flows.core.params import Params
-from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS
+from flows.core.paths import CHECKPOINTS, MODELS, PREPARED, TRAIN_LIVE, WEIGHTS
 from flows.stages.entry import run_main
 
 
 def work(params: Params) -> dict:
-    """Train with dvclive logging every epoch's metrics (plots under dvclive/plots)."""
-    from dvclive import Live
+    """Train with dvclive logging every epoch's metrics (plots under dvclive/plots).
+
+    With base.devices > 1 this process launches torchrun, whose workers train with DDP.
+    """
+    from flows.core.distributed import current_world
     from flows.core.train import train
 
     warn_if_untracked_weights(params)
-    with Live(dir=str(TRAIN_LIVE), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        live.log_params({"model": params.model.name, "pretrained": str(params.model.pretrained)})
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            for key, value in metrics.items():
-                live.log_metric(key, value)
-            live.next_step()
-
-        result = train(params, PREPARED, MODELS, on_epoch)
+    if params.base.devices > 1 and "RANK" not in os.environ:
+        return launch_ddp(params)
+    tracker = LiveTracker()
+    try:
+        result = train(params, PREPARED, MODELS, tracker, CHECKPOINTS)
+    finally:
+        tracker.close()
+    if current_world().rank:
+        return {}
     return {
         "model_sha256": result.model_sha256,
         "best_epoch": result.best_epoch,
         "val_accuracy": result.val_accuracy,
         "weights_from": result.weights_from,
         "seconds": round(result.seconds, 1),
+        "epochs_run": result.epochs_run,
+        "resumed_at": result.resumed_at,
+        "oom_events": result.oom_events,
     }
+
+
+class LiveTracker:
+    """Per-epoch metrics into dvclive (dvclive/metrics.json and dvclive/plots), system metrics too."""
+
+    def __init__(self) -> None:
+        self.live = None
+
+    def start(self, resumed: bool) -> None:
+        """Open dvclive, continuing its files when the run resumes."""
+        from dvclive import Live
+
+        self.live = Live(dir=str(TRAIN_LIVE), resume=resumed, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=True)
+
+    def log(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One epoch's metrics at step = epoch."""
+        self.live.step = epoch
+        for key, value in metrics.items():
+            self.live.log_metric(key, value)
+        self.live.next_step()
+
+    def close(self) -> None:
+        """Flush and stop dvclive's system monitor."""
+        if self.live is not None:
+            self.live.end()
+
+
+def launch_ddp(params: Params) -> dict:
+    """Run this stage under torchrun on base.devices processes; its summary comes from model.json."""
+    import json
+    import subprocess
+
+    import torch
+
+    n = params.base.devices
+    if params.base.device != "cpu" and torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise TunedeckError(
+            f"base.devices is {n} but only {torch.cuda.device_count()} CUDA GPU(s) are visible: lower it or free GPUs."
+        )
+    if params.base.device != "cpu" and not torch.cuda.is_available():
+        raise TunedeckError(f"base.devices is {n} but there is no CUDA GPU here: set base.device: cpu to use CPU processes.")
+    env = {**os.environ, "TUNEDECK_PREFECT": "off", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "flows.stages.train"]
+    logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun", n)
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise TunedeckError(f"the {n} DDP training processes failed: see their output above.")
+    config = json.loads((MODELS / "model.json").read_text())
+    return {"model_sha256": config["sha256"], "best_epoch": config["best_epoch"], "val_accuracy": config["val_accuracy"], "devices": n}
 
 
 def warn_if_untracked_weights(params: Params) -> None:

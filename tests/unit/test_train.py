@@ -8,16 +8,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from flows.core.augment import Normalizer, crop_and_flip
 from flows.core.evaluate import evaluate
 from flows.core.model import build_model, preprocessing
 from flows.core.prepare import prepare
-from flows.core.train import Normalizer, random_hflip, train
+from flows.core.train import train
 
 
 def test_a_training_step_lowers_the_loss_and_reaches_every_parameter(tiny_params):
     torch.manual_seed(0)
     model, _ = build_model(tiny_params.model, 3)
-    norm = Normalizer(preprocessing(model), torch.device("cpu"))
+    prep = preprocessing(model)
+    norm = Normalizer(prep.mean, prep.std, torch.device("cpu"))
     x = torch.randint(0, 255, (8, 16, 16, 3), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -37,20 +39,36 @@ def test_a_training_step_lowers_the_loss_and_reaches_every_parameter(tiny_params
     assert all(np.isfinite(losses))
 
 
-def test_hflip_flips_width_only():
+def test_hflip_flips_width_only(tiny_params):
     x = torch.arange(2 * 2 * 3 * 3, dtype=torch.uint8).view(2, 2, 3, 3)
-    flipped = random_hflip(x, 1.0, torch.Generator().manual_seed(0))
-    assert torch.equal(flipped, x.flip(2))
-    assert torch.equal(random_hflip(x, 0.0, torch.Generator()), x)
+    always = tiny_params.train.model_copy(update={"hflip": 1.0})
+    never = tiny_params.train.model_copy(update={"hflip": 0.0})
+    assert torch.equal(crop_and_flip(x, always, torch.Generator().manual_seed(0)), x.flip(2))
+    assert torch.equal(crop_and_flip(x, never, torch.Generator()), x)
+
+
+def test_crop_padding_keeps_the_shape_and_moves_pixels(tiny_params):
+    x = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
+    cfg = tiny_params.train.model_copy(update={"hflip": 0.0, "crop_padding": 2})
+    out = crop_and_flip(x, cfg, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == torch.uint8 and not torch.equal(out, x)
 
 
 def test_train_and_evaluate_write_model_metrics_and_plots(tiny_params, tmp_path):
     prepared, models, out = tmp_path / "prepared", tmp_path / "models", tmp_path / "eval"
     prepare(tiny_params, prepared)
     seen = []
-    result = train(tiny_params, prepared, models, lambda epoch, m: seen.append((epoch, m)))
+
+    class Recorder:
+        def start(self, resumed):
+            assert not resumed
+
+        def log(self, epoch, metrics):
+            seen.append((epoch, metrics))
+
+    result = train(tiny_params, prepared, models, Recorder())
     assert [e for e, _ in seen] == [0, 1]
-    assert {"train/loss", "val/acc", "lr", "samples_per_s"} <= set(seen[0][1])
+    assert {"train/loss", "val/acc", "lr/group0", "samples_per_s", "step_ms", "peak_mem_mb"} <= set(seen[0][1])
     config = json.loads((models / "model.json").read_text())
     assert config["classes"] == ["cat", "dog", "fox"] and config["sha256"] == result.model_sha256
     assert set(load_file(str(models / "model.safetensors"))) == set(build_model(tiny_params.model, 3)[0].state_dict())

@@ -1,0 +1,123 @@
+"""Augmentation on tensors of the decoded-once split, with timm's Mixup/CutMix and RandomErasing.
+
+The fast path works on whole uint8 batches on the training device (crop, flip, normalise), so
+the input pipeline costs next to nothing. timm's AutoAugment/RandAugment/AugMix policies need
+PIL images: with ``train.auto_augment`` set, a DataLoader (``train.workers``) applies them per
+image, each image seeded by (seed, epoch, index) so results do not depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flows.core.params import TrainParams
+
+
+class Normalizer(nn.Module):
+    """uint8 NHWC batches to normalised float NCHW (optionally channels_last) on the device."""
+
+    def __init__(self, mean, std, device: torch.device, channels_last: bool = False) -> None:
+        super().__init__()
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise one batch already on the device."""
+        x = images.permute(0, 3, 1, 2).float()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x - self.mean) / self.std
+
+
+def crop_and_flip(x: torch.Tensor, cfg: TrainParams, gen: torch.Generator) -> torch.Tensor:
+    """Random crops after reflect padding, and horizontal flips, on a uint8 NHWC batch."""
+    n, h, w, _ = x.shape
+    if cfg.crop_padding:
+        pad = cfg.crop_padding
+        padded = F.pad(x.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype).permute(0, 2, 3, 1)
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
+        x = torch.stack([padded[i, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    if cfg.hflip > 0:
+        mask = (torch.rand(n, generator=gen) < cfg.hflip).to(x.device)
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(2), x)
+    return x
+
+
+class BatchAugment:
+    """Everything applied to a normalised batch: timm's RandomErasing and Mixup/CutMix."""
+
+    def __init__(self, cfg: TrainParams, num_classes: int, device: torch.device) -> None:
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
+
+        self.erasing = RandomErasing(cfg.random_erasing, mode="pixel", device=str(device)) if cfg.random_erasing else None
+        self.mixup = None
+        if cfg.mixup or cfg.cutmix:
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
+            )
+        self.smoothing = cfg.label_smoothing
+        self.num_classes = num_classes
+
+    @property
+    def soft_targets(self) -> bool:
+        """Whether targets become class distributions (mixup/cutmix on)."""
+        return self.mixup is not None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.erasing is not None:
+            x = self.erasing(x)
+        if self.mixup is None:
+            return x, y
+        if len(x) % 2:  # timm's Mixup needs pairs; an odd batch gets smoothed targets only
+            from timm.data.mixup import one_hot
+
+            off = self.smoothing / self.num_classes
+            return x, one_hot(y, self.num_classes, on_value=1.0 - self.smoothing + off, off_value=off)
+        return self.mixup(x, y)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The batch order of one epoch: a permutation that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class PolicyImages(torch.utils.data.Dataset):
+    """Images of one split with a timm AutoAugment/RandAugment/AugMix policy, as uint8 HWC."""
+
+    def __init__(self, images: np.ndarray, policy: str, seed: int) -> None:
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+        size = images.shape[1]
+        hparams = {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)}
+        factory = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}.get(policy.split("-")[0], auto_augment_transform)
+        self.transform = factory(policy, hparams)
+        self.images, self.seed, self.epoch = images, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        random.seed(hash((self.seed, self.epoch, index)))
+        out = self.transform(Image.fromarray(np.asarray(self.images[index])))
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy())
+
+
+def policy_batches(
+    data: PolicyImages, batches: list[torch.Tensor], workers: int, pin: bool
+) -> Iterator[torch.Tensor]:
+    """uint8 NHWC batches of ``data`` in the given index batches, through a DataLoader."""
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=[b.tolist() for b in batches], num_workers=workers, pin_memory=pin,
+        persistent_workers=False,
+    )
+    yield from loader

@@ -1,0 +1,295 @@
+"""The Trainer: one fine-tuning run, epoch by epoch, resumable at any checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from flows.core import checkpoint as ckpt
+from flows.core.augment import BatchAugment, Normalizer, PolicyImages, crop_and_flip, epoch_order, policy_batches
+from flows.core.distributed import World, all_reduce_sum, broadcast_flag
+from flows.core.errors import TunedeckError
+from flows.core.model import build_model, preprocessing
+from flows.core.params import Params, save_resolved
+from flows.core.prepare import load_split
+from flows.core.scoring import score
+from flows.core.speed import autocast, autocast_dtype, grad_scaler, maybe_compile, peak_memory_mb, uses_convolutions
+from flows.core.transfer import Freezer, param_groups
+
+log = logging.getLogger("tunedeck")
+
+
+class Trainer:
+    """Holds the model, optimizer, schedule, EMA and data of one run."""
+
+    def __init__(self, params: Params, manifest: dict, prepared: Path, device: torch.device, world: World, tracker) -> None:
+        from timm.loss import SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+
+        self.params, self.cfg, self.device, self.world, self.tracker = params, params.train, device, world, tracker
+        self.classes = manifest["classes"]
+        self.image_size = manifest["image_size"]
+        self.data_version = manifest["data_version"]
+        self.dtype = autocast_dtype(self.cfg.precision, device)
+        torch.manual_seed(params.base.seed)
+        self.model, self.weights_from = build_model(params.model, len(self.classes))
+        if world.main:
+            log.info("model %s on %s: %s", params.model.name, device, self.weights_from)
+        self.channels_last = self.cfg.channels_last and uses_convolutions(self.model)
+        self.model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        prep = preprocessing(self.model)
+        self.prep = prep
+        self.norm = Normalizer(prep.mean, prep.std, device, self.channels_last)
+        self.train_x, self.train_y = load_split(prepared, "train")
+        self.val_x, self.val_y = load_split(prepared, "val")
+        self.freezer = Freezer(self.model, self.cfg)
+        self.optimizer = create_optimizer_v2(param_groups(self.model, self.cfg), opt=self.cfg.optimizer, lr=self.cfg.lr)
+        self.scheduler = self._scheduler()
+        self.scaler = grad_scaler(device, self.dtype)
+        self.ema = None
+        if self.cfg.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay)
+        self.augment = BatchAugment(self.cfg, len(self.classes), device)
+        self.loss_fn = SoftTargetCrossEntropy() if self.augment.soft_targets else nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        self.gen = torch.Generator().manual_seed(params.base.seed)
+        self.policy = PolicyImages(self.train_x, self.cfg.auto_augment, params.base.seed) if self.cfg.auto_augment else None
+        self.micro, self.accum = self.cfg.batch_size, self.cfg.accum_steps
+        self.step, self.oom_events, self.since_best = 0, 0, 0
+        self.best = {"score": float("-inf"), "epoch": -1, "weights": "raw", "state": None, "val_acc": None}
+        self.forward = self._wrap()
+
+    # ---- set-up helpers -------------------------------------------------------------------
+    def _scheduler(self):
+        if self.cfg.scheduler == "none":
+            return None
+        from timm.scheduler import create_scheduler_v2
+
+        scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=self.cfg.scheduler, num_epochs=self.cfg.epochs, warmup_epochs=self.cfg.warmup_epochs,
+            decay_epochs=max(1, self.cfg.epochs // 3), decay_milestones=[max(1, self.cfg.epochs * 2 // 3)],
+            min_lr=self.cfg.lr * 0.01, warmup_lr=self.cfg.lr * 0.01,
+        )
+        return scheduler
+
+    def _wrap(self) -> nn.Module:
+        """The module the forward pass runs through: DDP and torch.compile around the model."""
+        module: nn.Module = self.model
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DistributedDataParallel(self.model, device_ids=ids)
+        return maybe_compile(module, self.cfg.compile)
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self, out: Path, checkpoints: Path | None, key: str) -> object:
+        from flows.core.train import TrainResult
+
+        start = time.perf_counter()
+        first_epoch, first_batch, partial = 0, 0, None
+        resumed_at = None
+        if checkpoints is not None:
+            state = ckpt.load_resumable(checkpoints, key)
+            if state is None and self.world.main:
+                ckpt.clear(checkpoints)
+            elif state is not None:
+                first_epoch, first_batch, partial = self._restore(state)
+                resumed_at = f"epoch {first_epoch + 1}, batch {first_batch}"
+                if self.world.main:
+                    log.info("resuming from %s (%s)", checkpoints / ckpt.LAST, resumed_at)
+        if self.tracker is not None and self.world.main:
+            self.tracker.start(resumed_at is not None)
+        epoch = first_epoch
+        for epoch in range(first_epoch, self.cfg.epochs):
+            metrics = self._epoch(epoch, first_batch if epoch == first_epoch else 0, partial if epoch == first_epoch else None, checkpoints, key)
+            stop = self._end_epoch(epoch, metrics, checkpoints, key)
+            if broadcast_flag(stop, self.world, self.device):
+                log.info("early stopping: no better val accuracy for %d epochs", self.cfg.early_stopping)
+                break
+        result = self._export(out, time.perf_counter() - start) if self.world.main else {}
+        return TrainResult(
+            best_epoch=self.best["epoch"] + 1, val_accuracy=self.best["val_acc"], weights_from=self.weights_from,
+            seconds=time.perf_counter() - start, model_sha256=result.get("sha256", ""), epochs_run=epoch + 1,
+            resumed_at=resumed_at, oom_events=self.oom_events,
+        )
+
+    def _epoch(self, epoch: int, first_batch: int, partial: dict | None, checkpoints: Path | None, key: str) -> dict:
+        """Train one epoch from first_batch; return its metrics."""
+        if self.freezer.apply(epoch) and epoch > 0 and self.world.main:
+            log.info("epoch %d: %d parameter tensors frozen", epoch + 1, len(self.freezer.frozen))
+        self.forward = self._wrap() if self.world.size > 1 else self.forward
+        if self.policy is not None:
+            self.policy.epoch = epoch
+        self.model.train()
+        self.freezer.set_bn_modes()
+        batches = self._batches(epoch)
+        acc = partial or {"seen": 0, "loss": 0.0, "step_time": 0.0, "steps": 0}
+        tic = time.perf_counter()
+        bar = tqdm(total=len(batches), initial=first_batch, desc=f"epoch {epoch + 1}", unit="step", disable=None if self.world.main else True, leave=False)
+        for index, x in enumerate(self._images(batches, first_batch), start=first_batch):
+            y = torch.from_numpy(self.train_y[batches[index].numpy()])
+            t0 = time.perf_counter()
+            loss = self._optimizer_step(x, y)
+            acc["step_time"] += time.perf_counter() - t0
+            acc["steps"] += 1
+            acc["seen"] += len(y)
+            acc["loss"] += loss * len(y)
+            bar.update()
+            every = self.cfg.checkpoint_every
+            if checkpoints is not None and every and self.step % every == 0 and index + 1 < len(batches):
+                self._checkpoint(checkpoints, key, epoch, index + 1, acc)
+        bar.close()
+        seen = all_reduce_sum(acc["seen"], self.world, self.device)
+        return {
+            "train/loss": all_reduce_sum(acc["loss"], self.world, self.device) / max(seen, 1),
+            "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
+            "step_ms": 1000 * acc["step_time"] / max(acc["steps"], 1),
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "micro_batch": self.micro,
+            "accum_steps": self.accum,
+            **{f"lr/group{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)},
+        }
+
+    def _batches(self, epoch: int) -> list[torch.Tensor]:
+        """This process's effective batches of the epoch (a shard of them under DDP)."""
+        order = epoch_order(len(self.train_y), self.params.base.seed, epoch)
+        order = order[self.world.rank::self.world.size]
+        size = self.cfg.batch_size * self.cfg.accum_steps
+        return list(order.split(size))
+
+    def _images(self, batches: list[torch.Tensor], first: int):
+        """uint8 NHWC batches on the device, from the stored split or through the policy loader."""
+        pin = self.device.type == "cuda"
+        if self.policy is not None:
+            yield from (b.to(self.device, non_blocking=pin) for b in policy_batches(self.policy, batches[first:], self.cfg.workers, pin))
+            return
+        for idx in batches[first:]:
+            x = torch.from_numpy(self.train_x[idx.numpy()])
+            yield (x.pin_memory() if pin else x).to(self.device, non_blocking=pin)
+
+    def _optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Augment one effective batch, accumulate its micro-batches, step; halve them on OOM."""
+        x = self.norm(crop_and_flip(x, self.cfg, self.gen))
+        x, target = self.augment(x, y.to(self.device))
+        while True:
+            try:
+                return self._accumulate(x, target)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.micro == 1:
+                    raise TunedeckError(
+                        "out of device memory even with micro-batches of 1 image: use a smaller model or image size."
+                    ) from None
+                self.micro, self.accum, self.oom_events = (self.micro + 1) // 2, self.accum * 2, self.oom_events + 1
+                log.warning("out of memory: micro-batch halved to %d, accumulation doubled to %d (same effective batch)", self.micro, self.accum)
+
+    def _accumulate(self, x: torch.Tensor, target: torch.Tensor) -> float:
+        chunks = list(zip(x.split(self.micro), target.split(self.micro), strict=True))
+        total = 0.0
+        for i, (cx, cy) in enumerate(chunks):
+            sync = i == len(chunks) - 1 or self.world.size == 1
+            context = self.forward.no_sync() if not sync and hasattr(self.forward, "no_sync") else contextlib.nullcontext()
+            with context, autocast(self.device, self.dtype):
+                loss = self.loss_fn(self.forward(cx), cy) * (len(cx) / len(x))
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return total
+
+    def _end_epoch(self, epoch: int, metrics: dict, checkpoints: Path | None, key: str) -> bool:
+        """Validate, keep the best, log, step the schedule, checkpoint; True to stop early."""
+        if self.world.main:
+            self._validate(epoch, metrics)
+        if self.scheduler is not None:
+            self.scheduler.step(epoch + 1, metrics.get("val/acc"))
+        stop = bool(self.cfg.early_stopping and self.since_best >= self.cfg.early_stopping)
+        if self.world.main:
+            log.info("epoch %d/%d  %s", epoch + 1, self.cfg.epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("lr/")))
+            if self.tracker is not None:
+                self.tracker.log(epoch, metrics)
+            if checkpoints is not None:
+                last = self._checkpoint(checkpoints, key, epoch + 1, 0, None)
+                ckpt.keep_top(checkpoints, last, epoch, metrics.get("val/acc", -metrics["train/loss"]), self.cfg.keep_top)
+        return stop
+
+    def _validate(self, epoch: int, metrics: dict) -> None:
+        ctx = (lambda: autocast(self.device, self.dtype)) if self.dtype else None
+        candidates = {"raw": self.model}
+        if self.ema is not None:
+            candidates["ema"] = self.ema.module
+        improved = False
+        for name, module in candidates.items():
+            suffix = "" if name == "raw" else "_ema"
+            if len(self.val_y):
+                metrics[f"val/loss{suffix}"], metrics[f"val/acc{suffix}"], _ = score(module, self.norm, self.val_x, self.val_y, self.params.evaluate.batch_size, ctx)
+            value = metrics.get(f"val/acc{suffix}", -metrics["train/loss"])
+            if value > self.best["score"]:
+                state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+                self.best = {"score": value, "epoch": epoch, "weights": name, "state": state, "val_acc": metrics.get(f"val/acc{suffix}")}
+                improved = True
+        self.since_best = 0 if improved else self.since_best + 1
+
+    # ---- checkpoints and export -----------------------------------------------------------
+    def _checkpoint(self, folder: Path, key: str, epoch: int, batch: int, partial: dict | None) -> Path:
+        state = {
+            "run_key": key, "epoch": epoch, "batch": batch, "partial": partial, "step": self.step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": ckpt.rng_state(self.gen), "best": self.best, "since_best": self.since_best,
+            "micro": self.micro, "accum": self.accum, "oom_events": self.oom_events,
+        }
+        return ckpt.save(folder, state)
+
+    def _restore(self, state: dict) -> tuple[int, int, dict | None]:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        ckpt.restore_rng(state["rng"], self.gen)
+        self.best, self.since_best, self.step = state["best"], state["since_best"], state["step"]
+        self.micro, self.accum, self.oom_events = state["micro"], state["accum"], state["oom_events"]
+        return state["epoch"], state["batch"], state["partial"]
+
+    def _export(self, out: Path, seconds: float) -> dict:
+        from safetensors.torch import save_file
+
+        from flows.core.train import sha256
+
+        out.mkdir(parents=True, exist_ok=True)
+        weights = out / "model.safetensors"
+        save_file(self.best["state"], str(weights))
+        config = {
+            "model_name": self.params.model.name, "classes": self.classes, "image_size": self.image_size,
+            "mean": self.prep.mean, "std": self.prep.std, "interpolation": self.prep.interpolation,
+            "weights_from": self.weights_from, "data_version": self.data_version,
+            "best_epoch": self.best["epoch"] + 1, "val_accuracy": self.best["val_acc"], "weights": self.best["weights"],
+            "micro_batch": self.micro, "accum_steps": self.accum, "oom_events": self.oom_events,
+            "sha256": sha256(weights), "train_seconds": round(seconds, 1),
+        }
+        (out / "model.json").write_text(json.dumps(config, indent=2))
+        save_resolved(self.params, out)
+        return config
+
