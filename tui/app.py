@@ -1,15 +1,91 @@
-"""The dashboard (placeholder until the dashboard issue lands)."""
+"""The Textual app: given its providers, it shows the dashboard; ``make_app`` builds it for the CLI and tests."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from tui.providers import Providers, demo_providers, live_providers
+from tui.screens.dashboard import DashboardScreen
+from tui.screens.experiments import ExperimentsScreen
+from tui.screens.help import HelpScreen
 
 
-def run_dashboard() -> int:
-    """Say plainly that the dashboard is not here yet, and where to look meanwhile."""
-    print(
-        "tunedeck dash: the dashboard is not built yet; meanwhile `prefect flow-run ls` lists the "
-        "stage runs and `dvc exp show` the experiments.",
-        file=sys.stderr,
-    )
-    return 1
+class TunedeckApp(App[int]):
+    """GPUs, runs, deployments and experiments; every data source comes in through ``providers``."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "tunedeck"
+    BINDINGS = [Binding("q", "quit", "quit"), Binding("ctrl+c", "quit", "quit", show=False, priority=True)]
+
+    def __init__(self, providers: Providers, readonly: bool = False, refresh_s: float = 1.0) -> None:
+        super().__init__()
+        self.providers = providers
+        """Telemetry, orchestrator and experiments sources (real, fake or replay)."""
+        self.readonly = readonly
+        """When True every action is hidden and refused."""
+        self.refresh_s = refresh_s
+        self.sub_title = f"{providers.label}{' · read-only' if readonly else ''}"
+
+    def get_default_screen(self) -> Screen:
+        """The dashboard."""
+        return DashboardScreen(self.refresh_s)
+
+    def action_quit(self) -> None:
+        """q quits with exit status 0 (from a modal it closes the modal first)."""
+        self.exit(0)
+
+    def action_help(self) -> None:
+        """? shows the key map."""
+        self.push_screen(HelpScreen())
+
+    def action_experiments(self) -> None:
+        """e or :experiments opens the experiments view."""
+        if not isinstance(self.screen, ExperimentsScreen):
+            self.push_screen(ExperimentsScreen())
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette (ctrl+p): Textual's own commands and the dashboard's views and filters."""
+        yield from super().get_system_commands(screen)
+        if isinstance(screen, DashboardScreen):
+            for word in ("runs", "deployments", "gpus"):
+                yield SystemCommand(f"Show {word}", f"The {word} panel, full screen (:{word})", lambda w=word: screen.run_command(w))
+            for state in ("running", "failed", "scheduled"):
+                yield SystemCommand(f"Filter runs: {state}", f"Only {state} runs (/{state})", lambda s=state: screen.apply_filter(s))
+            yield SystemCommand("Clear the runs filter", "All runs again", lambda: screen.apply_filter(""))
+        yield SystemCommand("Experiments", "DVC experiments and training curves (:experiments)", self.action_experiments)
+        yield SystemCommand("Key map", "Every key of the dashboard (?)", self.action_help)
+
+
+def make_app(demo: bool = False, readonly: bool = False, refresh_s: float = 1.0, providers: Providers | None = None) -> TunedeckApp:
+    """The one factory: given providers (tests), the demo's fakes, or the live sources of this project."""
+    if providers is None:
+        providers = demo_providers() if demo else live_providers()
+    return TunedeckApp(providers, readonly=readonly, refresh_s=refresh_s)
+
+
+def run_dashboard(demo: bool = False, readonly: bool = False, refresh_s: float = 1.0, replay: Path | None = None,
+                  record: Path | None = None) -> int:
+    """Run the dashboard in this terminal; returns the exit status."""
+    if refresh_s < 0.1:
+        print(f"tunedeck dash: --refresh {refresh_s} is too fast: use 0.1 seconds or more.", file=sys.stderr)
+        return 2
+    if not sys.stdout.isatty():
+        print("tunedeck dash: needs a terminal (stdout is not a TTY): run it in a terminal, tmux or over ssh -t.", file=sys.stderr)
+        return 2
+    providers = None
+    if replay is not None:
+        from tui.providers.replay import load_replay
+
+        providers, readonly = load_replay(replay), True
+    elif record is not None:
+        from tui.providers.replay import Recorder
+
+        providers = Recorder.wrap(demo_providers() if demo else live_providers(), record)
+    result = make_app(demo, readonly, refresh_s, providers).run()
+    return result or 0

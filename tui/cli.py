@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from flows.core.errors import TunedeckError
 
@@ -16,7 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("server", help="the local Prefect server (SQLite under .tunedeck/, 127.0.0.1)")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
-    sub.add_parser("dash", help="the terminal dashboard")
+    dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
+    dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
+    dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
+    dash.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="telemetry refresh (default 1)")
+    dash.add_argument("--replay", type=Path, metavar="FILE", help="replay a recording made with --record")
+    dash.add_argument("--record", type=Path, metavar="FILE", help="record what the providers return to FILE")
     return parser
 
 
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return server_command(args.action, args.port)
         from tui.app import run_dashboard
 
-        return run_dashboard()
+        return run_dashboard(args.demo, args.readonly, args.refresh, args.replay, args.record)
     except TunedeckError as exc:
         print(f"tunedeck: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,125 @@
+"""Functional tests: drive the dashboard on fakes with key presses and assert its state."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tui.conftest import settle
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.dashboard import DashboardScreen
+from tui.widgets.deployments_table import DeploymentsTable
+from tui.widgets.gpu_panel import GpuPanel
+from tui.widgets.runs_table import RunsTable
+
+SIZE = (140, 42)
+pytestmark = pytest.mark.anyio
+
+
+async def test_first_screen_joins_gpus_and_runs(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        runs = app.screen.query_one(RunsTable)
+        assert len(runs.runs) == 100 and "of 1000" in str(runs.border_title)
+        ddp = next(r for r in runs.runs.values() if r.id == "run-0002")
+        assert runs.get_cell("run-0002", "gpus") == "2,3", f"{ddp.name} runs on GPUs 2 and 3"
+        gpu_rows = app.screen.query_one(GpuPanel).query_one("#gpu-table")
+        assert ddp.name in str(gpu_rows.get_cell("gpu3", "run"))
+        assert "orphan" in str(gpu_rows.get_cell("gpu5", "run"))
+        assert runs.get_cell("run-0000", "epoch") == "8/12"
+
+
+async def test_filter_by_state_and_text(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("slash", *"failed evaluate", "enter")
+        await settle(pilot)
+        runs = app.screen.query_one(RunsTable)
+        assert runs.runs and all(r.state == "FAILED" and r.flow == "evaluate" for r in runs.runs.values())
+        assert "filter: failed 'evaluate'" in str(runs.border_title)
+        await pilot.press("escape")
+        await settle(pilot)
+        assert len(runs.runs) == 100
+
+
+async def test_cancel_asks_first_and_no_keeps_the_run(app, providers):
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await settle(pilot)
+        assert providers.orchestrator.actions == []
+        await pilot.press("c", "y")
+        await settle(pilot)
+        assert providers.orchestrator.actions == [("cancel", "run-0000")]
+        assert app.screen.query_one(RunsTable).runs["run-0000"].state == "CANCELLED"
+
+
+async def test_pause_then_resume_a_schedule(app, providers):
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("tab")
+        assert isinstance(app.focused, DeploymentsTable)
+        await pilot.press("p", "y")
+        await settle(pilot)
+        assert providers.orchestrator.actions == [("pause", "dep-weekly")]
+        assert app.screen.query_one(DeploymentsTable).deployments["dep-weekly"].paused
+        await pilot.press("p")
+        await settle(pilot)
+        assert providers.orchestrator.actions[-1] == ("resume", "dep-weekly")
+
+
+async def test_run_now_with_overrides(app, providers):
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("tab", "r", *"train.lr=0.0003", "enter")
+        await settle(pilot)
+        assert providers.orchestrator.actions == [("run", "dep-weekly")]
+        assert providers.orchestrator.runs[0].parameters == {"overrides": ["train.lr=0.0003"]}
+
+
+async def test_readonly_refuses_every_action(readonly_app, providers):
+    async with readonly_app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("c", "R", "tab", "p", "r")
+        await settle(pilot)
+        assert isinstance(readonly_app.screen, DashboardScreen)
+        assert providers.orchestrator.actions == []
+        shown = {b.binding.action for b in readonly_app.active_bindings.values() if b.enabled}
+        assert not shown & {"cancel_run", "retry_run", "toggle_pause", "run_now"}
+
+
+async def test_colon_commands_switch_views_and_quit(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("colon", *"deployments", "enter")
+        await pilot.pause()
+        assert isinstance(app.focused, DeploymentsTable) and app.screen.maximized is app.focused
+        await pilot.press("escape")
+        assert app.screen.maximized is None
+        await pilot.press("colon", "q", "enter")
+        await pilot.pause()
+    assert app.return_value == 0
+
+
+async def test_disconnected_banner_then_reconnect(app, providers):
+    providers.orchestrator.connected = False
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        banner = app.screen.query_one("#banner")
+        assert banner.display and "disconnected, retrying" in str(banner.render())
+        assert app.screen.query_one(GpuPanel).query_one("#gpu-table").row_count == 8
+        providers.orchestrator.connected = True
+        app.screen.poll_prefect()
+        await settle(pilot)
+        assert not banner.display and len(app.screen.query_one(RunsTable).runs) == 100
+
+
+async def test_pages_through_thousands_of_runs(app):
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("right_square_bracket")
+        await settle(pilot)
+        runs = app.screen.query_one(RunsTable)
+        assert "runs 101–200 of 1000" in str(runs.border_title)

@@ -1,0 +1,77 @@
+"""Pure text helpers for the dashboard's cells: N/A for missing metrics, durations, sparklines, state colours."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.text import Text
+
+from tui.providers.models import Progress, Run
+
+NA = "N/A"
+BLOCKS = " ▁▂▃▄▅▆▇█"
+STATE_STYLES = {
+    "RUNNING": "bold cyan", "COMPLETED": "green", "FAILED": "bold red", "CRASHED": "bold magenta",
+    "CANCELLED": "dim", "CANCELLING": "yellow", "SCHEDULED": "blue", "PENDING": "blue", "PAUSED": "yellow",
+}
+
+
+def num(value: float | None, fmt: str = "{:.0f}", unit: str = "") -> str:
+    """A metric, or N/A when the device does not report it."""
+    return NA if value is None else fmt.format(value) + unit
+
+
+def duration(seconds: float | None) -> str:
+    """1h02m, 4m05s, 12s; blank when unknown."""
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def sparkline(values: Iterable[float | None], top: float = 100.0) -> str:
+    """One block character per value, scaled to top."""
+    out = []
+    for v in values:
+        out.append(" " if v is None else BLOCKS[max(0, min(8, round(v / top * 8)))])
+    return "".join(out)
+
+
+def bar(fraction: float | None, width: int = 10) -> str:
+    """A horizontal bar of width cells."""
+    if fraction is None:
+        return NA.ljust(width)
+    filled = max(0, min(width, round(fraction * width)))
+    return "█" * filled + "░" * (width - filled)
+
+
+def state_text(state: str, label: str = "") -> Text:
+    """The state name in its colour."""
+    return Text(label or state.title(), style=STATE_STYLES.get(state, ""))
+
+
+def short(value: str | None, width: int = 8) -> str:
+    """A version hash cut to width."""
+    return (value or "")[:width]
+
+
+def eta(run: Run, progress: Progress | None) -> tuple[str, str]:
+    """(epoch, ETA) of a running training from dvclive: seconds per epoch so far × epochs left."""
+    if progress is None or run.state != "RUNNING" or run.flow != "train":
+        return "", ""
+    done = progress.step + 1
+    epoch = f"{done}/{progress.epochs}" if progress.epochs else str(done)
+    if not progress.epochs or not run.duration_s:
+        return epoch, ""
+    left = max(0, progress.epochs - done) * run.duration_s / done
+    return epoch, duration(left)
+
+
+def metric(progress: Progress | None, run: Run, key: str = "val.acc") -> str:
+    """A key metric of the running training (dvclive), else blank."""
+    if progress is None or run.state != "RUNNING" or run.flow != "train":
+        return ""
+    value = dict(progress.metrics).get(key)
+    return "" if value is None else f"{value:.3f}"

@@ -1,0 +1,27 @@
+"""Data sources of the dashboard (Prefect, NVML/psutil, DVC, fakes, replay): plain dataclasses out, no Textual."""
+
+from __future__ import annotations
+
+from tui.providers.base import Providers
+
+
+def demo_providers(runs: int = 1000, animate: bool = True) -> Providers:
+    """Eight fake GPUs, a fake Prefect with ``runs`` runs, fake experiments: no GPU, no server needed."""
+    from tui.providers.fake_dvc import FakeDvc
+    from tui.providers.fake_gpu import FakeHost, FakeNvml
+    from tui.providers.fake_prefect import PIDS, FakePrefect
+    from tui.providers.telemetry import NvmlTelemetry
+
+    owners = {pid: run_id for run_id, pids in PIDS.items() for pid in pids}
+    telemetry = NvmlTelemetry(FakeNvml(animate=animate), FakeHost(), owners.get)
+    return Providers(telemetry, FakePrefect(runs), FakeDvc(), label="demo")
+
+
+def live_providers() -> Providers:
+    """NVML (or CPU only) and psutil, the project's Prefect server, DVC in the current directory."""
+    from tui.providers.dvc_reader import DvcReader
+    from tui.providers.join import RunJoiner
+    from tui.providers.prefect_api import PrefectApi
+    from tui.providers.telemetry import NvmlTelemetry
+
+    return Providers(NvmlTelemetry(joiner=RunJoiner()), PrefectApi(), DvcReader(), label="live")

@@ -1,0 +1,102 @@
+"""DVC's side: dvclive progress and curves (files), and the experiments table (``dvc exp show``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tui.providers.models import Curves, Experiment, Progress
+
+CURVES = ("train/loss", "val/loss", "val/acc")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} → {'train.lr': 1}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def parse_exp_show(data: list[dict]) -> tuple[Experiment, ...]:
+    """The rows of ``dvc exp show --json``: the workspace, each baseline commit, their experiments."""
+    rows: list[Experiment] = []
+    for base in data:
+        rev = str(base.get("rev", "?"))
+        rows.append(_row(base, base.get("name") or (rev if rev == "workspace" else rev[:7])))
+        for exp in base.get("experiments") or ():
+            for rev in exp.get("revs") or [exp]:
+                rows.append(_row(rev, rev.get("name") or exp.get("name") or rev.get("rev", "?")[:7]))
+    return tuple(rows)
+
+
+def _row(entry: dict, name: str) -> Experiment:
+    data = entry.get("data") or {}
+    params: dict[str, Any] = {}
+    for content in (data.get("params") or {}).values():
+        params.update(flatten(content.get("data") or {}))
+    metrics: dict[str, float] = {}
+    for content in (data.get("metrics") or {}).values():
+        metrics.update({k: v for k, v in flatten(content.get("data") or {}).items() if isinstance(v, int | float)})
+    rev = str(entry.get("rev", ""))
+    return Experiment(name, "" if rev == "workspace" else rev[:7], tuple((k, str(v)) for k, v in params.items()),
+                      tuple(sorted(metrics.items())))
+
+
+class DvcReader:
+    """Reads a project's dvclive and DVC state from disk (and ``dvc exp show`` in a subprocess)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or Path.cwd()
+
+    def progress(self) -> Progress | None:
+        """Step and latest metrics of dvclive/metrics.json, epochs from params.yaml."""
+        path = self.root / "dvclive" / "metrics.json"
+        try:
+            metrics = json.loads(path.read_text())
+            updated = path.stat().st_mtime
+        except (OSError, ValueError):
+            return None
+        epochs = None
+        try:
+            epochs = int(yaml.safe_load((self.root / "params.yaml").read_text())["train"]["epochs"])
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+            pass
+        flat = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float) and k != "step"}
+        return Progress(int(metrics.get("step", 0)), epochs, tuple(sorted(flat.items())), updated)
+
+    def curves(self) -> Curves:
+        """dvclive's per-step TSVs for the headline curves."""
+        series = []
+        for name in CURVES:
+            path = self.root / "dvclive" / "plots" / "metrics" / f"{name}.tsv"
+            try:
+                with open(path, newline="") as handle:
+                    rows = list(csv.DictReader(handle, delimiter="\t"))
+            except OSError:
+                continue
+            key = name.rsplit("/", 1)[-1]
+            steps = tuple(float(r["step"]) for r in rows if r.get(key))
+            values = tuple(float(r[key]) for r in rows if r.get(key))
+            series.append((name, steps, values))
+        return Curves(tuple(series))
+
+    def experiments(self) -> tuple[Experiment, ...]:
+        """``dvc exp show --json``; raises RuntimeError with one sentence when DVC fails."""
+        dvc = Path(sys.executable).with_name("dvc")
+        cmd = [str(dvc) if dvc.exists() else "dvc", "exp", "show", "--json"]
+        proc = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"`dvc exp show` failed in {self.root}: {last[:200]}")
+        return parse_exp_show(json.loads(proc.stdout or "[]"))

@@ -1,0 +1,34 @@
+"""Fixed experiments, progress and curves, for --demo and tests."""
+
+from __future__ import annotations
+
+import math
+
+from tui.providers.fake_prefect import NOW
+from tui.providers.models import Curves, Experiment, Progress
+
+
+class FakeDvc:
+    """A training at epoch 8 of 12, five experiments, smooth curves."""
+
+    def progress(self) -> Progress:
+        """Epoch 7 (0-based) of 12, with the latest validation metrics."""
+        return Progress(7, 12, (("train.loss", 0.212), ("val.acc", 0.874), ("val.loss", 0.433)), NOW)
+
+    def experiments(self) -> tuple[Experiment, ...]:
+        """The workspace, main, and three experiments varying lr and the backbone."""
+        rows = [("workspace", "", "resnet18", "0.001", 0.866), ("main", "2ca95a1", "resnet18", "0.001", 0.866),
+                ("demo-scratch", "a41f09c", "resnet18", "0.001", 0.674), ("lr-3e-4", "c7d2e11", "resnet50", "0.0003", 0.902),
+                ("convnext", "9e0b5a3", "convnext_tiny", "0.0003", 0.915)]
+        return tuple(Experiment(name, rev, (("model.name", model), ("train.lr", lr), ("train.epochs", "12")),
+                                (("accuracy", acc), ("macro_f1", round(acc - 0.004, 3))))
+                     for name, rev, model, lr, acc in rows)
+
+    def curves(self) -> Curves:
+        """Twelve epochs of falling loss and rising accuracy."""
+        steps = tuple(float(i) for i in range(12))
+        return Curves((
+            ("train/loss", steps, tuple(1.9 * math.exp(-i / 3) + 0.08 for i in range(12))),
+            ("val/loss", steps, tuple(1.7 * math.exp(-i / 3.5) + 0.4 for i in range(12))),
+            ("val/acc", steps, tuple(0.9 - 0.7 * math.exp(-i / 3) for i in range(12))),
+        ))

@@ -1,0 +1,171 @@
+"""The plain frozen dataclasses that providers hand to the dashboard: nothing else crosses the layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+STATES = ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLING", "CANCELLED", "PAUSED")
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """One process holding memory on a GPU, and the flow run it belongs to (when known)."""
+
+    pid: int
+    used_mib: float | None
+    flow_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU at one moment; a metric the device does not report is None (shown N/A)."""
+
+    index: int
+    name: str
+    util: float | None
+    mem_used_mib: float | None
+    mem_total_mib: float | None
+    temp_c: float | None
+    power_w: float | None
+    power_limit_w: float | None
+    sm_clock_mhz: float | None
+    mem_clock_mhz: float | None
+    processes: tuple[GpuProcess, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """The host's CPU, RAM and disk (psutil)."""
+
+    hostname: str
+    cpu_percent: float
+    cpu_count: int
+    ram_used_gib: float
+    ram_total_gib: float
+    disk_used_gib: float
+    disk_total_gib: float
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """One telemetry sample: the host and its GPUs; ``no_gpu`` says in one sentence why there are none."""
+
+    host: HostSample
+    gpus: tuple[GpuSample, ...]
+    no_gpu: str | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One Prefect flow run, as the runs list shows it."""
+
+    id: str
+    name: str
+    flow: str
+    state: str
+    state_name: str
+    start: float | None
+    duration_s: float | None
+    deployment: str | None = None
+    deployment_id: str | None = None
+    tags: tuple[str, ...] = ()
+    parameters: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def data_version(self) -> str | None:
+        """The ``data:<md5>`` tag the stage put on the run."""
+        return _tag(self.tags, "data:")
+
+    @property
+    def model_version(self) -> str | None:
+        """The ``model:<sha256>`` tag the stage put on the run."""
+        return _tag(self.tags, "model:")
+
+
+def _tag(tags: tuple[str, ...], prefix: str) -> str | None:
+    return next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None)
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    """Which page of runs to fetch: a text filter, state types, and a page window."""
+
+    text: str = ""
+    states: tuple[str, ...] = ()
+    offset: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class WorkPool:
+    """A Prefect work pool and the health of its workers."""
+
+    name: str
+    status: str
+    workers_online: int
+    workers_total: int
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A Prefect deployment: its schedule, the next runs, the last state and its pool."""
+
+    id: str
+    name: str
+    flow: str
+    schedule: str
+    paused: bool
+    next_runs: tuple[float, ...]
+    last_state: str | None
+    work_pool: str | None
+    parameter_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Orchestration:
+    """What the Prefect server says: a page of runs, the deployments and pools; or why it could not."""
+
+    connected: bool
+    url: str | None
+    runs: tuple[Run, ...] = ()
+    total_runs: int = 0
+    deployments: tuple[Deployment, ...] = ()
+    pools: tuple[WorkPool, ...] = ()
+    error: str | None = None
+    running: tuple[Run, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    """What the detail view shows beside the run: its log lines and summary artifacts."""
+
+    logs: tuple[str, ...]
+    artifacts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Live training progress from dvclive: epoch (step), total epochs, latest metrics."""
+
+    step: int
+    epochs: int | None
+    metrics: tuple[tuple[str, float], ...]
+    updated: float
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of ``dvc exp show``: name, revision, params and metrics, flattened to dotted keys."""
+
+    name: str
+    rev: str
+    params: tuple[tuple[str, str], ...]
+    metrics: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Training curves from dvclive plots: metric name → (steps, values)."""
+
+    series: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...]

@@ -1,0 +1,90 @@
+"""Pure helpers turning Prefect's JSON into the dashboard's dataclasses, and queries into filters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from tui.providers.models import STATES, Deployment, RunQuery, WorkPool
+
+ONLINE = "ONLINE"
+
+
+def run_filter(query: RunQuery) -> dict[str, Any]:
+    """The flow_runs filter body for a text and state query."""
+    runs: dict[str, Any] = {}
+    if query.text:
+        runs["name"] = {"like_": query.text}
+    if query.states:
+        runs["state"] = {"type": {"any_": [s for s in query.states if s in STATES]}}
+    return {"flow_runs": runs} if runs else {}
+
+
+def schedule_text(schedules: list[dict]) -> str:
+    """A deployment's schedules in a few words: cron, every N, or rrule."""
+    parts = []
+    for item in schedules or []:
+        sched = item.get("schedule") or {}
+        if "cron" in sched:
+            parts.append(f"cron {sched['cron']}")
+        elif "interval" in sched:
+            parts.append(f"every {_interval(sched['interval'])}")
+        elif "rrule" in sched:
+            parts.append("rrule")
+    return ", ".join(parts) or "none"
+
+
+def _interval(seconds: float) -> str:
+    seconds = float(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def deployment(d: dict, flows: dict[str, str], upcoming: dict[str, list[float]], last: dict[str, str]) -> Deployment:
+    """One deployment row from the API's JSON and the runs looked up beside it."""
+    schema = (d.get("parameter_openapi_schema") or {}).get("properties") or {}
+    return Deployment(
+        d["id"], d["name"], flows.get(d["flow_id"], "?"), schedule_text(d.get("schedules") or []),
+        bool(d.get("paused")), tuple(upcoming.get(d["id"], ())[:3]), last.get(d["id"]), d.get("work_pool_name"),
+        tuple(schema),
+    )
+
+
+def pool(p: dict, workers: list[dict]) -> WorkPool:
+    """A work pool and how many of its workers are online."""
+    online = sum(1 for w in workers if w.get("status") == ONLINE)
+    return WorkPool(p["name"], p.get("status") or "?", online, len(workers))
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``train.lr=0.001 train.epochs=3`` → a nested dict of YAML-typed values; raises ValueError."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"'{item}' is not key=value: write overrides like train.lr=0.001")
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return result
+
+
+def utc(ts: float) -> str:
+    """A timestamp as ``MM-DD HH:MM`` UTC."""
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%m-%d %H:%M")
+
+
+def run_parameters(parameter_names: tuple[str, ...], text: str) -> dict[str, Any]:
+    """Run-now overrides as parameters: a list for a deployment that takes ``overrides``, else a nested dict."""
+    if "overrides" in parameter_names:
+        for item in text.split():
+            if "=" not in item:
+                raise ValueError(f"'{item}' is not key=value: write overrides like train.lr=0.001")
+        return {"overrides": text.split()} if text.strip() else {}
+    return parse_overrides(text)

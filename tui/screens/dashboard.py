@@ -1,0 +1,313 @@
+"""The main screen: GPUs, runs and deployments at once; it polls the providers and owns every action."""
+
+from __future__ import annotations
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Static
+
+from tui.join_view import gpus_by_run, progress_owner
+from tui.messages import ActionFinished, OrchestrationFetched, TelemetrySampled
+from tui.providers.base import ActionError
+from tui.providers.models import FINAL_STATES, Orchestration, Progress, Run, RunQuery, Telemetry
+from tui.providers.prefect_parse import run_parameters
+from tui.query import describe, parse_filter
+from tui.screens.ask import AskScreen
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.run_detail import RunDetailScreen
+from tui.widgets.deployments_table import DeploymentsTable
+from tui.widgets.gpu_panel import GpuPanel
+from tui.widgets.runs_table import RunsTable
+
+PAGE = 100
+ACTIONS = {"cancel_run", "retry_run", "toggle_pause", "run_now"}
+VIEWS = {"runs": "#runs", "run": "#runs", "deployments": "#deployments", "deploy": "#deployments", "dp": "#deployments",
+         "gpus": "#gpu-table", "gpu": "#gpu-table"}
+
+
+class DashboardScreen(Screen[None]):
+    """GPU panel on top, runs in the middle, deployments below; `:` commands and `/` filter at the bottom."""
+
+    BINDINGS = [
+        Binding("colon", "prompt('command')", "command"), Binding("slash", "prompt('filter')", "filter"),
+        Binding("question_mark", "app.help", "help"), Binding("e", "app.experiments", "experiments"),
+        Binding("left_square_bracket", "page(-1)", "prev page", show=False),
+        Binding("right_square_bracket", "page(1)", "next page", show=False),
+        Binding("c", "cancel_run", "cancel"), Binding("R", "retry_run", "retry"),
+        Binding("p", "toggle_pause", "pause/resume"), Binding("r", "run_now", "run now"),
+        Binding("escape", "back", "back", show=False),
+    ]
+
+    def __init__(self, refresh_s: float = 1.0) -> None:
+        super().__init__()
+        self.refresh_s = refresh_s
+        self.query_: RunQuery = RunQuery(limit=PAGE)
+        """The runs filter and page."""
+        self.telemetry: Telemetry | None = None
+        self.orchestration: Orchestration | None = None
+        """The last snapshot that reached the server (kept while disconnected)."""
+        self.connected: bool | None = None
+        self.progress: Progress | None = None
+        self.prompt_mode = ""
+        self._busy: set[str] = set()
+
+    def compose(self) -> ComposeResult:
+        """Banner, three panels, prompt, footer."""
+        yield Header()
+        yield Static(id="banner")
+        yield GpuPanel(id="gpus")
+        yield RunsTable(id="runs")
+        yield DeploymentsTable(id="deployments")
+        yield Input(id="prompt")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        """First fetch at once, then poll: telemetry every refresh_s, Prefect every 2 × refresh_s."""
+        self.query_one("#banner").display = False
+        self.query_one("#prompt").display = False
+        self.query_one("#gpus").border_title = "GPUs"
+        self.query_one("#runs").border_title = "runs"
+        self.query_one("#deployments").border_title = "deployments"
+        self.query_one("#runs").focus()
+        self.poll_telemetry()
+        self.poll_prefect()
+        self.set_interval(self.refresh_s, self.poll_telemetry)
+        self.set_interval(2 * self.refresh_s, self.poll_prefect)
+
+    # -- fetching (worker threads post messages; handlers repaint) --
+
+    def poll_telemetry(self) -> None:
+        """Start a telemetry sample unless one is still running."""
+        if "telemetry" not in self._busy:
+            self._busy.add("telemetry")
+            self._sample()
+
+    def poll_prefect(self) -> None:
+        """Start a Prefect snapshot unless one is still running."""
+        if "prefect" not in self._busy:
+            self._busy.add("prefect")
+            self._fetch(self.query_)
+
+    @work(thread=True, group="telemetry", exit_on_error=False)
+    def _sample(self) -> None:
+        self.post_message(TelemetrySampled(self.app.providers.telemetry.sample()))
+
+    @work(thread=True, group="prefect", exit_on_error=False)
+    def _fetch(self, query: RunQuery) -> None:
+        providers = self.app.providers
+        snapshot = providers.orchestrator.snapshot(query)
+        self.post_message(OrchestrationFetched(snapshot, providers.experiments.progress()))
+
+    def on_worker_state_changed(self, event) -> None:
+        """A worker that failed frees its slot (and says so once) so polling goes on."""
+        if event.state.name in ("ERROR", "CANCELLED"):
+            self._busy.discard(event.worker.group)
+            if event.state.name == "ERROR":
+                self.notify(f"Reading {event.worker.group} failed: {event.worker.error}", severity="error")
+
+    def on_telemetry_sampled(self, message: TelemetrySampled) -> None:
+        """Repaint the GPU panel and the GPU column of the runs."""
+        self._busy.discard("telemetry")
+        self.telemetry = message.telemetry
+        self.query_one(GpuPanel).show(message.telemetry)
+        self._render_runs()
+
+    def on_orchestration_fetched(self, message: OrchestrationFetched) -> None:
+        """Repaint runs and deployments, or raise the banner and keep the last good data."""
+        self._busy.discard("prefect")
+        snap = message.orchestration
+        self.progress = message.progress
+        self.connected = snap.connected
+        banner = self.query_one("#banner", Static)
+        banner.display = not snap.connected
+        if not snap.connected:
+            banner.update(f"Prefect disconnected, retrying every {2 * self.refresh_s:g} s: {snap.error}. GPUs and experiments keep working.")
+            self._render_runs()
+            return
+        self.orchestration = snap
+        self.query_one(GpuPanel).set_runs(self._known_runs())
+        self.query_one(DeploymentsTable).show_deployments(snap.deployments, snap.pools)
+        self._render_runs()
+
+    def _known_runs(self) -> dict[str, Run]:
+        snap = self.orchestration
+        return {r.id: r for r in (*snap.runs, *snap.running)} if snap else {}
+
+    def _render_runs(self) -> None:
+        snap = self.orchestration
+        table = self.query_one(RunsTable)
+        if snap is None:
+            table.border_title = "runs · waiting for Prefect" if self.connected is not False else "runs · Prefect disconnected"
+            return
+        gpus = gpus_by_run(self.telemetry)
+        table.show_runs(snap.runs, gpus, self.progress, progress_owner(snap.running, gpus))
+        q = self.query_
+        first = q.offset + 1 if snap.runs else 0
+        title = f"runs {first}–{q.offset + len(snap.runs)} of {snap.total_runs}"
+        flt = describe(q)
+        table.border_title = title + (f" · filter: {flt}" if flt else "") + ("" if self.connected else " · stale")
+        table.border_subtitle = "[ ] pages" if snap.total_runs > PAGE else ""
+
+    # -- navigation --
+
+    def action_prompt(self, mode: str) -> None:
+        """Open the `:` command line or the `/` filter line."""
+        prompt = self.query_one("#prompt", Input)
+        self.prompt_mode = mode
+        prompt.display = True
+        prompt.value = ""
+        prompt.placeholder = ("runs · deployments · gpus · experiments · help · q" if mode == "command"
+                              else "state words (running failed …) and name text; empty clears")
+        prompt.border_title = ":" if mode == "command" else "/"
+        self.set_focus(prompt)
+
+    @on(Input.Submitted, "#prompt")
+    def submitted(self, event: Input.Submitted) -> None:
+        """Run the command or apply the filter."""
+        self._close_prompt()
+        if self.prompt_mode == "filter":
+            self.apply_filter(event.value)
+        else:
+            self.run_command(event.value.strip().lstrip(":"))
+
+    def _close_prompt(self) -> None:
+        prompt = self.query_one("#prompt", Input)
+        prompt.display = False
+        self.query_one("#runs").focus()
+
+    def apply_filter(self, text: str) -> None:
+        """Filter the runs (state words and name text) and fetch the first page at once."""
+        self.query_ = parse_filter(text, PAGE)
+        self._refetch()
+
+    def _refetch(self) -> None:
+        self._busy.discard("prefect")
+        self.workers.cancel_group(self, "prefect")
+        self.poll_prefect()
+
+    def run_command(self, command: str) -> None:
+        """`:runs`, `:deployments`, `:gpus`, `:experiments`, `:help`, `:q`."""
+        word = command.lower()
+        if word in VIEWS:
+            self.show_view(VIEWS[word])
+        elif word in ("experiments", "exp", "e"):
+            self.app.action_experiments()
+        elif word in ("help", "h", "?"):
+            self.app.action_help()
+        elif word in ("q", "quit", "q!"):
+            self.app.exit(0)
+        elif word:
+            self.notify(f"Unknown command ':{command}': try :runs, :deployments, :gpus, :experiments or :q.", severity="warning")
+
+    def show_view(self, selector: str) -> None:
+        """Focus a panel and fill the screen with it; Escape brings the others back."""
+        widget = self.query_one(selector)
+        self.minimize()
+        widget.focus()
+        self.maximize(widget)
+
+    def action_back(self) -> None:
+        """Escape: close the prompt, else restore the panels, else clear the filter."""
+        if self.query_one("#prompt").display:
+            self._close_prompt()
+        elif self.maximized is not None:
+            self.minimize()
+        elif self.query_ != RunQuery(limit=PAGE):
+            self.apply_filter("")
+
+    def action_page(self, step: int) -> None:
+        """Previous or next page of runs."""
+        total = self.orchestration.total_runs if self.orchestration else 0
+        offset = max(0, min(self.query_.offset + step * PAGE, max(0, total - 1) // PAGE * PAGE))
+        if offset != self.query_.offset:
+            self.query_ = RunQuery(self.query_.text, self.query_.states, offset, PAGE)
+            self._refetch()
+
+    @on(RunsTable.RunSelected)
+    def open_run(self, event: RunsTable.RunSelected) -> None:
+        """Enter on a run: the detail view."""
+        gpus = gpus_by_run(self.telemetry)
+        owner = progress_owner(self.orchestration.running, gpus) if self.orchestration else None
+        progress = self.progress if event.run.id == owner else None
+        self.app.push_screen(RunDetailScreen(event.run, gpus.get(event.run.id, ()), progress))
+
+    # -- actions (side effects live here) --
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """--readonly hides and blocks every action."""
+        return not (action in ACTIONS and self.app.readonly)
+
+    def action_cancel_run(self) -> None:
+        """c: cancel the highlighted run, after a confirmation."""
+        run = self.query_one(RunsTable).current_run
+        if run:
+            self.confirm_cancel(run)
+
+    def confirm_cancel(self, run: Run) -> None:
+        """Ask, then cancel."""
+        if run.state in FINAL_STATES:
+            self.notify(f"Run {run.name} is already {run.state.lower()}; nothing to cancel.", severity="warning")
+            return
+        question = f"Cancel run [b]{run.name}[/b] ({run.flow}, {run.state.lower()})?"
+        self.app.push_screen(ConfirmScreen(question), lambda yes: yes and self._act(self.app.providers.orchestrator.cancel, run.id))
+
+    def action_retry_run(self) -> None:
+        """R: retry the highlighted run."""
+        run = self.query_one(RunsTable).current_run
+        if run:
+            self.retry(run)
+
+    def retry(self, run: Run) -> None:
+        """Schedule a finished run again (the server decides whether it can)."""
+        if run.state not in FINAL_STATES:
+            self.notify(f"Run {run.name} is {run.state.lower()}; only a finished run can be retried.", severity="warning")
+            return
+        self._act(self.app.providers.orchestrator.retry, run.id)
+
+    def action_toggle_pause(self) -> None:
+        """p: pause the highlighted deployment's schedule (after a confirmation), or resume it."""
+        dep = self.query_one(DeploymentsTable).current_deployment
+        if dep is None:
+            return
+        set_paused = self.app.providers.orchestrator.set_paused
+        if dep.paused:
+            self._act(set_paused, dep.id, False)
+        else:
+            question = f"Pause the schedule of [b]{dep.flow}/{dep.name}[/b] ({dep.schedule})? No new runs start until resumed."
+            self.app.push_screen(ConfirmScreen(question), lambda yes: yes and self._act(set_paused, dep.id, True))
+
+    def action_run_now(self) -> None:
+        """r: run the highlighted deployment now, asking for parameter overrides."""
+        dep = self.query_one(DeploymentsTable).current_deployment
+        if dep is None:
+            self.notify("No deployment to run: create one with `prefect deploy`, then press r.", severity="warning")
+            return
+
+        def go(text: str | None) -> None:
+            if text is None:
+                return
+            try:
+                params = run_parameters(dep.parameter_names, text)
+            except ValueError as exc:
+                self.notify(f"{exc}.", severity="error")
+                return
+            self._act(self.app.providers.orchestrator.run_now, dep.id, params)
+
+        self.app.push_screen(AskScreen(f"Run [b]{dep.flow}/{dep.name}[/b] now. Overrides (empty for the defaults):",
+                                       "train.lr=0.0003 train.epochs=3"), go)
+
+    @work(thread=True, group="action", exit_on_error=False)
+    def _act(self, call, *args) -> None:
+        try:
+            self.post_message(ActionFinished(call(*args)))
+        except ActionError as exc:
+            self.post_message(ActionFinished(str(exc), failed=True))
+        except Exception as exc:  # a server that vanished mid-action: one sentence, never a traceback
+            self.post_message(ActionFinished(f"The action failed: {exc}", failed=True))
+
+    def on_action_finished(self, message: ActionFinished) -> None:
+        """Say what happened, and show it at once."""
+        self.notify(message.text, severity="error" if message.failed else "information")
+        self._refetch()

@@ -1,0 +1,109 @@
+"""DVC experiments: the table (params that vary, metrics), sortable, diff two; training curves below."""
+
+from __future__ import annotations
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+from textual_plotext import PlotextPlot
+
+from tui.experiment_table import diff, table_columns, table_rows
+from tui.messages import ExperimentsFetched
+from tui.providers.models import Curves, Experiment
+from tui.screens.diff import DiffScreen
+
+
+class ExperimentsScreen(Screen[None]):
+    """`dvc exp show` in a table, and the dvclive curves of the workspace."""
+
+    BINDINGS = [Binding("escape,q", "app.pop_screen", "back"), Binding("s", "sort", "sort by column"),
+                Binding("space", "mark", "mark"), Binding("d", "diff", "diff marked")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experiments: tuple[Experiment, ...] = ()
+        """Rows as DVC gave them."""
+        self.marked: list[str] = []
+        """Names of the (at most two) experiments marked for a diff."""
+        self.sort_column: str | None = None
+        self.sort_reverse = False
+
+    def compose(self) -> ComposeResult:
+        """Table, curves, footer."""
+        yield Static("reading experiments (dvc exp show) ...", id="exp-status")
+        yield DataTable(id="exp-table", cursor_type="cell")
+        yield PlotextPlot(id="curves")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        """Fetch in a worker (dvc exp show takes about a second)."""
+        self.query_one("#exp-table").border_title = "experiments"
+        self.query_one("#curves").border_title = "training curves (dvclive)"
+        self.fetch()
+
+    @work(thread=True, exclusive=True, group="experiments")
+    def fetch(self) -> None:
+        """Blocking: experiments and curves."""
+        source = self.app.providers.experiments
+        curves = source.curves()
+        try:
+            self.post_message(ExperimentsFetched(source.experiments(), curves))
+        except (RuntimeError, OSError, ValueError) as exc:
+            self.post_message(ExperimentsFetched((), curves, str(exc)))
+
+    def on_experiments_fetched(self, message: ExperimentsFetched) -> None:
+        """Fill the table and draw the curves."""
+        self.experiments = message.experiments
+        status = self.query_one("#exp-status", Static)
+        status.update(message.error or f"{len(self.experiments)} experiments · s sorts by the cursor's column · space marks · d diffs two")
+        self._fill()
+        self._plot(message.curves)
+
+    def _fill(self) -> None:
+        table = self.query_one("#exp-table", DataTable)
+        table.clear(columns=True)
+        columns = table_columns(self.experiments)
+        for col in ["", "experiment", "rev", *columns]:
+            table.add_column(col, key=col or "mark")
+        for name, cells in table_rows(self.experiments, columns, self.sort_column, self.sort_reverse):
+            table.add_row("●" if name in self.marked else "", name, *cells, key=name)
+
+    def _plot(self, curves: Curves) -> None:
+        plot = self.query_one(PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        for name, steps, values in curves.series:
+            plt.plot(list(steps), list(values), label=name)
+        plt.xlabel("epoch")
+        plot.refresh()
+
+    def action_sort(self) -> None:
+        """Sort by the column under the cursor (again: reverse)."""
+        table = self.query_one("#exp-table", DataTable)
+        key = list(table.columns)[table.cursor_column].value
+        if key in ("mark",):
+            return
+        self.sort_reverse = not self.sort_reverse if self.sort_column == key else False
+        self.sort_column = key
+        self._fill()
+
+    def action_mark(self) -> None:
+        """Mark (or unmark) the experiment under the cursor; at most two stay marked."""
+        table = self.query_one("#exp-table", DataTable)
+        if not self.experiments:
+            return
+        name = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        self.marked = [m for m in self.marked if m != name] if name in self.marked else (self.marked + [name])[-2:]
+        row, col = table.cursor_coordinate
+        self._fill()
+        table.move_cursor(row=row, column=col, animate=False)
+
+    def action_diff(self) -> None:
+        """Show what differs between the two marked experiments."""
+        if len(self.marked) != 2:
+            self.notify("Mark two experiments with space first, then press d.", severity="warning")
+            return
+        by_name = {e.name: e for e in self.experiments}
+        self.app.push_screen(DiffScreen(self.marked[0], self.marked[1], diff(by_name[self.marked[0]], by_name[self.marked[1]])))

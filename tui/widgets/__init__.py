@@ -1,0 +1,1 @@
+"""The dashboard's widgets: each shows provider dataclasses and posts messages up, never fetches."""

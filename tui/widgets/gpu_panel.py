@@ -1,0 +1,91 @@
+"""The GPU panel: the host line, then one row per GPU naming the flow run that uses it."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Static
+
+from tui.format import NA, bar, num, sparkline
+from tui.providers.models import GpuSample, Run, Telemetry
+from tui.widgets.keyed_table import KeyedTable
+
+HISTORY = 14
+COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY), ("MEM GiB", "mem", 10),
+           ("TEMP", "temp", 4), ("POWER W", "power", 7), ("SM/MEM MHz", "clk", 9), ("RUN (stage · deployment)", "run", 36),
+           ("PID:MEM", "procs", 16)]
+
+
+class GpuPanel(Vertical):
+    """Host telemetry and per-GPU rows with utilisation history."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.history: dict[int, deque[float | None]] = {}
+        """Recent utilisation per GPU index, newest last."""
+        self.telemetry: Telemetry | None = None
+        """The sample on screen."""
+        self.runs: dict[str, Run] = {}
+        """Flow runs by id, to name the run on each GPU."""
+
+    def compose(self) -> ComposeResult:
+        """The host line and the GPU table."""
+        yield Static(id="host-line")
+        yield KeyedTable(COLUMNS, id="gpu-table")
+
+    def show(self, telemetry: Telemetry) -> None:
+        """A new sample: add it to the history and repaint."""
+        self.telemetry = telemetry
+        for g in telemetry.gpus:
+            self.history.setdefault(g.index, deque(maxlen=HISTORY)).append(g.util)
+        self._paint()
+
+    def set_runs(self, runs: dict[str, Run]) -> None:
+        """New run names (from Prefect): repaint the RUN column if the sample is here."""
+        self.runs = runs
+        if self.telemetry:
+            self._paint()
+
+    def _paint(self) -> None:
+        telemetry, runs = self.telemetry, self.runs
+        h = telemetry.host
+        line = Text.assemble(
+            (h.hostname, "bold"), f"   CPU {h.cpu_percent:3.0f}% of {h.cpu_count} cores   ",
+            f"RAM {h.ram_used_gib:.1f}/{h.ram_total_gib:.1f} GiB   disk {h.disk_used_gib:.0f}/{h.disk_total_gib:.0f} GiB",
+        )
+        if telemetry.no_gpu:
+            line.append(f"\n{telemetry.no_gpu}", style="bold yellow")
+        self.query_one("#host-line", Static).update(line)
+        table = self.query_one(KeyedTable)
+        table.display = bool(telemetry.gpus)
+        self.border_title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
+        table.show([(f"gpu{g.index}", self._cells(g, runs)) for g in telemetry.gpus])
+
+    def _cells(self, g: GpuSample, runs: dict[str, Run]) -> tuple:
+        hist = self.history.get(g.index, ())
+        frac = None if g.util is None else g.util / 100
+        mem = NA if g.mem_used_mib is None else f"{g.mem_used_mib / 1024:.1f}/{(g.mem_total_mib or 0) / 1024:.0f}"
+        power = NA if g.power_w is None else f"{g.power_w:.0f}/{num(g.power_limit_w)}"
+        clocks = f"{num(g.sm_clock_mhz)}/{num(g.mem_clock_mhz)}"
+        return (str(g.index), f"{bar(frac)}{num(g.util, unit='%'):>5}", sparkline(hist).rjust(HISTORY), mem,
+                num(g.temp_c, unit="°"), power, clocks, run_label(g, runs), processes(g))
+
+
+def run_label(g: GpuSample, runs: dict[str, Run]) -> Text:
+    """Which flow run uses this GPU: its name, stage and deployment; a process of no run is flagged."""
+    ids = list(dict.fromkeys(p.flow_run_id for p in g.processes if p.flow_run_id))
+    if not ids:
+        return Text("no flow run (orphan process?)", style="bold yellow") if g.processes else Text("idle", style="dim")
+    parts = []
+    for run_id in ids:
+        run = runs.get(run_id)
+        parts.append(f"{run.name} ({run.flow}{' · ' + run.deployment if run.deployment else ''})" if run else run_id[:8])
+    return Text(", ".join(parts))
+
+
+def processes(g: GpuSample) -> str:
+    """pid:MiB of each process on the GPU."""
+    return " ".join(f"{p.pid}:{num(p.used_mib)}M" for p in g.processes)
