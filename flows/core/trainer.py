@@ -162,9 +162,12 @@ class Trainer:
     def _batches(self, epoch: int) -> list[torch.Tensor]:
         """This process's effective batches of the epoch (a shard of them under DDP)."""
         order = epoch_order(len(self.train_y), self.params.base.seed, epoch)
-        order = order[self.world.rank::self.world.size]
+        order = order[: len(order) - len(order) % self.world.size][self.world.rank::self.world.size]
         size = self.cfg.batch_size * self.cfg.accum_steps
-        return list(order.split(size))
+        batches = list(order.split(size))
+        if len(batches) > 1 and len(batches[-1]) < size:  # drop_last, as timm does: no 1-image BatchNorm
+            batches.pop()
+        return batches
 
     def _images(self, batches: list[torch.Tensor], first: int):
         """uint8 NHWC batches on the device, from the stored split or through the policy loader."""

@@ -75,6 +75,12 @@ def launch_ddp(params: Params) -> dict:
 
     import torch
 
+    from flows.core.devices import resolve_device
+    from flows.core.model import check_model_name
+    from flows.core.speed import autocast_dtype
+
+    check_model_name(params.model.name)  # refuse bad input here, not in n tracebacks
+    autocast_dtype(params.train.precision, resolve_device(params.base.device))
     n = params.base.devices
     if params.base.device != "cpu" and torch.cuda.is_available() and n > torch.cuda.device_count():
         raise TunedeckError(
