@@ -1,0 +1,110 @@
+"""End to end: a real local Prefect server, a real flow run in a subprocess, cancelled from the dashboard;
+and the real `tunedeck dash --demo` in a real terminal (tmux)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows import server
+from tests.integration.project import env, free_port
+from tests.tui.conftest import settle
+from tui.app import make_app
+from tui.providers.base import Providers
+from tui.providers.fake_dvc import FakeDvc
+from tui.providers.fake_gpu import FakeHost, FakeNvml
+from tui.providers.prefect_api import PrefectApi
+from tui.providers.telemetry import NvmlTelemetry
+from tui.widgets.runs_table import RunsTable
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+FLOW = textwrap.dedent("""
+    import time
+    from prefect import flow
+
+    @flow(name="dash-e2e", persist_result=False)
+    def sleepy():
+        print("started", flush=True)
+        time.sleep(120)
+
+    sleepy()
+""")
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """A local Prefect server on a free port, stopped afterwards."""
+    root = tmp_path_factory.mktemp("dash-project")
+    url = server.start(free_port(), root=root)
+    yield url
+    server.stop(root=root)
+
+
+def _runs(url: str) -> list[dict]:
+    request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+async def _until(pilot, check, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await settle(pilot, 1)
+        await pilot.pause(0.2)
+
+
+@pytest.mark.anyio
+async def test_a_real_flow_run_appears_and_is_cancelled_from_the_dashboard(prefect, tmp_path):
+    script = tmp_path / "sleepy.py"
+    script.write_text(FLOW)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env(PREFECT_API_URL=prefect), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        providers = Providers(NvmlTelemetry(FakeNvml(), FakeHost()), PrefectApi(prefect), FakeDvc(), label="e2e")
+        app = make_app(providers=providers, refresh_s=0.25)
+        async with app.run_test(size=(140, 42)) as pilot:
+            table = app.screen.query_one(RunsTable)
+            await _until(pilot, lambda: any(r.flow == "dash-e2e" and r.state == "RUNNING" for r in table.runs.values()), 90)
+            run = next(r for r in table.runs.values() if r.flow == "dash-e2e")
+            table.move_cursor(row=list(table.runs).index(run.id))
+            await pilot.press("c", "y")
+            await _until(pilot, lambda: table.runs[run.id].state in ("CANCELLED", "CANCELLING"))
+        states = {r["id"]: r["state_type"] for r in _runs(prefect)}
+        assert states[run.id] in ("CANCELLED", "CANCELLING")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_demo_in_a_real_terminal(tmp_path):
+    session = f"tunedeck-smoke-{os.getpid()}"
+    status = tmp_path / "status"
+    command = f"{Path(sys.executable).parent / 'tunedeck'} dash --demo; echo $? > {status}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "140", "-y", "42", command], check=True, cwd=ROOT)
+    try:
+        screen = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(w in screen for w in ("GPUs", "runs 1–100", "deployments")):
+            time.sleep(0.5)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+        assert "GPUs · 8 × NVIDIA H100" in screen, screen
+        assert "runs 1–100 of 1000" in screen and "deployments" in screen and "weekly-retrain" in screen, screen
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        deadline = time.monotonic() + 20
+        while not status.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status.read_text().strip() == "0"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

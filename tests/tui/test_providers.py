@@ -1,0 +1,135 @@
+"""Unit tests of the providers and pure helpers: no Textual, no server, no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tui.experiment_table import diff, table_columns
+from tui.providers.dvc_reader import parse_exp_show
+from tui.providers.fake_dvc import FakeDvc
+from tui.providers.fake_gpu import FakeHost, FakeNvml
+from tui.providers.join import RunJoiner, live_run_files
+from tui.providers.models import RunQuery
+from tui.providers.prefect_api import PrefectApi
+from tui.providers.prefect_parse import parse_overrides, run_filter, run_parameters, schedule_text
+from tui.providers.telemetry import NvmlTelemetry
+from tui.query import parse_filter
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_process_lists_are_polled_at_most_every_two_seconds():
+    clock, nvml = Clock(), FakeNvml()
+    telemetry = NvmlTelemetry(nvml, FakeHost(), clock=clock)
+    for t in (0.0, 0.5, 1.0, 1.9, 2.0, 3.9, 4.0):
+        clock.now = t
+        telemetry.sample()
+    assert telemetry.process_polls == 3
+    assert nvml.process_calls == 3 * 8
+
+
+def test_a_metric_the_gpu_lacks_is_none_not_an_error():
+    sample = NvmlTelemetry(FakeNvml(), FakeHost()).sample()
+    assert sample.gpus[7].power_w is None and sample.gpus[0].power_w is not None
+    assert sample.no_gpu is None and len(sample.gpus) == 8
+
+
+def test_no_nvml_shows_cpu_and_says_there_is_no_gpu(monkeypatch):
+    import pynvml
+
+    def fail():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", fail)
+    sample = NvmlTelemetry(host=FakeHost()).sample()
+    assert sample.gpus == () and sample.no_gpu.startswith("No GPU:") and "CPU only" in sample.no_gpu
+    assert sample.host.cpu_count == 64
+
+
+def test_join_reads_live_run_files_and_skips_stale_ones(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / f"{os.getpid()}.json").write_text(json.dumps({"flow_run_id": "live-run", "name": "x", "stage": "train"}))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (runs / f"{dead.pid}.json").write_text(json.dumps({"flow_run_id": "stale-run"}))
+    assert RunJoiner(runs)(os.getpid()) == "live-run"
+    assert RunJoiner(runs)(dead.pid) is None
+    assert live_run_files(runs) == {os.getpid(): "live-run"}
+
+
+def test_join_reads_the_environment_of_worker_started_processes_and_their_children(tmp_path):
+    env = {**os.environ, "PREFECT__FLOW_RUN_ID": "worker-run"}
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        import psutil
+
+        deadline = time.monotonic() + 10
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = psutil.Process(parent.pid).children()[0]
+        joiner = RunJoiner(tmp_path)
+        assert joiner(parent.pid) == "worker-run"
+        assert joiner(child.pid) == "worker-run"
+        assert joiner(os.getpid()) is None
+    finally:
+        for proc in psutil.Process(parent.pid).children():
+            proc.kill()
+        parent.kill()
+        parent.wait()
+
+
+def test_prefect_down_is_a_sentence_not_an_exception():
+    assert PrefectApi(lambda: None).snapshot(RunQuery()).error.startswith("no Prefect server is running")
+    snap = PrefectApi("http://127.0.0.1:9/api", timeout=0.5).snapshot(RunQuery())
+    assert not snap.connected and "does not answer" in snap.error
+
+
+def test_filter_words():
+    assert parse_filter("failed train") == RunQuery("train", ("FAILED",), 0, 100)
+    assert parse_filter("Running") == RunQuery("", ("RUNNING",), 0, 100)
+    assert run_filter(parse_filter("crashed demo")) == {"flow_runs": {"name": {"like_": "demo"}, "state": {"type": {"any_": ["CRASHED"]}}}}
+
+
+def test_run_now_overrides():
+    assert parse_overrides("train.lr=0.0003 train.epochs=3 model.name=resnet50") == {
+        "train": {"lr": 0.0003, "epochs": 3}, "model": {"name": "resnet50"}}
+    assert run_parameters(("overrides",), "train.lr=0.1") == {"overrides": ["train.lr=0.1"]}
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_overrides("train.lr")
+
+
+def test_schedules_in_words():
+    assert schedule_text([{"schedule": {"cron": "0 3 * * 1"}}, {"schedule": {"interval": 86400}}]) == "cron 0 3 * * 1, every 1d"
+    assert schedule_text([]) == "none"
+
+
+def test_exp_show_rows_and_diff():
+    data = [{"rev": "workspace", "name": None, "data": {"params": {"params.yaml": {"data": {"train": {"lr": 0.001}}}},
+                                                      "metrics": {"eval/metrics.json": {"data": {"accuracy": 0.8}}}},
+             "experiments": [{"name": "fast", "revs": [{"rev": "abcdef123", "name": "fast", "data": {
+                 "params": {"params.yaml": {"data": {"train": {"lr": 0.01}}}},
+                 "metrics": {"eval/metrics.json": {"data": {"accuracy": 0.9}}}}}]}]}]
+    rows = parse_exp_show(data)
+    assert [(r.name, r.rev) for r in rows] == [("workspace", ""), ("fast", "abcdef1")]
+    assert table_columns(rows) == ["train.lr", "accuracy"]
+    assert diff(rows[0], rows[1]) == [("train.lr", "0.001", "0.01"), ("accuracy", "0.8", "0.9")]
+
+
+def test_fake_experiments_have_curves():
+    assert [name for name, _, _ in FakeDvc().curves().series] == ["train/loss", "val/loss", "val/acc"]

@@ -1,0 +1,63 @@
+"""Snapshot tests: the dashboard's screens on fixed fakes, compared with the SVGs under __snapshots__."""
+
+from __future__ import annotations
+
+from tests.tui.conftest import settle
+
+SIZE = (140, 42)
+
+
+async def _settled(pilot) -> None:
+    await settle(pilot)
+
+
+def test_dashboard_first_screen(app, snap_compare):
+    """The GPU panel (8 GPUs; 0-3 named by their run, 5 flagged orphan, 7 power N/A), runs 1–100 of 1000 with
+    epoch 8/12 and ETA on the running training, and the three deployments with pool health."""
+    assert snap_compare(app, terminal_size=SIZE, run_before=_settled)
+
+
+def test_filtered_runs(app, snap_compare):
+    """After `/failed`: only Failed runs, and the runs title says 'filter: failed'."""
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("slash", *"failed", "enter")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_cancel_confirmation(app, snap_compare):
+    """`c` on the running training asks 'Cancel run calm-orca-0 (train, running)?' with No focused."""
+    assert snap_compare(app, terminal_size=SIZE, run_before=_settled, press=["c"])
+
+
+def test_readonly_footer(readonly_app, snap_compare):
+    """--readonly: the footer lists no cancel, retry, pause or run action; the title says read-only."""
+    assert snap_compare(readonly_app, terminal_size=SIZE, run_before=_settled)
+
+
+def test_disconnected_banner(app, providers, snap_compare):
+    """Prefect down: a red 'Prefect disconnected, retrying' banner on top, GPUs still shown, runs waiting."""
+    providers.orchestrator.connected = False
+    assert snap_compare(app, terminal_size=SIZE, run_before=_settled)
+
+
+def test_experiments_view(app, snap_compare):
+    """`e`: five experiments with the varying params (model.name, train.lr) and metrics, and three curves."""
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("e")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_run_detail(app, snap_compare):
+    """Enter on the running training: header with GPUs 0, params, dvclive metrics, and the log on the right."""
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("enter")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
