@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU check, one call, under 8 minutes on one GPU with torch and timm: images/s, MFU and NVML
+# utilisation for resnet50 and convnext_tiny at 224 px, bf16 + channels_last, compile off/on,
+# each beside the synthetic and the plain-loop reference. JSON files go to the folder in $1.
+#   bash bench/gpu_check.sh "$OUT"
+# pydantic (for params) may be missing on a GPU image: wheels in .whl/ are installed if so.
+set -uo pipefail
+out=${1:?usage: bench/gpu_check.sh OUTPUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+if ! python3 -c "import pydantic, yaml" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee "$out/versions.txt"
+for model in resnet50 convnext_tiny; do
+  for compile in "" "--compile"; do
+    name="$model${compile:+-compile}"
+    timeout 150 python3 bench/train_throughput.py --model "$model" --size 224 --batch 128 --images 2048 \
+      --rounds 2 --precision bf16 --workers 8 $compile --json-out "$out/$name.json" > "$out/$name.log" 2>&1 \
+      || echo "$name: failed or timed out (see $name.log)" | tee -a "$out/failures.txt"
+    tail -n 1 "$out/$name.log"
+  done
+done
