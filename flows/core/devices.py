@@ -7,11 +7,28 @@ import torch
 from flows.core.errors import TunedeckError
 
 
+def free_memory(index: int) -> int:
+    """Free bytes on visible CUDA device index, read with NVML (no CUDA context is created).
+
+    The visible device is matched to its NVML handle by UUID, so CUDA_VISIBLE_DEVICES and
+    CUDA_DEVICE_ORDER are respected; without NVML, torch's mem_get_info answers instead.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:  # noqa: BLE001 - NVML missing or too old: fall back to the CUDA runtime
+        return int(torch.cuda.mem_get_info(index)[0])
+
+
 def resolve_device(spec: str) -> torch.device:
     """base.device to a torch.device: auto picks the CUDA GPU with most free memory, then MPS, then CPU."""
     if spec == "auto":
         if torch.cuda.is_available():
-            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            free = [free_memory(i) for i in range(torch.cuda.device_count())]
             return torch.device("cuda", free.index(max(free)))
         if torch.backends.mps.is_available():
             return torch.device("mps")

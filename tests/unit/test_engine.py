@@ -205,3 +205,14 @@ def test_compile_unsupported_falls_back_with_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tunedeck"):
         assert maybe_compile(model, True) is model
     assert "runs eagerly" in caplog.text
+
+
+def test_auto_device_picks_the_gpu_with_most_free_memory(monkeypatch):
+    import flows.core.devices as devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(devices, "free_memory", lambda i: [2, 9, 5][i] * 2**30)
+    assert devices.resolve_device("auto") == torch.device("cuda", 1)
+    with pytest.raises(TunedeckError, match="only 3 CUDA GPU"):
+        devices.resolve_device("cuda:5")
