@@ -24,15 +24,16 @@ def _cell(e: Experiment, column: str) -> str | float | None:
 
 
 def table_rows(experiments: tuple[Experiment, ...], columns: list[str], sort: str | None = None,
-               reverse: bool = False) -> list[tuple[str, list[str]]]:
-    """(name, cells) per experiment, sorted by a column (missing values last)."""
-    rows = list(experiments)
+               reverse: bool = False) -> list[tuple[int, list[str]]]:
+    """(index into experiments, cells) per experiment, sorted by a column (missing values last)."""
+    rows = list(range(len(experiments)))
     if sort in ("experiment", "rev") or sort in columns:
-        def key(e: Experiment):
+        def key(i: int):
+            e = experiments[i]
             value = e.name if sort == "experiment" else e.rev if sort == "rev" else _cell(e, sort)
             return (value is None, _as_number(value))
         rows.sort(key=key, reverse=reverse)
-    return [(e.name, [e.rev, *[_fmt(_cell(e, c)) for c in columns]]) for e in rows]
+    return [(i, [experiments[i].name, experiments[i].rev, *[_fmt(_cell(experiments[i], c)) for c in columns]]) for i in rows]
 
 
 def _as_number(value):

@@ -52,6 +52,8 @@ class DashboardScreen(Screen[None]):
         self.progress: Progress | None = None
         self.prompt_mode = ""
         self._busy: set[str] = set()
+        self._drawn_join: dict[str, tuple[int, ...]] = {}
+        self._drawn: tuple = ()
 
     def compose(self) -> ComposeResult:
         """Banner, three panels, prompt, footer."""
@@ -112,7 +114,8 @@ class DashboardScreen(Screen[None]):
         self._busy.discard("telemetry")
         self.telemetry = message.telemetry
         self.query_one(GpuPanel).show(message.telemetry)
-        self._render_runs()
+        if gpus_by_run(message.telemetry) != self._drawn_join:
+            self._render_runs()
 
     def on_orchestration_fetched(self, message: OrchestrationFetched) -> None:
         """Repaint runs and deployments, or raise the banner and keep the last good data."""
@@ -121,7 +124,8 @@ class DashboardScreen(Screen[None]):
         self.progress = message.progress
         self.connected = snap.connected
         banner = self.query_one("#banner", Static)
-        banner.display = not snap.connected
+        if banner.display != (not snap.connected):
+            banner.display = not snap.connected
         if not snap.connected:
             banner.update(f"Prefect disconnected, retrying every {2 * self.refresh_s:g} s: {snap.error}. GPUs and experiments keep working.")
             self._render_runs()
@@ -142,13 +146,20 @@ class DashboardScreen(Screen[None]):
             table.border_title = "runs · waiting for Prefect" if self.connected is not False else "runs · Prefect disconnected"
             return
         gpus = gpus_by_run(self.telemetry)
-        table.show_runs(snap.runs, gpus, self.progress, progress_owner(snap.running, gpus))
+        self._drawn_join = gpus
+        owner = progress_owner(snap.running, gpus)
+        drawn = (snap.runs, gpus, self.progress, owner)
+        if drawn != self._drawn:  # nothing changed: skip building 100 rows
+            self._drawn = drawn
+            table.show_runs(snap.runs, gpus, self.progress, owner)
         q = self.query_
         first = q.offset + 1 if snap.runs else 0
         title = f"runs {first}–{q.offset + len(snap.runs)} of {snap.total_runs}"
         flt = describe(q)
-        table.border_title = title + (f" · filter: {flt}" if flt else "") + ("" if self.connected else " · stale")
-        table.border_subtitle = "[ ] pages" if snap.total_runs > PAGE else ""
+        title += (f" · filter: {flt}" if flt else "") + ("" if self.connected else " · stale")
+        subtitle = "[ ] pages" if snap.total_runs > PAGE else ""
+        if (title, subtitle) != (table.border_title, table.border_subtitle):
+            table.border_title, table.border_subtitle = title, subtitle
 
     # -- navigation --
 

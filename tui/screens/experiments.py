@@ -25,8 +25,8 @@ class ExperimentsScreen(Screen[None]):
         super().__init__()
         self.experiments: tuple[Experiment, ...] = ()
         """Rows as DVC gave them."""
-        self.marked: list[str] = []
-        """Names of the (at most two) experiments marked for a diff."""
+        self.marked: list[int] = []
+        """Indices of the (at most two) experiments marked for a diff (names repeat across baselines)."""
         self.sort_column: str | None = None
         self.sort_reverse = False
 
@@ -63,12 +63,14 @@ class ExperimentsScreen(Screen[None]):
 
     def _fill(self) -> None:
         table = self.query_one("#exp-table", DataTable)
+        cursor = table.cursor_coordinate
         table.clear(columns=True)
         columns = table_columns(self.experiments)
         for col in ["", "experiment", "rev", *columns]:
             table.add_column(col, key=col or "mark")
-        for name, cells in table_rows(self.experiments, columns, self.sort_column, self.sort_reverse):
-            table.add_row("●" if name in self.marked else "", name, *cells, key=name)
+        for index, cells in table_rows(self.experiments, columns, self.sort_column, self.sort_reverse):
+            table.add_row("●" if index in self.marked else "", *cells, key=str(index))
+        table.move_cursor(row=cursor.row, column=cursor.column, animate=False)
 
     def _plot(self, curves: Curves) -> None:
         plot = self.query_one(PlotextPlot)
@@ -94,16 +96,14 @@ class ExperimentsScreen(Screen[None]):
         table = self.query_one("#exp-table", DataTable)
         if not self.experiments:
             return
-        name = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        self.marked = [m for m in self.marked if m != name] if name in self.marked else (self.marked + [name])[-2:]
-        row, col = table.cursor_coordinate
+        index = int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        self.marked = [m for m in self.marked if m != index] if index in self.marked else (self.marked + [index])[-2:]
         self._fill()
-        table.move_cursor(row=row, column=col, animate=False)
 
     def action_diff(self) -> None:
         """Show what differs between the two marked experiments."""
         if len(self.marked) != 2:
             self.notify("Mark two experiments with space first, then press d.", severity="warning")
             return
-        by_name = {e.name: e for e in self.experiments}
-        self.app.push_screen(DiffScreen(self.marked[0], self.marked[1], diff(by_name[self.marked[0]], by_name[self.marked[1]])))
+        a, b = (self.experiments[i] for i in self.marked)
+        self.app.push_screen(DiffScreen(f"{a.name} {a.rev}".strip(), f"{b.name} {b.rev}".strip(), diff(a, b)))

@@ -15,7 +15,7 @@ from tui.widgets.keyed_table import KeyedTable
 
 HISTORY = 14
 COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY), ("MEM GiB", "mem", 10),
-           ("TEMP", "temp", 4), ("POWER W", "power", 7), ("SM/MEM MHz", "clk", 9), ("RUN (stage · deployment)", "run", 36),
+           ("TEMP", "temp", 4), ("POWER W", "power", 7), ("CLK MHz", "clk", 9), ("RUN (stage · deployment)", "run", 36),
            ("PID:MEM", "procs", 16)]
 
 
@@ -30,6 +30,7 @@ class GpuPanel(Vertical):
         """The sample on screen."""
         self.runs: dict[str, Run] = {}
         """Flow runs by id, to name the run on each GPU."""
+        self._host_line: Text | None = None
 
     def compose(self) -> ComposeResult:
         """The host line and the GPU table."""
@@ -58,10 +59,14 @@ class GpuPanel(Vertical):
         )
         if telemetry.no_gpu:
             line.append(f"\n{telemetry.no_gpu}", style="bold yellow")
-        self.query_one("#host-line", Static).update(line)
+        if line != self._host_line:  # an unchanged line would still cost a layout pass
+            self._host_line = line
+            self.query_one("#host-line", Static).update(line)
         table = self.query_one(KeyedTable)
-        table.display = bool(telemetry.gpus)
-        self.border_title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
+        title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
+        if title != self.border_title:
+            table.display = bool(telemetry.gpus)
+            self.border_title = title
         table.show([(f"gpu{g.index}", self._cells(g, runs)) for g in telemetry.gpus])
 
     def _cells(self, g: GpuSample, runs: dict[str, Run]) -> tuple:

@@ -1,0 +1,147 @@
+"""Dashboard performance, headless, on the demo's fakes (8 GPUs, 1,000 runs), printed as figures.
+
+  first full frame   a fresh ``python`` process, imports included, until GPUs, runs and deployments are drawn
+  CPU at 1 Hz        share of one core used by the whole process (all threads) at the default refresh
+  key to repaint     a key press until the next frame is composed and encoded (cursor move; page flip)
+  NVML polling       the shortest interval between two polls of the per-process lists
+
+Headless Textual skips writing frames to a terminal; the probe encodes each frame to terminal
+codes anyway, so that cost is counted. Goals (issue 5): frame ≤ 1.0 s, CPU ≤ 3 %, key ≤ 50 ms,
+NVML process lists ≥ 2 s apart. Last line: the figures as JSON. Usage: python bench/dash_bench.py [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FRAME_SCRIPT = """
+import asyncio, sys, time
+from tui.app import make_app
+from tui.providers import demo_providers
+
+async def main():
+    app = make_app(providers=demo_providers(1000))
+    async with app.run_test(size=(140, 42)) as pilot:
+        screen = app.screen
+        while True:
+            gpus = screen.query_one("#gpu-table").row_count
+            runs = screen.query_one("#runs").row_count
+            deps = screen.query_one("#deployments").row_count
+            if gpus == 8 and runs == 100 and deps == 3:
+                break
+            await asyncio.sleep(0.002)
+        await pilot.pause()
+        print("FRAME", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def first_frame() -> float:
+    """Seconds from spawning python until the first full frame."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", FRAME_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("FRAME"):
+            elapsed = time.perf_counter() - start
+            break
+    else:
+        raise SystemExit(f"the frame script ended without a frame (exit {proc.wait()})")
+    proc.wait()
+    return elapsed
+
+
+class RepaintProbe:
+    """Wraps App._display: encodes every frame (as a terminal would get it) and records when."""
+
+    def __init__(self, app) -> None:
+        from textual._compositor import CompositorUpdate
+
+        self.frames: list[float] = []
+        original = app._display
+
+        def display(screen, renderable) -> None:
+            original(screen, renderable)
+            if isinstance(renderable, CompositorUpdate):
+                renderable.render_segments(app.console)
+                self.frames.append(time.perf_counter())
+
+        app._display = display
+
+
+async def running(seconds: float) -> dict:
+    """CPU share, key latencies and NVML poll spacing in one live session at the default 1 Hz."""
+    from tui.app import make_app
+    from tui.providers import demo_providers
+
+    providers = demo_providers(1000, animate=True)
+    nvml = providers.telemetry.nvml
+    polls: list[float] = []
+    inner = nvml.nvmlDeviceGetComputeRunningProcesses
+
+    def counted(handle):
+        if handle == 0:
+            polls.append(time.perf_counter())
+        return inner(handle)
+
+    nvml.nvmlDeviceGetComputeRunningProcesses = counted
+    app = make_app(providers=providers, refresh_s=1.0)
+    async with app.run_test(size=(140, 42)) as pilot:
+        probe = RepaintProbe(app)
+        await asyncio.sleep(3)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(seconds)
+        cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0) * 100
+        moves = [await latency(pilot, probe, key) for key in ["down"] * 10 + ["up"] * 10]
+        pages = [await latency(pilot, probe, key, rows_change=True) for key in ["right_square_bracket", "left_square_bracket"] * 5]
+    gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+    return {"cpu_percent_1hz": round(cpu, 2), "key_repaint_ms_median": round(statistics.median(moves) * 1000, 1),
+            "key_repaint_ms_max": round(max(moves) * 1000, 1), "page_flip_ms_median": round(statistics.median(pages) * 1000, 1),
+            "nvml_process_polls": len(polls), "nvml_min_poll_interval_s": round(min(gaps), 2) if gaps else None}
+
+
+async def latency(pilot, probe: RepaintProbe, key: str, rows_change: bool = False) -> float:
+    """Seconds from sending key until a frame is encoded (for a page flip: the frame with the new page)."""
+    await asyncio.sleep(0.05)
+    table = pilot.app.screen.query_one("#runs")
+    before = table.border_title
+    start = time.perf_counter()
+    await pilot.press(key)
+    deadline = start + 5
+    while time.perf_counter() < deadline:
+        done = [t for t in probe.frames if t > start]
+        if done and (not rows_change or table.border_title != before):
+            return done[-1 if rows_change else 0] - start
+        await asyncio.sleep(0.0005)
+    return float("inf")
+
+
+def main() -> None:
+    """Measure and print."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the CPU measurement (default 20)")
+    parser.add_argument("--frames", type=int, default=3, help="first-frame repetitions (default 3)")
+    args = parser.parse_args()
+    frames = [first_frame() for _ in range(args.frames)]
+    result = {"first_frame_s_median": round(statistics.median(frames), 3), "first_frame_s_all": [round(f, 3) for f in frames]}
+    result.update(asyncio.run(running(args.seconds)))
+    print(f"first full frame     {result['first_frame_s_median']:.2f} s median of {args.frames} (goal <= 1.0 s)")
+    print(f"CPU at 1 Hz          {result['cpu_percent_1hz']:.2f} % of one core over {args.seconds:g} s (goal <= 3 %)")
+    print(f"key to repaint       {result['key_repaint_ms_median']:.1f} ms median, {result['key_repaint_ms_max']:.1f} ms max (goal <= 50 ms)")
+    print(f"page flip (fetch)    {result['page_flip_ms_median']:.1f} ms median (100 rows re-drawn)")
+    print(f"NVML process lists   {result['nvml_process_polls']} polls, at least {result['nvml_min_poll_interval_s']} s apart (goal >= 2 s)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
