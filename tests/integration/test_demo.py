@@ -25,7 +25,7 @@ def test_demo_transfer_beats_scratch(tmp_path):
     finally:
         server.stop(root=project)
     table = proc.stdout[proc.stdout.index("test accuracy"):]
-    transfer = float(table.split("fine-tuned from 0-4 backbone")[1].split("%")[0])
+    transfer = float(table.split("transfer from 0-4 backbone")[1].split("%")[0])
     scratch = float(table.split("from scratch, same budget")[1].split("%")[0])
     assert transfer > scratch + 5, table
     assert runs and all(state == "COMPLETED" for _, state, _, _ in runs), runs
