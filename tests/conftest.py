@@ -50,7 +50,7 @@ def tiny_params_dict(source: str) -> dict:
     raw["base"]["device"] = "cpu"
     raw["data"].update(source=source, image_size=16, val_fraction=0.2, test_fraction=0.2, limit_per_class=None)
     raw["model"].update(name="test_resnet", pretrained=False)
-    raw["train"].update(epochs=2, batch_size=8)
+    raw["train"].update(epochs=2, batch_size=8, freeze_epochs=0, head_lr_scale=1.0)
     return raw
 
 

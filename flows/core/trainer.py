@@ -64,6 +64,7 @@ class Trainer:
         self.policy = PolicyImages(self.train_x, self.cfg.auto_augment, params.base.seed) if self.cfg.auto_augment else None
         self.micro, self.accum = self.cfg.batch_size, self.cfg.accum_steps
         self.step, self.oom_events, self.since_best = 0, 0, 0
+        self.history: list[tuple[int, dict]] = []  # every logged epoch, replayed to the tracker on resume
         self.best = {"score": float("-inf"), "epoch": -1, "weights": "raw", "state": None, "val_acc": None}
         self.forward = self._wrap()
 
@@ -108,6 +109,8 @@ class Trainer:
                     log.info("resuming from %s (%s)", checkpoints / ckpt.LAST, resumed_at)
         if self.tracker is not None and self.world.main:
             self.tracker.start(resumed_at is not None)
+            for logged_epoch, logged in self.history:  # DVC removed the metric files: write them again
+                self.tracker.log(logged_epoch, logged)
         epoch = first_epoch
         for epoch in range(first_epoch, self.cfg.epochs):
             metrics = self._epoch(epoch, first_batch if epoch == first_epoch else 0, partial if epoch == first_epoch else None, checkpoints, key)
@@ -227,6 +230,7 @@ class Trainer:
         stop = bool(self.cfg.early_stopping and self.since_best >= self.cfg.early_stopping)
         if self.world.main:
             log.info("epoch %d/%d  %s", epoch + 1, self.cfg.epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("lr/")))
+            self.history.append((epoch, dict(metrics)))
             if self.tracker is not None:
                 self.tracker.log(epoch, metrics)
             if checkpoints is not None:
@@ -259,7 +263,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": ckpt.rng_state(self.gen), "best": self.best, "since_best": self.since_best,
-            "micro": self.micro, "accum": self.accum, "oom_events": self.oom_events,
+            "micro": self.micro, "accum": self.accum, "oom_events": self.oom_events, "history": self.history,
         }
         return ckpt.save(folder, state)
 
@@ -274,6 +278,7 @@ class Trainer:
         ckpt.restore_rng(state["rng"], self.gen)
         self.best, self.since_best, self.step = state["best"], state["since_best"], state["step"]
         self.micro, self.accum, self.oom_events = state["micro"], state["accum"], state["oom_events"]
+        self.history = list(state.get("history", []))
         return state["epoch"], state["batch"], state["partial"]
 
     def _export(self, out: Path, seconds: float) -> dict:

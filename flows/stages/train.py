@@ -43,6 +43,17 @@ def work(params: Params) -> dict:
     }
 
 
+def nvml_present() -> bool:
+    """Whether NVML loads: dvclive's system monitor fails in its thread without it."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return True
+    except Exception:  # noqa: BLE001 - no library, no driver: no system monitor
+        return False
+
+
 class LiveTracker:
     """Per-epoch metrics into dvclive (dvclive/metrics.json and dvclive/plots), system metrics too."""
 
@@ -50,10 +61,12 @@ class LiveTracker:
         self.live = None
 
     def start(self, resumed: bool) -> None:
-        """Open dvclive, continuing its files when the run resumes."""
+        """Open dvclive afresh: on resume the trainer logs the finished epochs again first."""
         from dvclive import Live
 
-        self.live = Live(dir=str(TRAIN_LIVE), resume=resumed, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=True)
+        self.live = Live(
+            dir=str(TRAIN_LIVE), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=nvml_present()
+        )
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         """One epoch's metrics at step = epoch."""

@@ -76,17 +76,25 @@ def test_metrics_plots_and_experiments(project, prefect):
     assert "one-epoch" in shown and "train.epochs" in shown
 
 
-def state_of_last_run(url: str, flow: str, wait: float = 15.0) -> tuple[str, str]:
-    """(state type, state message) of the newest run of flow, once it is final."""
+def train_runs(url: str) -> list[dict]:
+    names = {f["id"]: f["name"] for f in api(url, "flows/filter")}
+    runs = api(url, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC"})
+    return [r for r in runs if names[r["flow_id"]] == "train"]
+
+
+def state_of_new_run(url: str, before: int, wait: float = 20.0) -> tuple[str, str]:
+    """(state type, message) of the train run started after ``before`` runs existed, once final."""
     import time
 
     deadline = time.monotonic() + wait
     while True:
-        runs = [r for r in api(url, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC"})]
-        names = {f["id"]: f["name"] for f in api(url, "flows/filter")}
-        newest = next(r for r in runs if names[r["flow_id"]] == flow)
-        if newest["state_type"] in ("COMPLETED", "FAILED", "CRASHED") or time.monotonic() > deadline:
-            return newest["state_type"], newest["state"]["message"] or ""
+        runs = train_runs(url)
+        if len(runs) > before:
+            newest = runs[0]
+            if newest["state_type"] in ("COMPLETED", "FAILED", "CRASHED") or time.monotonic() > deadline:
+                return newest["state_type"], newest["state"]["message"] or ""
+        elif time.monotonic() > deadline:
+            return "NONE", "no new run"
         time.sleep(0.3)
 
 
@@ -94,11 +102,12 @@ def test_bad_input_fails_the_flow_run_with_its_sentence(project, prefect):
     params = (project / "params.yaml").read_text()
     try:
         (project / "params.yaml").write_text(params.replace("name: test_resnet", "name: resnet-18"))
+        before = len(train_runs(prefect))
         proc = run(project, "python", "-m", "flows.stages.train", check=False)
     finally:
         (project / "params.yaml").write_text(params)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    state, message = state_of_last_run(prefect, "train")
+    state, message = state_of_new_run(prefect, before)
     assert state == "FAILED" and "is not a timm model" in message
 
 
@@ -112,17 +121,18 @@ def test_a_killed_stage_is_crashed_at_once(project, prefect):
 
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params.replace("epochs: 2", "epochs: 500"))
+    before = len(train_runs(prefect))
     try:
         proc = subprocess.Popen(
             ["python", "-m", "flows.stages.train"], cwd=project, env=env(), stderr=subprocess.PIPE, text=True
         )
         for line in proc.stderr:
-            if line.startswith("epoch 1/"):
+            if line.startswith("prefect: flow run"):
                 break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         tic = time.monotonic()
-        state, message = state_of_last_run(prefect, "train")
+        state, message = state_of_new_run(prefect, before)
         assert state == "CRASHED" and "ended before finishing" in message
         assert time.monotonic() - tic < 15
     finally:

@@ -53,6 +53,8 @@ def test_kill_9_then_dvc_repro_ends_bit_identical(tmp_path):
     again = run(killed, "dvc", "repro", "train", TUNEDECK_PREFECT="off")
     assert "resuming from checkpoints/last.pt" in again.stderr + again.stdout
     assert model_sha(killed) == model_sha(whole)
+    for curve in ("train/loss.tsv", "val/acc.tsv"):  # the same metrics, every epoch, timings aside
+        assert (killed / "dvclive/plots/metrics" / curve).read_text() == (whole / "dvclive/plots/metrics" / curve).read_text()
 
 
 def test_two_process_ddp_trains_and_saves_one_model(tmp_path):
