@@ -17,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("server", help="the local Prefect server (SQLite under .tunedeck/, 127.0.0.1)")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
+    sub.add_parser("deploy", help="create the work pool and the deployments of prefect.yaml on the Prefect server")
+    worker = sub.add_parser("worker", help="a Prefect worker on this host: one run per free GPU (or one on the CPU)")
+    worker.add_argument("--pool", default="local", help="work pool (default: local)")
+    worker.add_argument("--gpus", help="GPU indices this worker hands out, e.g. 0,1 (default: CPU only)")
     dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
     dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
     dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
@@ -55,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "server":
             return server_command(args.action, args.port)
+        if args.command == "deploy":
+            from flows.deploy import deploy
+
+            names = deploy()
+            print(f"deployed {', '.join(names)} to the work pool 'local'; `prefect deployment ls` lists them.")
+            return 0
+        if args.command == "worker":
+            from flows.deploy import run_worker
+
+            return run_worker(args.pool, args.gpus)
         from tui.app import run_dashboard
 
         return run_dashboard(args.demo, args.readonly, args.refresh, args.replay, args.record)

@@ -24,6 +24,7 @@ from flows.core.prepare import load_manifest
 from flows.core.speed import autocast_dtype
 
 log = logging.getLogger("tunedeck")
+CHECKPOINT_FORMAT = 2  # bump when a checkpoint's contents change: older ones are not resumed
 
 
 class Tracker(Protocol):
@@ -54,6 +55,7 @@ def run_key(params: Params, manifest: dict) -> str:
     """What defines a run: every param but evaluate's, the data version, the starting weights."""
     spec = params.to_dict()
     spec.pop("evaluate", None)
+    spec["checkpoint_format"] = CHECKPOINT_FORMAT
     spec["data_version"] = manifest["data_version"]
     pretrained = params.model.pretrained
     if isinstance(pretrained, str) and Path(pretrained).is_file():

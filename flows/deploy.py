@@ -1,0 +1,108 @@
+"""`tunedeck deploy` and `tunedeck worker`: Prefect work pools, deployments and GPU-aware workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from flows import server
+from flows.core.errors import TunedeckError
+from flows.gpus import gpu_states, slot_name
+
+DEFAULT_POOL = "local"
+
+
+def reachable() -> str:
+    """The Prefect API URL, or a TunedeckError saying how to start one."""
+    url = server.api_url()
+    if not url or not server.healthy(url, timeout=3.0):
+        where = f"at {url} " if url else ""
+        raise TunedeckError(f"the Prefect server {where}does not answer: start it with `tunedeck server start` (or fix PREFECT_API_URL).")
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def prefect_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the prefect CLI of this environment, without prompts."""
+    exe = Path(sys.executable).parent / "prefect"
+    return subprocess.run([str(exe), "--no-prompt", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True)
+
+
+async def _ensure_pool(name: str, create: bool) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+            return True
+        except ObjectNotFound:
+            if not create:
+                return False
+            await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+
+
+async def _ensure_limits(names: list[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        for name in names:
+            try:
+                await client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+def deploy(root: Path | None = None) -> list[str]:
+    """Create the work pool and apply prefect.yaml's deployments; return their names."""
+    root = root or Path.cwd()
+    reachable()
+    asyncio.run(_ensure_pool(DEFAULT_POOL, create=True))
+    proc = prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())})
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise TunedeckError(f"`prefect deploy --all` failed: {' | '.join(tail)}")
+    import yaml
+
+    return [d["name"] for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]]
+
+
+def worker_command(pool: str, gpus: str | None) -> tuple[list[str], dict[str, str]]:
+    """Check the pool and GPUs, create their slots; the prefect worker command and its environment."""
+    reachable()
+    if not asyncio.run(_ensure_pool(pool, create=False)):
+        raise TunedeckError(f"work pool '{pool}' does not exist on the server: run `tunedeck deploy` (it creates '{DEFAULT_POOL}') or name another with --pool.")
+    env = {"PREFECT_API_URL": os.environ["PREFECT_API_URL"]}
+    if gpus:
+        try:
+            wanted = [int(i) for i in gpus.split(",")]
+        except ValueError:
+            raise TunedeckError(f"--gpus '{gpus}' is not a list of GPU indices like 0,1.") from None
+        present = [g.index for g in gpu_states()]
+        missing = [i for i in wanted if i not in present]
+        if missing:
+            have = ",".join(map(str, present)) or "none"
+            raise TunedeckError(f"GPU {missing[0]} does not exist on this host (its GPUs: {have}): fix --gpus.")
+        slots = [slot_name(i) for i in wanted]
+        env["TUNEDECK_GPUS"] = ",".join(map(str, wanted))
+    else:
+        slots = [slot_name(None)]
+    asyncio.run(_ensure_limits(slots))
+    exe = Path(sys.executable).parent / "prefect"
+    cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots))]
+    return cmd, env
+
+
+def run_worker(pool: str, gpus: str | None) -> int:
+    """Start a Prefect process worker on this host that runs one flow run per GPU (or one on the CPU)."""
+    cmd, env = worker_command(pool, gpus)
+    print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.call(cmd, env={**os.environ, **env})

@@ -1,0 +1,122 @@
+"""The Prefect flows deployments run: the DVC pipeline stage by stage, and an ad-hoc experiment.
+
+Each DVC stage is a Prefect task (`dvc repro --single-item <stage>`) in dvc.yaml's order, with
+retries and the stage's DVC lock entry as its cache key: a retry or re-run skips finished
+stages, and the train stage resumes from its checkpoint. The run holds a GPU slot (a Prefect
+global concurrency limit of 1 per GPU) for its whole length, and pins the GPU with
+CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.concurrency.sync import concurrency
+
+from flows.dag import stage_order
+from flows.dvc_cli import dvc
+from flows.gpus import gpu_states, slot_name
+from flows.overrides import apply_overrides
+
+
+def stage_cache_key(context, parameters) -> str | None:
+    """The stage's dvc.lock entry when DVC says it is up to date; None (no cache) otherwise."""
+    stage = parameters["stage"]
+    try:
+        status = json.loads(dvc("status", stage, "--json", "--quiet"))
+    except Exception:  # noqa: BLE001 - an unknown status means: run it
+        return None
+    if status:
+        return None
+    lock = yaml.safe_load(Path("dvc.lock").read_text()).get("stages", {}).get(stage)
+    return f"dvc-{stage}-" + hashlib.sha256(json.dumps(lock, sort_keys=True).encode()).hexdigest()
+
+
+@task(retries=2, retry_delay_seconds=[5, 20], cache_key_fn=stage_cache_key, persist_result=True)
+def run_stage(stage: str, env: dict[str, str]) -> str:
+    """Reproduce one DVC stage, its output streamed into this run's log."""
+    logger = get_run_logger()
+    dvc("repro", "--single-item", stage, env={**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
+    return stage
+
+
+@contextlib.contextmanager
+def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
+    """Hold a free GPU of this worker (TUNEDECK_GPUS) for the run, or the host's CPU slot."""
+    logger = get_run_logger()
+    allowed = os.environ.get("TUNEDECK_GPUS")
+    if not allowed:
+        with concurrency(slot_name(None), occupy=1, strict=False):
+            yield {}
+        return
+    wanted = [int(i) for i in allowed.split(",") if i.strip()]
+    waited = False
+    while True:
+        for gpu in [g.index for g in gpu_states() if g.free and g.index in wanted]:
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(concurrency(slot_name(gpu), occupy=1, timeout_seconds=1, strict=True))
+            except TimeoutError:
+                continue
+            with stack:
+                logger.info("holding GPU %d (%s)", gpu, slot_name(gpu))
+                yield {"CUDA_VISIBLE_DEVICES": str(gpu)}
+            return
+        if not waited:
+            logger.info("all of GPUs %s are busy; waiting for one", allowed)
+            waited = True
+        time.sleep(poll)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True) -> dict:
+    """dvc pull, every stage of dvc.yaml in order, dvc push; overrides as key=value (dvc exp run -S)."""
+    logger = get_run_logger()
+    original = apply_overrides(Path("params.yaml"), overrides) if overrides else None
+    try:
+        with device_slot() as env:
+            if pull:
+                with contextlib.suppress(Exception):  # a first run has nothing on the remote yet
+                    dvc("pull", "--allow-missing", on_line=logger.info)
+            for stage in stage_order():
+                run_stage(stage, env)
+            if push:
+                dvc("push", on_line=logger.info)
+    finally:
+        if original is not None:
+            Path("params.yaml").write_text(original)
+    return attach_versions()
+
+
+@flow(name="experiment", log_prints=True)
+def experiment(overrides: list[str] | None = None, name: str | None = None) -> dict:
+    """An ad-hoc experiment: `dvc exp run -S ...`, so it appears in `dvc exp show`."""
+    logger = get_run_logger()
+    args = ["exp", "run"] + (["-n", name] if name else [])
+    for item in overrides or []:
+        args += ["-S", item]
+    with device_slot() as env:
+        dvc(*args, env={**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
+    return attach_versions()
+
+
+def attach_versions() -> dict:
+    """The data and model versions (and test metrics) of the finished run, as an artifact."""
+    summary: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads(Path("models/model.json").read_text())
+        summary.update(data_version=config["data_version"], model_sha256=config["sha256"])
+    with contextlib.suppress(OSError, ValueError):
+        summary.update(json.loads(Path("eval/metrics.json").read_text()))
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    create_markdown_artifact(markdown=f"| | |\n|---|---|\n{rows}\n", key="versions", description="data/model versions")
+    return summary
