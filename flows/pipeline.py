@@ -27,6 +27,8 @@ from flows.dvc_cli import dvc
 from flows.gpus import gpu_states, slot_name
 from flows.overrides import apply_overrides
 
+LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
+
 
 def stage_cache_key(context, parameters) -> str | None:
     """The stage's dvc.lock entry when DVC says it is up to date; None (no cache) otherwise."""
@@ -55,7 +57,7 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
     logger = get_run_logger()
     allowed = os.environ.get("TUNEDECK_GPUS")
     if not allowed:
-        with concurrency(slot_name(None), occupy=1, strict=False):
+        with concurrency(slot_name(None), occupy=1, strict=False, lease_duration=LEASE_SECONDS):
             yield {}
         return
     wanted = [int(i) for i in allowed.split(",") if i.strip()]
@@ -64,7 +66,9 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
         for gpu in [g.index for g in gpu_states() if g.free and g.index in wanted]:
             stack = contextlib.ExitStack()
             try:
-                stack.enter_context(concurrency(slot_name(gpu), occupy=1, timeout_seconds=1, strict=True))
+                stack.enter_context(
+                    concurrency(slot_name(gpu), occupy=1, timeout_seconds=1, strict=True, lease_duration=LEASE_SECONDS)
+                )
             except TimeoutError:
                 continue
             with stack:
@@ -81,20 +85,39 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
 def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True) -> dict:
     """dvc pull, every stage of dvc.yaml in order, dvc push; overrides as key=value (dvc exp run -S)."""
     logger = get_run_logger()
-    original = apply_overrides(Path("params.yaml"), overrides) if overrides else None
-    try:
-        with device_slot() as env:
-            if pull:
-                with contextlib.suppress(Exception):  # a first run has nothing on the remote yet
-                    dvc("pull", "--allow-missing", on_line=logger.info)
-            for stage in stage_order():
-                run_stage(stage, env)
-            if push:
-                dvc("push", on_line=logger.info)
-    finally:
-        if original is not None:
-            Path("params.yaml").write_text(original)
+    with device_slot() as env, overridden_params(overrides or []):
+        if pull:
+            with contextlib.suppress(Exception):  # a first run has nothing on the remote yet
+                dvc("pull", "--allow-missing", on_line=logger.info)
+        for stage in stage_order():
+            run_stage(stage, env)
+        if push:
+            dvc("push", on_line=logger.info)
     return attach_versions()
+
+
+@contextlib.contextmanager
+def overridden_params(overrides: list[str]) -> Iterator[None]:
+    """params.yaml with the overrides for the run, put back afterwards, even after a crash.
+
+    The original is kept in .tunedeck/params.before-run.yaml while the run holds the change; a
+    run that finds it (its predecessor was killed) restores it first.
+    """
+    params, backup = Path("params.yaml"), Path(".tunedeck/params.before-run.yaml")
+    if backup.exists():
+        params.write_text(backup.read_text())
+        backup.unlink()
+    if not overrides:
+        yield
+        return
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    backup.write_text(params.read_text())
+    try:
+        apply_overrides(params, overrides)
+        yield
+    finally:
+        params.write_text(backup.read_text())
+        backup.unlink()
 
 
 @flow(name="experiment", log_prints=True)

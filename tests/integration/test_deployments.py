@@ -1,0 +1,132 @@
+"""Deployments through real Prefect workers on 127.0.0.1: deploy, run, one GPU slot, crash and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from flows import server
+from tests.integration.project import env, free_port, make_project, run
+from tests.integration.test_pipeline import api
+
+pytestmark = pytest.mark.slow
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A tiny project, its Prefect server, the deployments, and two workers sharing one fake GPU."""
+    project = make_project(tmp_path_factory.mktemp("deploy"))
+    url = server.start(free_port(), root=project)
+    workers = []
+    try:
+        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
+        for _ in range(2):
+            workers.append(subprocess.Popen(
+                ["tunedeck", "worker", "--pool", "local", "--gpus", "0"], cwd=project,
+                env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="1", PREFECT_LOGGING_LEVEL="INFO"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            ))
+        yield project, url
+    finally:
+        for proc in workers:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        server.stop(root=project)
+
+
+def deployment_id(url: str, name: str) -> str:
+    return next(d["id"] for d in api(url, "deployments/filter") if d["name"] == name)
+
+
+def start(url: str, name: str, **parameters) -> str:
+    return api(url, f"deployments/{deployment_id(url, name)}/create_flow_run", {"parameters": parameters})["id"]
+
+
+def wait(url: str, run_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flow_run = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
+        if flow_run["state_type"] in FINAL:
+            return flow_run
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
+
+
+def logs(url: str, run_id: str) -> str:
+    return "\n".join(entry["message"] for entry in api(url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}))
+
+
+def task_intervals(url: str, run_id: str) -> list[tuple[str, str]]:
+    tasks = api(url, "task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    return [(t["start_time"], t["end_time"]) for t in tasks if t["start_time"]]
+
+
+def test_deploy_lists_deployments_and_a_paused_schedule(cluster):
+    project, url = cluster
+    listed = run(project, "prefect", "deployment", "ls", PREFECT_API_URL=url).stdout
+    assert "pipeline/pipeline" in listed and "experiment/experiment" in listed
+    deployment = next(d for d in api(url, "deployments/filter") if d["name"] == "pipeline")
+    assert deployment["schedules"] and deployment["schedules"][0]["active"] is False
+    again = run(project, "tunedeck", "deploy", PREFECT_API_URL=url)  # idempotent
+    assert again.returncode == 0 and len(api(url, "deployments/filter")) == 2
+
+
+def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
+    project, url = cluster
+    flow_run = wait(url, start(url, "pipeline"))
+    assert flow_run["state_type"] == "COMPLETED", logs(url, flow_run["id"])[-2000:]
+    assert (project / "models" / "model.safetensors").is_file()
+    pushed = list((project / "dvc-remote").rglob("*"))
+    assert any(p.is_file() for p in pushed), "dvc push put nothing on the remote"
+    assert "holding GPU 0" in logs(url, flow_run["id"])
+
+
+def test_two_runs_on_one_gpu_slot_never_overlap(cluster):
+    project, url = cluster
+    first = start(url, "pipeline", overrides=["train.epochs=3"], pull=False, push=False)
+    second = start(url, "pipeline", overrides=["train.epochs=4"], pull=False, push=False)
+    a, b = wait(url, first), wait(url, second)
+    assert a["state_type"] == b["state_type"] == "COMPLETED"
+    ia, ib = task_intervals(url, first), task_intervals(url, second)
+    assert ia and ib
+    assert max(e for _, e in ia) <= min(s for s, _ in ib) or max(e for _, e in ib) <= min(s for s, _ in ia)
+    assert "epochs: 2" in (project / "params.yaml").read_text(), "overrides must not outlive the run"
+
+
+def test_a_killed_run_is_crashed_and_the_rerun_resumes(cluster):
+    project, url = cluster
+    overrides = ["train.epochs=60", "train.checkpoint_every=3"]
+    run_id = start(url, "pipeline", overrides=overrides, pull=False, push=False)
+    last = project / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (last.exists() and _train_running(url, run_id)):
+        time.sleep(0.3)
+    time.sleep(1.0)
+    victim = next(p for p in psutil.process_iter(["pid"]) if _env(p).get("PREFECT__FLOW_RUN_ID") == run_id)
+    for proc in [victim, *victim.children(recursive=True)]:
+        proc.kill()
+    crashed = wait(url, run_id, timeout=60)
+    assert crashed["state_type"] == "CRASHED"
+    retry = wait(url, start(url, "pipeline", overrides=overrides, pull=False, push=False), timeout=400)
+    text = logs(url, retry["id"])
+    assert retry["state_type"] == "COMPLETED", text[-2000:]
+    assert "resuming from checkpoints/last.pt" in text
+    assert "Running stage 'prepare'" not in text, "the finished prepare stage must be skipped"
+    assert "epochs: 2" in (project / "params.yaml").read_text()
+
+
+def _train_running(url: str, run_id: str) -> bool:
+    return "Running stage 'train'" in logs(url, run_id)
+
+
+def _env(proc: psutil.Process) -> dict:
+    try:
+        return proc.environ()
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return {}

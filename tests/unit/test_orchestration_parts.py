@@ -1,0 +1,53 @@
+"""Pure parts of the deployment layer: stage order from dvc.yaml, overrides, GPU slots."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.core.errors import TunedeckError
+from flows.dag import stage_order
+from flows.gpus import GpuState, gpu_states, slot_name
+from flows.overrides import apply_overrides, parse_overrides
+from tests.conftest import ROOT
+
+
+def test_stage_order_comes_from_dvc_yaml():
+    assert stage_order(ROOT / "dvc.yaml") == ["prepare", "train", "evaluate"]
+
+
+def test_overrides_are_checked_and_keep_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    original = apply_overrides(params, ["train.lr=0.01", "model.pretrained=false"])
+    text = params.read_text()
+    assert "lr: 0.01" in text and "pretrained: false" in text and "# tunedeck params" in text
+    assert original == (ROOT / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["train.lrr=0.1"], "unknown key 'train.lrr'"),
+        (["train.lr=-1"], "train.lr must be greater than 0"),
+        (["trainlr"], "is not key=value"),
+        (["nogroup.x=1"], "'nogroup' is not a params group"),
+    ],
+)
+def test_bad_overrides_are_one_sentence_and_change_nothing(tmp_path, items, message):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    with pytest.raises(TunedeckError, match=message.replace(".", r"\.")):
+        apply_overrides(params, items)
+    assert params.read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_override_values_read_as_yaml():
+    assert parse_overrides(["a.b=3", "a.c=null", "a.d=cosine"]) == {"a.b": 3, "a.c": None, "a.d": "cosine"}
+
+
+def test_gpu_slots_and_fake_gpus(monkeypatch):
+    monkeypatch.setenv("TUNEDECK_HOST", "box1")
+    monkeypatch.setenv("TUNEDECK_FAKE_GPUS", "2")
+    assert [g.index for g in gpu_states()] == [0, 1]
+    assert slot_name(1) == "tunedeck-box1-gpu1" and slot_name(None) == "tunedeck-box1-cpu"
+    assert GpuState(0, 0.05, 3).free and not GpuState(0, 0.5, 0).free and not GpuState(0, 0.0, 90).free
