@@ -143,3 +143,29 @@ def attach_versions() -> dict:
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
     create_markdown_artifact(markdown=f"| | |\n|---|---|\n{rows}\n", key="versions", description="data/model versions")
     return summary
+
+
+def data_changed(status: dict) -> list[str]:
+    """The data paths `dvc status --json` reports as new or modified (a stage's changed deps)."""
+    changed = []
+    for entries in status.values():
+        for entry in entries if isinstance(entries, list) else []:
+            for path, what in (entry.get("changed deps") or {}).items() if isinstance(entry, dict) else []:
+                if what in ("modified", "new", "deleted") and not path.endswith(".py"):
+                    changed.append(path)
+    return changed
+
+
+@flow(name="data-watch")
+def data_watch(stage: str = "prepare") -> list[str]:
+    """Start the pipeline deployment when the data the first stage reads has changed."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    changed = data_changed(json.loads(dvc("status", stage, "--json", "--quiet") or "{}"))
+    if changed:
+        logger.info("data changed (%s): starting pipeline/pipeline", ", ".join(changed))
+        run_deployment("pipeline/pipeline", timeout=0)
+    else:
+        logger.info("data unchanged")
+    return changed

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def healthy(url: str, timeout: float = 0.5) -> bool:
             return response.status == 200
     except (OSError, ValueError):
         return False
+
+
+def _answers_401(url: str) -> bool:
+    """Whether an auth-protected server is up (it refuses us without credentials)."""
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=0.5)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _record(root: Path | None = None) -> dict | None:
@@ -77,23 +89,36 @@ def server_env(root: Path | None = None) -> dict[str, str]:
     return env
 
 
-def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 90.0) -> str:
+AUTH_VARIABLE = "PREFECT_SERVER_API_AUTH_STRING"
+
+
+def check_exposure(host: str) -> None:
+    """Serving beyond 127.0.0.1 needs Prefect's server auth string (user:password)."""
+    if host not in ("127.0.0.1", "localhost") and ":" not in os.environ.get(AUTH_VARIABLE, ""):
+        raise TunedeckError(
+            f"serving Prefect on {host} lets anyone who reaches it run code: set {AUTH_VARIABLE}=user:password "
+            "first (workers then set PREFECT_API_AUTH_STRING to the same), or keep the default 127.0.0.1."
+        )
+
+
+def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 90.0, host: str = "127.0.0.1") -> str:
     """Start the local server in the background and wait until it answers; return its API URL."""
     running = local_url(root)
     if running:
         return running
-    url = f"http://127.0.0.1:{port}/api"
+    check_exposure(host)
+    url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/api"
     with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", port)) == 0:
+        if probe.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) == 0:
             raise TunedeckError(
-                f"port {port} on 127.0.0.1 is already in use: stop what holds it, or pass --port to use another."
+                f"port {port} on {host} is already in use: stop what holds it, or pass --port to use another."
             )
     folder = state_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -107,7 +132,7 @@ def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 9
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise TunedeckError(f"the Prefect server exited at start ({tail[0][:200]}): see {log_path}.")
-        if healthy(url):
+        if healthy(url) or _answers_401(url):
             return url
         time.sleep(0.3)
     stop(root)

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="offline transfer-learning demo: pretrain on digits 0-4, fine-tune on 5-9")
     srv = sub.add_parser("server", help="the local Prefect server (SQLite under .tunedeck/, 127.0.0.1)")
     srv.add_argument("action", choices=["start", "stop", "status"])
-    srv.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
+    srv.add_argument("--port", type=int, default=4200, help="port (default 4200)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to serve on; beyond 127.0.0.1 needs PREFECT_SERVER_API_AUTH_STRING")
     sub.add_parser("deploy", help="create the work pool and the deployments of prefect.yaml on the Prefect server")
     worker = sub.add_parser("worker", help="a Prefect worker on this host: one run per free GPU (or one on the CPU)")
     worker.add_argument("--pool", default="local", help="work pool (default: local)")
@@ -30,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def server_command(action: str, port: int) -> int:
+def server_command(action: str, port: int, host: str = "127.0.0.1") -> int:
     """tunedeck server start|stop|status."""
     from flows import server
 
     if action == "start":
-        url = server.start(port)
+        url = server.start(port, host=host)
         print(f"Prefect server running at {url.removesuffix('/api')} (stages report to it; `tunedeck server stop` stops it).")
         if port != server.DEFAULT_PORT:
             print(f"For the prefect CLI: export PREFECT_API_URL={url}")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo()
             return 0
         if args.command == "server":
-            return server_command(args.action, args.port)
+            return server_command(args.action, args.port, args.host)
         if args.command == "deploy":
             from flows.deploy import deploy
 

@@ -51,3 +51,12 @@ def test_gpu_slots_and_fake_gpus(monkeypatch):
     assert [g.index for g in gpu_states()] == [0, 1]
     assert slot_name(1) == "tunedeck-box1-gpu1" and slot_name(None) == "tunedeck-box1-cpu"
     assert GpuState(0, 0.05, 3).free and not GpuState(0, 0.5, 0).free and not GpuState(0, 0.0, 90).free
+
+
+def test_data_changes_are_read_from_dvc_status():
+    from flows.pipeline import data_changed
+
+    status = {"prepare": [{"changed deps": {"data/images": "modified", "flows/core/images.py": "modified"}},
+                          {"changed outs": {"data/prepared": "deleted"}}]}
+    assert data_changed(status) == ["data/images"]
+    assert data_changed({}) == []
