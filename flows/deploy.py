@@ -80,7 +80,12 @@ def worker_command(pool: str, gpus: str | None) -> tuple[list[str], dict[str, st
     reachable()
     if not asyncio.run(_ensure_pool(pool, create=False)):
         raise TunedeckError(f"work pool '{pool}' does not exist on the server: run `tunedeck deploy` (it creates '{DEFAULT_POOL}') or name another with --pool.")
-    env = {"PREFECT_API_URL": os.environ["PREFECT_API_URL"]}
+    env = {
+        "PREFECT_API_URL": os.environ["PREFECT_API_URL"],
+        # poll for scheduled runs every second (Prefect's default is 10 s) so a run starts promptly
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
+        "PREFECT_WORKER_PREFETCH_SECONDS": os.environ.get("PREFECT_WORKER_PREFETCH_SECONDS", "1"),
+    }
     if gpus:
         try:
             wanted = [int(i) for i in gpus.split(",")]

@@ -1,0 +1,88 @@
+"""Deployments, measured side by side in one run on a temporary copy with tiny data (medians).
+
+  latency   from creating a pipeline flow run (as `prefect deployment run` does) to the first
+            stage's code starting (its first log line), with a warm worker; goal <= 5 s
+  overhead  the pipeline flow run's wall time against a plain `dvc repro` of the same change
+            (base.seed bumped so every stage reruns); goal <= 10 %
+Usage: python bench/deploy_latency.py [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows import server  # noqa: E402
+from tests.integration.project import env, free_port, make_project, run  # noqa: E402
+from tests.integration.test_deployments import logs, start, wait  # noqa: E402
+from tests.integration.test_pipeline import api  # noqa: E402
+
+
+def bump_seed(project: Path) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["base"]["seed"] += 1
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def when(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    rounds = parser.parse_args().rounds
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp))
+        url = server.start(free_port(), root=project)
+        worker = None
+        try:
+            run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
+            worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url, PREFECT_LOGGING_LEVEL="INFO"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            wait(url, start(url, "pipeline", pull=False, push=False))  # warm the worker
+            latency, flow_s, repro_s = [], [], []
+            for i in range(rounds):
+                bump_seed(project)
+                run(project, "git", "commit", "-qam", f"seed {i}")
+                created = time.time()
+                run_id = start(url, "pipeline", pull=False, push=False)
+                done = wait(url, run_id)
+                time.sleep(3)  # the run's last log batch reaches the server
+                entries = api(url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+                entries.sort(key=lambda e: e["timestamp"])
+                first_stage = next(e for e in entries if "Running stage" in e["message"] or "python -m flows.stages" in e["message"])
+                latency.append(when(first_stage["timestamp"]) - created)
+                flow_s.append(when(done["end_time"]) - when(done["start_time"]))
+                bump_seed(project)
+                tic = time.perf_counter()
+                run(project, "dvc", "repro", TUNEDECK_PREFECT="off")
+                repro_s.append(time.perf_counter() - tic)
+                print(f"round {i + 1}: latency {latency[-1]:.2f}s  pipeline flow {flow_s[-1]:.2f}s  dvc repro {repro_s[-1]:.2f}s", flush=True)
+            assert "Running stage" in logs(url, run_id)
+        finally:
+            if worker is not None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(timeout=30)
+            server.stop(root=project)
+    med = {"latency_s": statistics.median(latency), "pipeline_flow_s": statistics.median(flow_s), "dvc_repro_s": statistics.median(repro_s)}
+    overhead = med["pipeline_flow_s"] / med["dvc_repro_s"] - 1
+    print(json.dumps({"rounds": rounds, **{k: round(v, 2) for k, v in med.items()}, "pipeline_overhead_pct": round(100 * overhead, 1),
+                      "goals_met": {"latency_le_5s": med["latency_s"] <= 5, "overhead_le_10pct": overhead <= 0.10}}))
+
+
+if __name__ == "__main__":
+    main()
