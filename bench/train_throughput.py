@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -191,6 +192,10 @@ def main() -> None:
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
         flops = train_flops_per_image(trainer, args.size)
     med = {k: statistics.median(v) for k, v in results.items()}
+    efficiency = statistics.median(o / s for o, s in zip(results["ours"], results["synthetic"], strict=True))
+    speedup = statistics.median(o / r for o, r in zip(results["ours"], results["reference"], strict=True))
+    if efficiency > 1.05:
+        print(f"warning: efficiency {efficiency:.2f} > 1.05 means the machine was busy during a round; rerun", flush=True)
     result = {
         "device": device_name(trainer.device), "model": args.model, "size": args.size, "batch": args.batch,
         "precision": str(trainer.dtype), "channels_last": trainer.channels_last, "compile": args.compile,
@@ -198,8 +203,9 @@ def main() -> None:
         "train_gflops_per_image": round(flops / 1e9, 3),
         "mfu": round(med["ours"] * flops / PEAK_FLOPS[trainer.dtype], 4) if trainer.device.type == "cuda" else None,
         "nvml_utilisation_pct": utilisation.median(),
-        "efficiency": round(med["ours"] / med["synthetic"], 3),
-        "speedup_vs_reference": round(med["ours"] / med["reference"], 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "efficiency": round(efficiency, 3),  # median of per-round ratios: one busy round cannot skew it
+        "speedup_vs_reference": round(speedup, 3),
     }
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))

@@ -82,6 +82,7 @@ class Reporter:
         self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, name="reporter-answers", daemon=True).start()
         self.name = name
+        self.finishing = False
         self.pid_file: Path | None = None
         self.send({"name": name, "api_url": url, "parameters": parameters, "tags": tags})
 
@@ -99,6 +100,8 @@ class Reporter:
 
     def _mark_running(self, message: dict[str, Any]) -> None:
         """Tell the dashboard which flow run this process (and its GPU memory) belongs to."""
+        if self.finishing:
+            return
         self.pid_file = run_file(os.getpid())
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text(json.dumps({"flow_run_id": message["flow_run_id"], "name": message["name"], "stage": self.name}))
@@ -113,9 +116,9 @@ class Reporter:
 
     def finish(self, message: dict[str, Any], timeout: float = 20.0) -> str | None:
         """Send the outcome and wait (bounded) until the run has its final state."""
+        self.finishing = True
         self.send(message)
-        if self.pid_file is not None:
-            self.pid_file.unlink(missing_ok=True)
+        run_file(os.getpid()).unlink(missing_ok=True)
         try:
             self.proc.stdin.close()
         except OSError:

@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, one sub-command per job."""
     parser = argparse.ArgumentParser(prog="tunedeck", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="offline transfer-learning demo: pretrain on digits 0-4, fine-tune on 5-9")
+    demo = sub.add_parser("demo", help="offline transfer-learning demo: pretrain on digits 0-4, fine-tune on 5-9")
+    demo.add_argument("--port", type=int, default=4200, help="port of the local Prefect server it starts (default 4200)")
     srv = sub.add_parser("server", help="the local Prefect server (SQLite under .tunedeck/, 127.0.0.1)")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=4200, help="port (default 4200)")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from flows.demo.run import run_demo
 
-            run_demo()
+            run_demo(args.port)
             return 0
         if args.command == "server":
             return server_command(args.action, args.port, args.host)

@@ -107,7 +107,9 @@ class PolicyImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image
 
-        random.seed(hash((self.seed, self.epoch, index)))
+        key = hash((self.seed, self.epoch, index))
+        random.seed(key)
+        np.random.seed(key % 2**32)  # timm's RandAugment/AugMix also draw from numpy
         out = self.transform(Image.fromarray(np.asarray(self.images[index])))
         return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy())
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.core.errors import TunedeckError
 from flows.core.images import decode_folder
 from flows.core.params import Params, save_resolved
 from flows.core.split import stratified_split
@@ -30,6 +31,10 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
     split = stratified_split(
         decoded.labels, data.val_fraction, data.test_fraction, params.base.seed, data.limit_per_class
     )
+    if not len(split["test"]):
+        raise TunedeckError(
+            f"data.test_fraction {data.test_fraction} leaves no test image ({len(decoded.labels)} images in all): raise it."
+        )
     out.mkdir(parents=True, exist_ok=True)
     for name, idx in split.items():
         np.save(out / f"{name}_x.npy", decoded.images[idx])

@@ -54,10 +54,9 @@ def tool(name: str) -> str:
 
 
 def child_env() -> dict[str, str]:
-    """Environment for dvc and the stages: this venv first on PATH, Prefect's INFO lines off."""
+    """Environment for dvc and the stages: this venv first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     return env
 
 
@@ -96,12 +95,12 @@ def check_project() -> None:
         raise TunedeckError("the project is not a git repository with a commit: clone tunedeck with git, then run the demo.")
 
 
-def run_demo() -> list[Outcome]:
+def run_demo(port: int = server.DEFAULT_PORT) -> list[Outcome]:
     """The whole demo; returns the scratch and transfer outcomes (after the source one)."""
     check_project()
     tic = time.perf_counter()
     print("[1/5] Prefect: ", end="", flush=True)
-    url = os.environ.get("PREFECT_API_URL") or server.start()
+    url = os.environ.get("PREFECT_API_URL") or server.start(port)
     if not server.healthy(url, timeout=3.0):
         raise TunedeckError(f"PREFECT_API_URL is {url} but no Prefect server answers there: start it, or unset it.")
     print(f"server at {url.removesuffix('/api')}")

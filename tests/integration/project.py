@@ -7,12 +7,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from tests.conftest import ROOT, tiny_params_dict, write_images
 
+EMPTY_HF = Path(tempfile.gettempdir()) / "tunedeck-tests-empty-hf"
 SKIP = ("data/demo/", "dvclive/", "eval/", "dvc.lock", "models/model", ".tunedeck/", "weights/demo")
 
 
@@ -31,7 +33,8 @@ def env(**extra: str) -> dict[str, str]:
     base.update(
         GIT_AUTHOR_NAME="tunedeck tests", GIT_AUTHOR_EMAIL="tests@tunedeck.invalid",
         GIT_COMMITTER_NAME="tunedeck tests", GIT_COMMITTER_EMAIL="tests@tunedeck.invalid",
-        HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PREFECT_LOGGING_LEVEL="WARNING",
+        HF_HUB_OFFLINE="1", DO_NOT_TRACK="1",
+        HF_HOME=str(EMPTY_HF), HF_HUB_CACHE=str(EMPTY_HF / "hub"),  # no cached weights, whatever this machine has
     )
     base.pop("PREFECT_API_URL", None)
     base.update(extra)

@@ -55,6 +55,10 @@ def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect):
     data_tag = next(t for t in tags if t.startswith("data:"))
     assert data_tag.removeprefix("data:") in lock, "the data version on the run is DVC's md5 of data.source"
     assert any(t.startswith("model:") for t in runs[2][3])
+    train_id = api(prefect, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})[1]["id"]
+    train_log = [e["message"] for e in api(prefect, "logs/filter", {"logs": {"flow_run_id": {"any_": [train_id]}}, "limit": 200})]
+    assert any(m.startswith("epoch 1/") for m in train_log), "the stage's log must reach its flow run"
+    assert not list((project / ".tunedeck" / "runs").glob("*.json")), "run files must go when stages end"
     artifacts = api(prefect, "artifacts/filter")
     assert {a["key"] for a in artifacts} >= {"prepare-summary", "train-summary", "evaluate-summary"}
 

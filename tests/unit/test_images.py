@@ -92,3 +92,9 @@ def test_prepare_stores_decoded_splits(tiny_params, tmp_path, image_folder):
     assert json.loads((tmp_path / "prepared" / "rejected.json").read_text()) == []
     assert (tmp_path / "prepared" / "params.yaml").is_file()
     assert result.data_version == folder_version(image_folder)
+
+
+def test_a_split_with_no_test_image_is_refused(tiny_params, tmp_path):
+    params = tiny_params.model_copy(update={"data": tiny_params.data.model_copy(update={"test_fraction": 0.01})})
+    with pytest.raises(TunedeckError, match="data.test_fraction 0.01 leaves no test image"):
+        prepare(params, tmp_path / "prepared")
