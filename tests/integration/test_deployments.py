@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -59,7 +60,14 @@ def wait(url: str, run_id: str, timeout: float = 240) -> dict:
 
 
 def logs(url: str, run_id: str) -> str:
-    return "\n".join(entry["message"] for entry in api(url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}))
+    """Every log line of a flow run (paged: the API returns at most 200 at a time)."""
+    lines: list[str] = []
+    while True:
+        page = api(url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": len(lines),
+                                        "sort": "TIMESTAMP_ASC"})
+        lines += [entry["message"] for entry in page]
+        if len(page) < 200:
+            return "\n".join(lines)
 
 
 def task_intervals(url: str, run_id: str) -> list[tuple[str, str]]:
@@ -102,6 +110,7 @@ def test_two_runs_on_one_gpu_slot_never_overlap(cluster):
 def test_a_killed_run_is_crashed_and_the_rerun_resumes(cluster):
     project, url = cluster
     overrides = ["train.epochs=60", "train.checkpoint_every=3"]
+    shutil.rmtree(project / "checkpoints", ignore_errors=True)  # wait for this run's own checkpoint
     run_id = start(url, "pipeline", overrides=overrides, pull=False, push=False)
     last = project / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
