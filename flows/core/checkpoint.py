@@ -23,20 +23,29 @@ log = logging.getLogger("tunedeck")
 LAST, PREVIOUS = "last.pt", "previous.pt"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path so that a crash leaves either the old file or the new one, never half."""
+def _write_synced(path: Path, data: bytes) -> Path:
+    """data in a temp file beside path, flushed to disk; returns the temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def _sync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write data to path so that a crash leaves either the old file or the new one, never half."""
+    os.replace(_write_synced(path, data), path)
+    _sync_dir(path.parent)
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -62,9 +71,11 @@ def save(folder: Path, state: dict[str, Any]) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     last = folder / LAST
+    fresh = _write_synced(last, buffer.getvalue())  # the slow part, before anything is renamed
     if last.exists():
         os.replace(last, folder / PREVIOUS)
-    atomic_write(last, buffer.getvalue())
+    os.replace(fresh, last)
+    _sync_dir(folder)
     return last
 
 
@@ -82,6 +93,7 @@ def load_resumable(folder: Path, run_key: str) -> dict[str, Any] | None:
         if state.get("run_key") != run_key:
             log.info("checkpoint %s belongs to other params or data; starting afresh.", path)
             return None
+        state["path"] = str(path)
         return state
     return None
 

@@ -50,6 +50,15 @@ class DataParams(_Group):
     test_fraction: float = Field(0.15, gt=0.0, le=0.9)
     limit_per_class: int | None = Field(None, ge=1, description="at most this many train images per class")
 
+    @model_validator(mode="after")
+    def _room_to_train(self) -> DataParams:
+        if self.val_fraction + self.test_fraction > 0.95:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction ({self.val_fraction + self.test_fraction:g}) must leave "
+                "at least 5 % of the images to train on"
+            )
+        return self
+
 
 class ModelParams(_Group):
     """The timm backbone and where its starting weights come from."""
@@ -112,6 +121,8 @@ class TrainParams(_Group):
             raise ValueError(
                 f"train.freeze_epochs ({self.freeze_epochs}) must not exceed train.epochs ({self.epochs})"
             )
+        if self.warmup_epochs >= self.epochs > 1:
+            raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be below train.epochs ({self.epochs})")
         if self.unfreeze == "gradual" and self.freeze_epochs == 0:
             raise ValueError("train.unfreeze: gradual needs train.freeze_epochs of at least 1")
         if self.auto_augment is not None and not re.match(r"^(rand|augmix|original|originalr|v0|v0r|3a)(-|$)", self.auto_augment):

@@ -106,7 +106,7 @@ class Trainer:
                 first_epoch, first_batch, partial = self._restore(state)
                 resumed_at = f"epoch {first_epoch + 1}, batch {first_batch}"
                 if self.world.main:
-                    log.info("resuming from %s (%s)", checkpoints / ckpt.LAST, resumed_at)
+                    log.info("resuming from %s (%s)", state["path"], resumed_at)
         if self.tracker is not None and self.world.main:
             self.tracker.start(resumed_at is not None)
             for logged_epoch, logged in self.history:  # DVC removed the metric files: write them again

@@ -125,7 +125,7 @@ def test_a_killed_run_is_crashed_and_the_rerun_resumes(cluster):
     retry = wait(url, start(url, "pipeline", overrides=overrides, pull=False, push=False), timeout=400)
     text = logs(url, retry["id"])
     assert retry["state_type"] == "COMPLETED", text[-2000:]
-    assert "resuming from checkpoints/last.pt" in text
+    assert "resuming from checkpoints/" in text
     assert "Running stage 'prepare'" not in text, "the finished prepare stage must be skipped"
     assert "epochs: 2" in (project / "params.yaml").read_text()
 

@@ -47,11 +47,11 @@ def test_kill_9_then_dvc_repro_ends_bit_identical(tmp_path):
     time.sleep(0.3)  # a few more steps, then the kill lands mid-run
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert last.exists(), "no checkpoint was written before the kill"
+    assert last.exists() or last.with_name("previous.pt").exists(), "no checkpoint was written before the kill"
     assert not (killed / "models" / "model.safetensors").exists(), "the run finished before it was killed"
 
     again = run(killed, "dvc", "repro", "train", TUNEDECK_PREFECT="off")
-    assert "resuming from checkpoints/last.pt" in again.stderr + again.stdout
+    assert "resuming from checkpoints/" in again.stderr + again.stdout
     assert model_sha(killed) == model_sha(whole)
     for curve in ("train/loss.tsv", "val/acc.tsv"):  # the same metrics, every epoch, timings aside
         assert (killed / "dvclive/plots/metrics" / curve).read_text() == (whole / "dvclive/plots/metrics" / curve).read_text()

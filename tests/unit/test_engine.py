@@ -176,6 +176,7 @@ def test_augmentations_train(tmp_path, image_folder):
         ({"optimizer": "adamww"}, "train.optimizer must be"),
         ({"scheduler": "cosin"}, "train.scheduler must be"),
         ({"auto_augment": "randaug"}, "is not a timm policy"),
+        ({"warmup_epochs": 5, "epochs": 5}, "train.warmup_epochs (5) must be below train.epochs (5)"),
     ],
 )
 def test_bad_train_params(change, message):

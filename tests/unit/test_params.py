@@ -92,3 +92,8 @@ def test_resolved_params_saved_with_defaults(tmp_path, tiny_params):
     saved = yaml.safe_load(out.read_text())
     assert saved["train"]["optimizer"] == "adamw" and saved["model"]["name"] == "test_resnet"
     assert parse_params(saved) == tiny_params
+
+
+def test_fractions_must_leave_images_to_train(tmp_path):
+    msg = bad(lambda r: r["data"].update(val_fraction=0.5, test_fraction=0.5), tmp_path)
+    assert "must leave at least 5 % of the images to train on" in msg
