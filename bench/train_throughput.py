@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.core.distributed import World  # noqa: E402
 from flows.core.params import parse_params  # noqa: E402
 from flows.core.prepare import load_manifest, prepare  # noqa: E402
+from flows.core.speed import autocast  # noqa: E402
 from flows.core.trainer import Trainer  # noqa: E402
 
 
-def photos(folder: Path, n: int, classes: int = 4) -> None:
-    """n JPEG 'photos' (320x240, smooth colour fields plus noise) in class folders."""
+def photos(folder: Path, n: int, classes: int = 4, width: int = 500, height: int = 375) -> None:
+    """n JPEG 'photos' (ImageNet's typical 500x375 by default; smooth colour fields plus noise) in class folders."""
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:240, 0:320]
+    yy, xx = np.mgrid[0:height, 0:width]
     for i in range(n):
         c = i % classes
         base = np.stack([np.sin(xx / (20 + 5 * c) + i) * 90 + 120, np.cos(yy / 30 + c) * 80 + 110, (xx + yy) % 255], -1)
@@ -67,7 +68,8 @@ def synthetic(trainer: Trainer, batch: int, size: int, steps: int) -> float:
         if i == 2:
             sync(trainer.device)
             tic = time.perf_counter()
-        loss = loss_fn(trainer.forward(x), y)
+        with autocast(trainer.device, trainer.dtype):  # the same precision as ours
+            loss = loss_fn(trainer.forward(x), y)
         loss.backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -95,7 +97,8 @@ def reference(folder: Path, trainer: Trainer, args) -> float:
         x, y = x.to(trainer.device), y.to(trainer.device)
         if trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss = loss_fn(model(x), y)
+        with autocast(trainer.device, trainer.dtype):
+            loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -172,12 +175,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--photo-size", default="500x375", help="source JPEG size, WxH (ImageNet's typical 500x375)")
     parser.add_argument("--workers", type=int, default=4, help="reference DataLoader workers (timm's default 4)")
     parser.add_argument("--json-out", type=Path, help="also write the result JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
-        photos(folder, args.images)
+        width, height = (int(v) for v in args.photo_size.split("x"))
+        photos(folder, args.images, width=width, height=height)
         params = params_for(folder, args)
         prepare(params, Path(tmp) / "prepared")
         trainer = Trainer(params, load_manifest(Path(tmp) / "prepared"), Path(tmp) / "prepared", torch.device(params.base.device if params.base.device != "auto" else "cuda"), World(), None)
@@ -197,7 +202,7 @@ def main() -> None:
     if efficiency > 1.05:
         print(f"warning: efficiency {efficiency:.2f} > 1.05 means the machine was busy during a round; rerun", flush=True)
     result = {
-        "device": device_name(trainer.device), "model": args.model, "size": args.size, "batch": args.batch,
+        "device": device_name(trainer.device), "model": args.model, "size": args.size, "photo_size": args.photo_size, "batch": args.batch,
         "precision": str(trainer.dtype), "channels_last": trainer.channels_last, "compile": args.compile,
         "rounds": args.rounds, "median_images_per_s": {k: round(v, 1) for k, v in med.items()},
         "train_gflops_per_image": round(flops / 1e9, 3),
