@@ -42,12 +42,6 @@ def _sync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path so that a crash leaves either the old file or the new one, never half."""
-    os.replace(_write_synced(path, data), path)
-    _sync_dir(path.parent)
-
-
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
     """Every random state training draws from."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "gen": gen.get_state()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,8 +95,3 @@ def train(
 def sha256(path: Path) -> str:
     """Hex sha256 of a file."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def now() -> float:
-    """A monotonic clock for timings."""
-    return time.perf_counter()
