@@ -85,6 +85,9 @@ def server_env(root: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PREFECT_HOME"] = str(state_dir(root).resolve() / "prefect")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # SQLite allows one writer; with several workers and runs writing at once on a small machine
+    # the default 10 s wait for the lock can run out (the API then answers 503). Wait longer.
+    env.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "30")
     env.pop("PREFECT_API_URL", None)
     return env
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -68,3 +72,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict | None = None, tries: int = 6):
+    """POST `body` to the Prefect REST API and return the decoded reply.
+
+    Retries 429/502/503 with backoff, as Prefect's own client does: a busy SQLite server answers
+    503 ("database is locked") when several workers and runs write at once, notably on 2 cores.
+    """
+    data = json.dumps(body or {}).encode()
+    for attempt in range(tries):
+        request = urllib.request.Request(
+            f"{url}/{path}", data=data, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (429, 502, 503) or attempt == tries - 1:
+                raise
+        time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")

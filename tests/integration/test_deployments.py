@@ -12,8 +12,7 @@ import psutil
 import pytest
 
 from flows import server
-from tests.integration.project import env, free_port, make_project, run
-from tests.integration.test_pipeline import api
+from tests.integration.project import api, env, free_port, make_project, run
 
 pytestmark = pytest.mark.slow
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 
 from flows import server
-from tests.integration.project import free_port, make_project, run
+from tests.integration.project import api, free_port, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +22,6 @@ def prefect(project):
     url = server.start(free_port(), root=project)
     yield url
     server.stop(root=project)
-
-
-def api(url: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(
-        f"{url}/{path}", data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 def flow_runs(url: str) -> list[tuple[str, str, dict, list[str]]]:

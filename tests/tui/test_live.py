@@ -3,20 +3,18 @@ and the real `tunedeck dash --demo` in a real terminal (tmux)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flows import server
-from tests.integration.project import env, free_port
+from tests.integration.project import api, env, free_port
 from tests.tui.conftest import settle
 from tui.app import make_app
 from tui.providers.base import Providers
@@ -51,9 +49,7 @@ def prefect(tmp_path_factory):
 
 
 def _runs(url: str) -> list[dict]:
-    request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    return api(url, "flow_runs/filter")
 
 
 async def _until(pilot, check, timeout: float = 60.0) -> None:

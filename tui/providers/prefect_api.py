@@ -17,6 +17,8 @@ from tui.providers.base import ActionError
 from tui.providers.models import Orchestration, Run, RunDetail, RunQuery
 from tui.providers.prefect_parse import deployment, pool, run_filter
 
+RETRIES = 2  # extra tries on 429/502/503, 0.25 s then 0.5 s apart
+
 
 def _default_url() -> str | None:
     from flows.server import api_url
@@ -42,7 +44,12 @@ class PrefectApi:
         url = self.url
         if not url:
             raise ConnectionError("no Prefect server is running (start one with `tunedeck server start`)")
-        response = self._http.request(method, f"{url.rstrip('/')}/{path}", json=body)
+        for attempt in range(RETRIES + 1):
+            response = self._http.request(method, f"{url.rstrip('/')}/{path}", json=body)
+            # 503 is a busy SQLite server ("database is locked"); Prefect's own client retries it too.
+            if response.status_code not in (429, 502, 503) or attempt == RETRIES:
+                break
+            time.sleep(0.25 * 2**attempt)
         if response.status_code >= 400:
             raise ActionError(f"the Prefect server refused {path} ({response.status_code}): {response.text[:160]}")
         return response.json() if response.content else None
