@@ -75,8 +75,14 @@ def deploy(root: Path | None = None) -> list[str]:
     return [d["name"] for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]]
 
 
-def worker_command(pool: str, gpus: str | None) -> tuple[list[str], dict[str, str]]:
-    """Check the pool and GPUs, create their slots; the prefect worker command and its environment."""
+def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
+                   root: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """Check the project, pool and GPUs, create their slots; the prefect worker command and its environment."""
+    root = (root or Path.cwd()).resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise TunedeckError(f"{root} has no dvc.yaml: start `tunedeck worker` in the project's folder (a clone of it on this host).")
+    if git_pull and not (root / ".git").exists():
+        raise TunedeckError(f"--git-pull needs a git clone, and {root} is not one: clone the project's repository here first.")
     reachable()
     if not asyncio.run(_ensure_pool(pool, create=False)):
         raise TunedeckError(f"work pool '{pool}' does not exist on the server: run `tunedeck deploy` (it creates '{DEFAULT_POOL}') or name another with --pool.")
@@ -85,7 +91,12 @@ def worker_command(pool: str, gpus: str | None) -> tuple[list[str], dict[str, st
         # poll for scheduled runs every second (Prefect's default is 10 s) so a run starts promptly
         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
         "PREFECT_WORKER_PREFETCH_SECONDS": os.environ.get("PREFECT_WORKER_PREFETCH_SECONDS", "1"),
+        # runs use this host's clone (flows.steps.checkout), and import its code before any other copy
+        "TUNEDECK_PROJECT": str(root),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
     }
+    if git_pull:
+        env["TUNEDECK_GIT_PULL"] = "1"
     if gpus:
         try:
             wanted = [int(i) for i in gpus.split(",")]
@@ -106,8 +117,10 @@ def worker_command(pool: str, gpus: str | None) -> tuple[list[str], dict[str, st
     return cmd, env
 
 
-def run_worker(pool: str, gpus: str | None) -> int:
+def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
     """Start a Prefect process worker on this host that runs one flow run per GPU (or one on the CPU)."""
-    cmd, env = worker_command(pool, gpus)
-    print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}: {' '.join(cmd[1:])}", flush=True)
+    cmd, env = worker_command(pool, gpus, git_pull)
+    code = f"{env['TUNEDECK_PROJECT']}" + (" (git pull before each run)" if git_pull else "")
+    print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}, code in {code}: {' '.join(cmd[1:])}",
+          flush=True)
     return subprocess.call(cmd, env={**os.environ, **env})

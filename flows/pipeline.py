@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from flows.dag import stage_order
-from flows.dvc_cli import dvc
+from flows.dvc_cli import dvc, sync
 from flows.gpus import gpu_states, slot_name
 from flows.overrides import apply_overrides
 
@@ -90,15 +90,16 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
 def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True) -> dict:
     """dvc pull, every stage of dvc.yaml in order, dvc push; overrides as key=value (dvc exp run -S)."""
     logger = get_run_logger()
+    code = code_version()
+    logger.info(f"code: {code}")
     with device_slot() as env, overridden_params(overrides or []):
-        if pull:
-            with contextlib.suppress(Exception):  # a first run has nothing on the remote yet
-                dvc("pull", "--allow-missing", on_line=logger.info)
+        if pull:  # --allow-missing: a first run finds nothing on the remote yet
+            sync("pull", "--allow-missing", on_line=logger.info)
         for stage in stage_order():
             run_stage(stage, env)
         if push:
-            dvc("push", on_line=logger.info)
-    return attach_versions()
+            sync("push", on_line=logger.info)
+    return attach_versions(code)
 
 
 @contextlib.contextmanager
@@ -129,17 +130,30 @@ def overridden_params(overrides: list[str]) -> Iterator[None]:
 def experiment(overrides: list[str] | None = None, name: str | None = None) -> dict:
     """An ad-hoc experiment: `dvc exp run -S ...`, so it appears in `dvc exp show`."""
     logger = get_run_logger()
+    code = code_version()
+    logger.info(f"code: {code}")
     args = ["exp", "run"] + (["-n", name] if name else [])
     for item in overrides or []:
         args += ["-S", item]
     with device_slot() as env:
         dvc(*args, env={**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
-    return attach_versions()
+    return attach_versions(code)
 
 
-def attach_versions() -> dict:
-    """The data and model versions (and test metrics) of the finished run, as an artifact."""
-    summary: dict = {}
+def code_version() -> str:
+    """`<folder> at <commit>` (with "+changes" when the tree differs from it): the code this run used."""
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return f"{Path.cwd()} (not a git clone)"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return f"{Path.cwd()} at {head.stdout.strip()[:12]}" + ("+changes" if dirty.stdout.strip() else "")
+
+
+def attach_versions(code: str) -> dict:
+    """The code, data and model versions (and test metrics) of the finished run, as an artifact."""
+    summary: dict = {"code": code}
     with contextlib.suppress(OSError, ValueError):
         config = json.loads(Path("models/model.json").read_text())
         summary.update(data_version=config["data_version"], model_sha256=config["sha256"])

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="a Prefect worker on this host: one run per free GPU (or one on the CPU)")
     worker.add_argument("--pool", default="local", help="work pool (default: local)")
     worker.add_argument("--gpus", help="GPU indices this worker hands out, e.g. 0,1 (default: CPU only)")
+    worker.add_argument("--git-pull", action="store_true",
+                        help="git pull --ff-only this clone before each run (for remote GPU hosts)")
     dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
     dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
     dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from flows.deploy import run_worker
 
-            return run_worker(args.pool, args.gpus)
+            return run_worker(args.pool, args.gpus, args.git_pull)
         from tui.app import run_dashboard
 
         return run_dashboard(args.demo, args.readonly, args.refresh, args.replay, args.record)

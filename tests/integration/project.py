@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -74,17 +75,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def api(url: str, path: str, body: dict | None = None, tries: int = 6):
-    """POST `body` to the Prefect REST API and return the decoded reply.
+def api(url: str, path: str, body: dict | None = None, tries: int = 6, auth: str | None = None):
+    """POST `body` to the Prefect REST API (as `auth`, "user:password", if given) and return the decoded reply.
 
     Retries 429/502/503 with backoff, as Prefect's own client does: a busy SQLite server answers
     503 ("database is locked") when several workers and runs write at once, notably on 2 cores.
     """
     data = json.dumps(body or {}).encode()
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
     for attempt in range(tries):
-        request = urllib.request.Request(
-            f"{url}/{path}", data=data, headers={"Content-Type": "application/json"}, method="POST"
-        )
+        request = urllib.request.Request(f"{url}/{path}", data=data, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return json.loads(response.read())

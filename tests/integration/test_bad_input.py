@@ -89,3 +89,22 @@ def test_only_one_class_left_is_an_error(project, with_params, tmp_path):
     write_images(project / "data" / "single", {"only": 4})
     with_params(lambda r: r["data"].update(source="data/single"))
     assert_one_sentence(stage(project, "prepare"), "needs at least 2 classes")
+
+
+def test_dvc_remote_problems_are_one_sentence_each(tmp_path, monkeypatch):
+    """No default remote, and a remote nothing listens on: each named, with what to do (credentials: test_remote)."""
+    from flows.core.errors import TunedeckError
+    from flows.dvc_cli import sync
+
+    monkeypatch.chdir(tmp_path)
+    run(tmp_path, "git", "init", "-q")
+    run(tmp_path, "dvc", "init", "-q")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("a")
+    run(tmp_path, "dvc", "add", "-q", "d")
+    with pytest.raises(TunedeckError, match=r"there is no default DVC remote: add one with `dvc remote add -d"):
+        sync("push")
+    run(tmp_path, "dvc", "remote", "add", "-d", "far", "ssh://nobody@127.0.0.1:9/srv/dvc")
+    with pytest.raises(TunedeckError) as refused:
+        sync("push")
+    assert "this host cannot reach the DVC remote 'far' (ssh://nobody@127.0.0.1:9/srv/dvc)" in str(refused.value)
