@@ -10,49 +10,61 @@ CUDA_VISIBLE_DEVICES.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
+from flows.core.errors import TunedeckError
 from flows.dag import stage_order
 from flows.dvc_cli import dvc, sync
+from flows.dvc_session import DvcSession
 from flows.gpus import gpu_states, slot_name
 from flows.overrides import apply_overrides
 
 LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
 
 
-def stage_cache_key(context, parameters) -> str | None:
-    """The stage's dvc.lock entry when DVC says it is up to date; None (no cache) otherwise.
+_SESSION: DvcSession | None = None  # the run's DVC helper (flows.dvc_session), while a flow runs
 
-    DVC's Python API answers in-process (a `dvc status` subprocess per stage cost 0.7 s each).
-    """
-    stage = parameters["stage"]
+
+def dvc_session() -> DvcSession:
+    global _SESSION
+    if _SESSION is None:
+        _SESSION = DvcSession().start()
+    return _SESSION
+
+
+@contextlib.contextmanager
+def open_session() -> Iterator[DvcSession]:
+    """Start the DVC helper now (it imports DVC while the run gets its slot) and stop it at the end."""
+    global _SESSION
+    _SESSION = DvcSession().start()
     try:
-        from dvc.repo import Repo
+        yield _SESSION
+    finally:
+        _SESSION.close()
+        _SESSION = None
 
-        with Repo(".") as repo:
-            if repo.status(targets=[stage]):
-                return None
-    except Exception:  # noqa: BLE001 - an unknown status means: run it
+
+def stage_cache_key(context, parameters) -> str | None:
+    """The stage's dvc.lock entry when DVC says it is up to date; None (no cache) otherwise."""
+    try:
+        return dvc_session().up_to_date_key(parameters["stage"])
+    except TunedeckError:
         return None
-    lock = yaml.safe_load(Path("dvc.lock").read_text()).get("stages", {}).get(stage)
-    return f"dvc-{stage}-" + hashlib.sha256(json.dumps(lock, sort_keys=True).encode()).hexdigest()
 
 
 @task(retries=2, retry_delay_seconds=[5, 20], cache_key_fn=stage_cache_key, persist_result=True)
 def run_stage(stage: str, env: dict[str, str]) -> str:
     """Reproduce one DVC stage, its output streamed into this run's log."""
     logger = get_run_logger()
-    dvc("repro", "--single-item", stage, env={**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
+    dvc_session().repro(stage, {**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
     return stage
 
 
@@ -92,7 +104,7 @@ def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool =
     logger = get_run_logger()
     code = code_version()
     logger.info(f"code: {code}")
-    with device_slot() as env, overridden_params(overrides or []):
+    with open_session(), device_slot() as env, overridden_params(overrides or []):
         if pull:  # --allow-missing: a first run finds nothing on the remote yet
             sync("pull", "--allow-missing", on_line=logger.info)
         for stage in stage_order():
