@@ -7,10 +7,12 @@ and runs on. ``TUNEDECK_PREFECT=off`` switches the Prefect layer off (used by be
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -146,6 +148,14 @@ class _Forward(logging.Handler):
         self.reporter.send({"log": record.getMessage(), "level": record.levelno})
 
 
+def _stopped(name: str, signum: int, frame: Any) -> None:
+    """SIGTERM (the reporter does this when the run is cancelled): one sentence, then exit at once."""
+    print(f"tunedeck: the {name} stage was stopped (a cancel from the dashboard or Prefect, or a kill); "
+          "its checkpoints stay, so the next `dvc repro` resumes it.", file=sys.stderr, flush=True)
+    run_file(os.getpid()).unlink(missing_ok=True)
+    os._exit(128 + signum)
+
+
 def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[str, Any], tags: list[str]) -> dict[str, Any]:
     """Run work() plainly, mirrored by the Prefect flow run ``name`` when a server is up.
 
@@ -160,6 +170,8 @@ def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[st
     forward = _Forward(reporter)
     logger = logging.getLogger("tunedeck")
     logger.addHandler(forward)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, functools.partial(_stopped, name))
     try:
         summary = work()
     except TunedeckError as exc:

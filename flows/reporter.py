@@ -10,6 +10,9 @@ stage streams JSON lines to the reporter's stdin:
   {"failed": sentence}                        bad input: the run ends Failed with that sentence
 
 If stdin closes with none of the last two (the stage was killed), the run ends Crashed at once.
+A run cancelled from the API (the dashboard, the Prefect UI or CLI) is noticed within
+CANCEL_POLL_S: the reporter stops the stage process (SIGTERM; its checkpoints stay, so a later
+run resumes) and the run ends Cancelled.
 The reporter answers on stdout: {"flow_run_id", "url"} once the run is open, {"final": state}.
 """
 
@@ -18,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from typing import Any
+
+CANCEL_POLL_S = 2.0
 
 
 def answer(message: dict[str, Any]) -> None:
@@ -39,12 +45,14 @@ def markdown(name: str, summary: dict[str, Any]) -> str:
 
 def main() -> int:
     """Open the flow run, relay the stage's lines into it, close it with the stage's outcome."""
+    stage_pid = os.getppid()  # the stage process that started this reporter
     spec = json.loads(sys.stdin.readline())
     os.environ["PREFECT_API_URL"] = spec["api_url"]
     from prefect import flow, get_run_logger, tags
     from prefect.artifacts import acreate_markdown_artifact
+    from prefect.client.orchestration import get_client
     from prefect.context import get_run_context
-    from prefect.states import Crashed, Failed
+    from prefect.states import Cancelled, Crashed, Failed
 
     name = spec["name"]
 
@@ -54,9 +62,34 @@ def main() -> int:
         ui = spec["api_url"].removesuffix("/api")
         answer({"flow_run_id": str(run.id), "url": f"{ui}/runs/flow-run/{run.id}", "name": run.name})
         logger = get_run_logger()
+        cancelled = asyncio.Event()
+
+        async def watch_for_cancel() -> None:
+            async with get_client() as client:
+                while True:
+                    await asyncio.sleep(CANCEL_POLL_S)
+                    try:
+                        current = await client.read_flow_run(run.id)
+                    except Exception:  # noqa: BLE001 - a server hiccup: look again next time
+                        continue
+                    if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
+                        cancelled.set()
+                        if os.getppid() == stage_pid:  # never signal whoever adopted an orphan
+                            os.kill(stage_pid, signal.SIGTERM)
+                        return
+
+        watcher = asyncio.create_task(watch_for_cancel())
+        try:
+            return await relay(logger, cancelled)
+        finally:
+            watcher.cancel()
+
+    async def relay(logger, cancelled: asyncio.Event) -> Any:
         while True:
             line = await asyncio.to_thread(sys.stdin.readline)
             if not line:
+                if cancelled.is_set():
+                    return Cancelled(message=f"cancelled: the {name} stage process was stopped (its checkpoints stay)")
                 return Crashed(message=f"the {name} stage process ended before finishing (killed?)")
             message = json.loads(line)
             if "log" in message:

@@ -86,7 +86,7 @@ def state_of_new_run(url: str, before: int, wait: float = 20.0) -> tuple[str, st
         runs = train_runs(url)
         if len(runs) > before:
             newest = runs[0]
-            if newest["state_type"] in ("COMPLETED", "FAILED", "CRASHED") or time.monotonic() > deadline:
+            if newest["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
                 return newest["state_type"], newest["state"]["message"] or ""
         elif time.monotonic() > deadline:
             return "NONE", "no new run"
@@ -131,6 +131,39 @@ def test_a_killed_stage_is_crashed_at_once(project, prefect):
         assert state == "CRASHED" and "ended before finishing" in message
         assert time.monotonic() - tic < 15
     finally:
+        (project / "params.yaml").write_text(params)
+
+
+def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
+    """Cancel (as the dashboard or `prefect flow-run cancel` do): the stage process stops, the run ends Cancelled."""
+    import subprocess
+    import time
+
+    from tests.integration.project import env
+
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("epochs: 2", "epochs: 500"))
+    before = len(train_runs(prefect))
+    try:
+        proc = subprocess.Popen(
+            ["python", "-m", "flows.stages.train"], cwd=project, env=env(), stderr=subprocess.PIPE, text=True
+        )
+        for line in proc.stderr:
+            if line.startswith("prefect: flow run"):
+                break
+        run_id = train_runs(prefect)[0]["id"]
+        api(prefect, f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+        tic = time.monotonic()
+        rest = proc.communicate(timeout=30)[1]
+        stopped_after = time.monotonic() - tic
+        assert proc.returncode == 128 + 15, rest[-2000:]
+        assert "tunedeck: the train stage was stopped (a cancel from the dashboard or Prefect, or a kill)" in rest
+        assert stopped_after < 10, "the reporter polls every 2 s"
+        state, message = state_of_new_run(prefect, before)
+        assert state == "CANCELLED" and "the train stage process was stopped" in message, (state, message)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
         (project / "params.yaml").write_text(params)
 
 

@@ -45,6 +45,12 @@ def test_wrong_type(tmp_path):
     assert msg.startswith(f"{tmp_path / 'params.yaml'}: train.epochs must be a valid integer")
 
 
+@pytest.mark.parametrize(("group", "key"), [("train", "batch_size"), ("train", "lr"), ("data", "limit_per_class")])
+def test_true_or_false_is_not_a_number(tmp_path, group, key):
+    msg = bad(lambda r: r[group].update({key: True}), tmp_path)
+    assert msg == f"{tmp_path / 'params.yaml'}: {group}.{key} must be a number, not true/false (got True)."
+
+
 @pytest.mark.parametrize("lr", [0, -0.1])
 def test_lr_must_be_positive(tmp_path, lr):
     msg = bad(lambda r: r["train"].update(lr=lr), tmp_path)
