@@ -41,6 +41,23 @@ async def test_filter_by_state_and_text(app):
         assert len(runs.runs) == 100
 
 
+async def test_keys_typed_in_one_burst_after_slash_reach_the_filter(app, providers):
+    """As `tmux send-keys "/ running Enter"` sends them: all queued before the prompt opens; none runs an action."""
+    from textual import events
+
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        burst = [("slash", "/")] + [(c, c) for c in "running"] + [("enter", None)]
+        for key, character in burst:
+            app.post_message(events.Key(key, character))
+        await settle(pilot)
+        runs = app.screen.query_one(RunsTable)
+        assert "filter: running" in str(runs.border_title)
+        assert runs.runs and all(r.state == "RUNNING" for r in runs.runs.values())
+        assert providers.orchestrator.actions == [], "the 'r' (run now) of 'running' must not act"
+        assert isinstance(app.screen, DashboardScreen)
+
+
 async def test_cancel_asks_first_and_no_keeps_the_run(app, providers):
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)

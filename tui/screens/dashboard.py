@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -173,6 +173,34 @@ class DashboardScreen(Screen[None]):
                               else "state words (running failed …) and name text; empty clears")
         prompt.border_title = ":" if mode == "command" else "/"
         self.set_focus(prompt)
+
+    async def on_key(self, event: events.Key) -> None:
+        """`:` and `/` open the prompt here, in the order keys arrive, and keys typed in the same burst go into it.
+
+        Textual hands each key to the widget focused when the key arrives, so in a burst
+        (`tmux send-keys "/ running Enter"`, a paste, a fast typist) the keys after `/` are
+        already on their way to the runs table when the prompt takes the focus. They bubble up
+        to this screen in order; while the prompt is open they are typed into it.
+        """
+        prompt = self.query_one("#prompt", Input)
+        if not prompt.display:
+            if event.key in ("colon", "slash"):
+                event.stop()
+                event.prevent_default()
+                self.action_prompt("command" if event.key == "colon" else "filter")
+            return
+        if event.key == "enter":
+            await prompt.action_submit()
+        elif event.key == "backspace":
+            prompt.action_delete_left()
+        elif event.key == "escape":
+            self._close_prompt()
+        elif event.is_printable and event.character:
+            prompt.insert_text_at_cursor(event.character)
+        else:
+            return
+        event.stop()
+        event.prevent_default()
 
     @on(Input.Submitted, "#prompt")
     def submitted(self, event: Input.Submitted) -> None:
