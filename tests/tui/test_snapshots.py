@@ -44,7 +44,7 @@ def test_disconnected_banner(app, providers, snap_compare):
 
 
 def test_experiments_view(app, snap_compare):
-    """`e`: five experiments with the varying params (model.name, train.lr) and metrics, and three curves."""
+    """`e`: five experiments with the varying params (model.name, train.lr) and metrics; the two losses in the left chart, val/acc in the right."""
     async def run_before(pilot) -> None:
         await settle(pilot)
         await pilot.press("e")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual_plotext import PlotextPlot
@@ -34,13 +35,16 @@ class ExperimentsScreen(Screen[None]):
         """Table, curves, footer."""
         yield Static("reading experiments (dvc exp show) ...", id="exp-status")
         yield DataTable(id="exp-table", cursor_type="cell")
-        yield PlotextPlot(id="curves")
+        with Horizontal(id="curves"):
+            yield PlotextPlot(id="curves-loss")
+            yield PlotextPlot(id="curves-metrics")
         yield Footer()
 
     def on_mount(self) -> None:
         """Fetch in a worker (dvc exp show takes about a second)."""
         self.query_one("#exp-table").border_title = "experiments"
-        self.query_one("#curves").border_title = "training curves (dvclive)"
+        self.query_one("#curves-loss").border_title = "loss per epoch (dvclive)"
+        self.query_one("#curves-metrics").border_title = "accuracy and other metrics per epoch (dvclive)"
         self.fetch()
 
     @work(thread=True, exclusive=True, group="experiments")
@@ -73,13 +77,16 @@ class ExperimentsScreen(Screen[None]):
         table.move_cursor(row=cursor.row, column=cursor.column, animate=False)
 
     def _plot(self, curves: Curves) -> None:
-        plot = self.query_one(PlotextPlot)
-        plt = plot.plt
-        plt.clear_data()
-        for name, steps, values in curves.series:
-            plt.plot(list(steps), list(values), label=name)
-        plt.xlabel("epoch")
-        plot.refresh()
+        """Losses on the left, the other metrics (accuracy, F1 ...) on the right: their scales differ."""
+        for selector, wanted in (("#curves-loss", True), ("#curves-metrics", False)):
+            plot = self.query_one(selector, PlotextPlot)
+            plt = plot.plt
+            plt.clear_data()
+            for name, steps, values in curves.series:
+                if ("loss" in name.lower()) == wanted:
+                    plt.plot(list(steps), list(values), label=name)
+            plt.xlabel("epoch")
+            plot.refresh()
 
     def action_sort(self) -> None:
         """Sort by the column under the cursor (again: reverse)."""
