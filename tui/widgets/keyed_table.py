@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.text import Text
 from textual.widgets import DataTable
+
+
+def fit(cell: object, width: int | None) -> object:
+    """A cell cut to a fixed column width with an ellipsis, so a cut name says it was cut."""
+    if width is None:
+        return cell
+    if isinstance(cell, str) and len(cell) > width:
+        return cell[: width - 1] + "…"
+    if isinstance(cell, Text) and cell.cell_len > width:
+        cut = cell.copy()
+        cut.truncate(width, overflow="ellipsis")
+        return cut
+    return cell
 
 
 class KeyedTable(DataTable):
@@ -24,6 +38,8 @@ class KeyedTable(DataTable):
 
     def show(self, rows: list[tuple[str, tuple]]) -> None:
         """Make the table show rows; same keys in the same order → only changed cells are updated."""
+        widths = [width for _, _, width in self._columns]
+        rows = [(key, tuple(fit(cell, w) for cell, w in zip(cells, widths, strict=True))) for key, cells in rows]
         if [k for k, _ in rows] == [k for k, _ in self._shown]:
             for (key, cells), (_, old) in zip(rows, self._shown, strict=True):
                 for (_, column, _), new, before in zip(self._columns, cells, old, strict=True):
