@@ -23,6 +23,13 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
 
 def apply_overrides(params_path: Path, items: list[str]) -> str:
     """Write the overrides into params.yaml (comments kept) after checking them; return the old text."""
+    original = params_path.read_text()
+    params_path.write_text(overridden_text(params_path, items))
+    return original
+
+
+def overridden_text(params_path: Path, items: list[str]) -> str:
+    """params.yaml's text with the overrides in (comments kept), checked against the params schema."""
     from ruamel.yaml import YAML
 
     original = params_path.read_text()
@@ -44,5 +51,4 @@ def apply_overrides(params_path: Path, items: list[str]) -> str:
 
     buffer = StringIO()
     rt.dump(data, buffer)
-    params_path.write_text(buffer.getvalue())
-    return original
+    return buffer.getvalue()

@@ -25,7 +25,7 @@ from flows.dag import stage_order
 from flows.dvc_cli import dvc, sync
 from flows.dvc_session import DvcSession
 from flows.gpus import gpu_states, slot_name
-from flows.overrides import apply_overrides
+from flows.overrides import apply_overrides, overridden_text
 
 LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
 
@@ -144,6 +144,7 @@ def experiment(overrides: list[str] | None = None, name: str | None = None) -> d
     logger = get_run_logger()
     code = code_version()
     logger.info(f"code: {code}")
+    overridden_text(Path("params.yaml"), overrides or [])  # a bad override fails here, in one sentence
     args = ["exp", "run"] + (["-n", name] if name else [])
     for item in overrides or []:
         args += ["-S", item]

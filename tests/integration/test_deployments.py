@@ -44,8 +44,8 @@ def deployment_id(url: str, name: str) -> str:
     return next(d["id"] for d in api(url, "deployments/filter") if d["name"] == name)
 
 
-def start(url: str, name: str, **parameters) -> str:
-    return api(url, f"deployments/{deployment_id(url, name)}/create_flow_run", {"parameters": parameters})["id"]
+def start(url: str, deployment: str, **parameters) -> str:
+    return api(url, f"deployments/{deployment_id(url, deployment)}/create_flow_run", {"parameters": parameters})["id"]
 
 
 def wait(url: str, run_id: str, timeout: float = 240) -> dict:
@@ -77,7 +77,7 @@ def task_intervals(url: str, run_id: str) -> list[tuple[str, str]]:
 def test_deploy_lists_deployments_and_a_paused_schedule(cluster):
     project, url = cluster
     listed = run(project, "prefect", "deployment", "ls", PREFECT_API_URL=url).stdout
-    assert "pipeline/pipeline" in listed and "experiment/experiment" in listed
+    assert "pipeline/pipeline" in listed and "experiment/train" in listed
     deployment = next(d for d in api(url, "deployments/filter") if d["name"] == "pipeline")
     assert deployment["schedules"] and deployment["schedules"][0]["active"] is False
     again = run(project, "tunedeck", "deploy", PREFECT_API_URL=url)  # idempotent
@@ -173,3 +173,13 @@ def test_an_override_with_an_unknown_key_fails_the_run_with_its_sentence(cluster
     assert "unknown key 'train.lrr' (did you mean 'train.lr'?)" in failed["state"]["message"]
     assert "lrr" not in (project / "params.yaml").read_text()
     assert not (project / ".tunedeck" / "params.before-run.yaml").exists()
+
+
+def test_the_train_deployment_runs_a_named_experiment_shown_by_dvc(cluster):
+    project, url = cluster
+    bad = wait(url, start(url, "train", overrides=["train.lrr=0.1"], name="td-bad"))
+    assert bad["state_type"] == "FAILED" and "did you mean 'train.lr'" in bad["state"]["message"]
+    done = wait(url, start(url, "train", overrides=["train.epochs=3"], name="td-exp"))
+    assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-2000:]
+    shown = run(project, "dvc", "exp", "show", "--json").stdout
+    assert "td-exp" in shown and "td-bad" not in shown
