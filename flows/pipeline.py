@@ -194,7 +194,10 @@ def data_watch(stage: str = "prepare") -> list[str]:
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    changed = data_changed(json.loads(dvc("status", stage, "--json", "--quiet") or "{}"))
+    # not --quiet: it silences the JSON too. DVC's warnings share the stream, so take the JSON line.
+    out = dvc("status", stage, "--json")
+    status = next((json.loads(line) for line in out.splitlines() if line.startswith("{")), {})
+    changed = data_changed(status)
     if changed:
         logger.info("data changed (%s): starting pipeline/pipeline", ", ".join(changed))
         run_deployment("pipeline/pipeline", timeout=0)

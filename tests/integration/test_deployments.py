@@ -175,6 +175,42 @@ def test_an_override_with_an_unknown_key_fails_the_run_with_its_sentence(cluster
     assert not (project / ".tunedeck" / "params.before-run.yaml").exists()
 
 
+def test_data_watch_starts_the_pipeline_only_when_the_data_changed(cluster):
+    import shutil as _shutil
+
+    project, url = cluster
+    pipeline_id = deployment_id(url, "pipeline")
+
+    def pipeline_runs() -> list[dict]:
+        return api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [pipeline_id]}}})
+
+    def log_has(run_id: str, text: str, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout  # a run's last log lines reach the server in batches
+        while text not in logs(url, run_id):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    run(project, "dvc", "repro", "prepare", TUNEDECK_PREFECT="off")  # the data as DVC last saw it
+    before = len(pipeline_runs())
+    quiet = wait(url, start(url, "data-watch"))
+    assert quiet["state_type"] == "COMPLETED" and log_has(quiet["id"], "data unchanged")
+    assert len(pipeline_runs()) == before
+    extra = project / "data" / "tiny" / "red" / "new.png"
+    _shutil.copy(project / "data" / "tiny" / "red" / "000.png", extra)
+    try:
+        noticed = wait(url, start(url, "data-watch"))
+        assert noticed["state_type"] == "COMPLETED", logs(url, noticed["id"])[-1500:]
+        assert log_has(noticed["id"], "data changed (data/tiny): starting pipeline/pipeline"), logs(url, noticed["id"])[-1500:]
+        started = pipeline_runs()
+        assert len(started) == before + 1, "data-watch must start exactly one pipeline run"
+        newest = max(started, key=lambda r: r["expected_start_time"])
+        assert wait(url, newest["id"])["state_type"] == "COMPLETED"
+    finally:
+        extra.unlink(missing_ok=True)
+
+
 def test_the_train_deployment_runs_a_named_experiment_shown_by_dvc(cluster):
     project, url = cluster
     bad = wait(url, start(url, "train", overrides=["train.lrr=0.1"], name="td-bad"))
