@@ -92,6 +92,10 @@ def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
     pushed = list((project / "dvc-remote").rglob("*"))
     assert any(p.is_file() for p in pushed), "dvc push put nothing on the remote"
     assert "holding GPU 0" in logs(url, flow_run["id"])
+    artifacts = api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    versions = next(a["data"] for a in artifacts if a["key"] == "versions")
+    for field in ("code", "data_version", "model_sha256", "accuracy"):
+        assert f"| {field} |" in versions, versions
 
 
 def test_two_runs_on_one_gpu_slot_never_overlap(cluster):
