@@ -23,8 +23,8 @@ async def test_first_screen_joins_gpus_and_runs(app):
         ddp = next(r for r in runs.runs.values() if r.id == "run-0002")
         assert runs.get_cell("run-0002", "gpus") == "2,3", f"{ddp.name} runs on GPUs 2 and 3"
         gpu_rows = app.screen.query_one(GpuPanel).query_one("#gpu-table")
-        assert ddp.name in str(gpu_rows.get_cell("gpu3", "run"))
-        assert "orphan" in str(gpu_rows.get_cell("gpu5", "run"))
+        assert ddp.name in str(gpu_rows.get_cell("gpu3", "gpu"))
+        assert "orphan" in str(gpu_rows.get_cell("gpu5", "gpu"))
         assert runs.get_cell("run-0000", "epoch") == "8/12"
 
 

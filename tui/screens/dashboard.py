@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
+from functools import cached_property
+
 from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -52,6 +57,9 @@ class DashboardScreen(Screen[None]):
         self.progress: Progress | None = None
         self.prompt_mode = ""
         self._busy: set[str] = set()
+        self._drawn_sample = threading.Event()
+        self._stop_sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
         self._drawn_join: dict[str, tuple[int, ...]] = {}
         self._drawn: tuple = ()
 
@@ -73,18 +81,12 @@ class DashboardScreen(Screen[None]):
         self.query_one("#runs").border_title = "runs"
         self.query_one("#deployments").border_title = "deployments"
         self.query_one("#runs").focus()
-        self.poll_telemetry()
+        self._first_sample()
         self.poll_prefect()
-        self.set_interval(self.refresh_s, self.poll_telemetry)
         self.set_interval(2 * self.refresh_s, self.poll_prefect)
 
     # -- fetching (worker threads post messages; handlers repaint) --
 
-    def poll_telemetry(self) -> None:
-        """Start a telemetry sample unless one is still running."""
-        if "telemetry" not in self._busy:
-            self._busy.add("telemetry")
-            self._sample()
 
     def poll_prefect(self) -> None:
         """Start a Prefect snapshot unless one is still running."""
@@ -93,8 +95,31 @@ class DashboardScreen(Screen[None]):
             self._fetch(self.query_)
 
     @work(thread=True, group="telemetry", exit_on_error=False)
-    def _sample(self) -> None:
+    def _first_sample(self) -> None:
         self.post_message(TelemetrySampled(self.app.providers.telemetry.sample()))
+
+    def _sample_loop(self) -> None:
+        """Every refresh_s after the first sample, on one thread for the screen's life.
+
+        A Textual worker per tick cost a tenth of the CPU at 1 Hz. The thread waits for each
+        sample to be drawn before taking the next, so a slow terminal never piles samples up; a
+        failing sample is said once and retried on the next tick.
+        """
+        failed = False
+        while not self._stop_sampling.wait(self.refresh_s):
+            try:
+                telemetry = self.app.providers.telemetry.sample()
+            except Exception as exc:  # noqa: BLE001 - a sensor hiccup must not end the sampling
+                if not failed:
+                    with contextlib.suppress(Exception):
+                        self.app.call_from_thread(self.notify, f"Reading telemetry failed: {exc}", severity="error")
+                failed = True
+                continue
+            failed = False
+            self._drawn_sample.clear()
+            if not self.post_message(TelemetrySampled(telemetry)):
+                return  # the screen is closing
+            self._drawn_sample.wait(timeout=30)
 
     @work(thread=True, group="prefect", exit_on_error=False)
     def _fetch(self, query: RunQuery) -> None:
@@ -102,20 +127,41 @@ class DashboardScreen(Screen[None]):
         snapshot = providers.orchestrator.snapshot(query)
         self.post_message(OrchestrationFetched(snapshot, providers.experiments.progress()))
 
+    def on_unmount(self) -> None:
+        """Let the sampling thread go at once."""
+        self._stop_sampling.set()
+        self._drawn_sample.set()
+
     def on_worker_state_changed(self, event) -> None:
         """A worker that failed frees its slot (and says so once) so polling goes on."""
         if event.state.name in ("ERROR", "CANCELLED"):
             self._busy.discard(event.worker.group)
+            if event.worker.group == "telemetry" and event.state.name == "ERROR":
+                self._start_sampler()  # the next ticks try again
             if event.state.name == "ERROR":
                 self.notify(f"Reading {event.worker.group} failed: {event.worker.error}", severity="error")
 
+    @cached_property
+    def _gpu_panel(self) -> GpuPanel:
+        return self.query_one(GpuPanel)
+
     def on_telemetry_sampled(self, message: TelemetrySampled) -> None:
         """Repaint the GPU panel and the GPU column of the runs."""
-        self._busy.discard("telemetry")
         self.telemetry = message.telemetry
-        self.query_one(GpuPanel).show(message.telemetry)
-        if gpus_by_run(message.telemetry) != self._drawn_join:
-            self._render_runs()
+        try:
+            self._gpu_panel.show(message.telemetry)
+            if gpus_by_run(message.telemetry) != self._drawn_join:
+                self._render_runs()
+        finally:
+            self._drawn_sample.set()
+        self._start_sampler()  # the first sample is on screen: sample on from now on
+
+    def _start_sampler(self) -> None:
+        if self._sampler is None:
+            context = contextvars.copy_context()  # the thread needs to know its app
+            self._sampler = threading.Thread(target=context.run, args=(self._sample_loop,), daemon=True,
+                                             name="tunedeck-telemetry")
+            self._sampler.start()
 
     def on_orchestration_fetched(self, message: OrchestrationFetched) -> None:
         """Repaint runs and deployments, or raise the banner and keep the last good data."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from functools import cached_property
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -17,6 +18,40 @@ HISTORY = 14
 COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY), ("MEM GiB", "mem", 10),
            ("TEMP", "temp", 4), ("POWER W", "power", 7), ("CLK MHz", "clk", 9), ("RUN (stage · deployment)", "run", 36),
            ("PID:MEM", "procs", 16)]
+
+
+GAP = "  "  # what DataTable's cell padding put between two columns
+HEADER = GAP.join(label.ljust(width) for label, _, width in COLUMNS).rstrip()
+
+
+def row_line(cells: tuple) -> Text:
+    """One GPU's cells laid out in the columns' widths as a single line.
+
+    The table has one column holding these lines: DataTable re-renders every visible cell
+    whenever any cell changes, and nine cells a GPU cost a third of the dashboard's CPU at 1 Hz.
+    Plain cells are laid out as strings; only styled ones become Text.
+    """
+    parts: list[str | Text] = []
+    for (_, _, width), cell in zip(COLUMNS, cells, strict=True):
+        if isinstance(cell, Text):
+            part = cell.copy()
+            part.truncate(width, overflow="ellipsis", pad=True)
+            parts.append(part)
+        else:
+            text = str(cell)
+            parts.append(text[: width - 1] + "…" if len(text) > width else text.ljust(width))
+    line = Text()
+    plain: list[str] = []
+    for part in parts:
+        if isinstance(part, Text):
+            line.append(GAP.join(plain) + GAP if plain else "")
+            line.append_text(part)
+            plain = [""]
+        else:
+            plain.append(part)
+    line.append(GAP.join(plain))
+    line.rstrip()
+    return line
 
 
 class GpuPanel(Vertical):
@@ -35,7 +70,15 @@ class GpuPanel(Vertical):
     def compose(self) -> ComposeResult:
         """The host line and the GPU table."""
         yield Static(id="host-line")
-        yield KeyedTable(COLUMNS, id="gpu-table")
+        yield KeyedTable([(HEADER, "gpu", None)], id="gpu-table")
+
+    @cached_property
+    def _host(self) -> Static:
+        return self.query_one("#host-line", Static)
+
+    @cached_property
+    def _table(self) -> KeyedTable:
+        return self.query_one(KeyedTable)
 
     def show(self, telemetry: Telemetry) -> None:
         """A new sample: add it to the history and repaint."""
@@ -46,6 +89,11 @@ class GpuPanel(Vertical):
 
     def set_runs(self, runs: dict[str, Run]) -> None:
         """New run names (from Prefect): repaint the RUN column if the sample is here."""
+        if self.telemetry:
+            on_gpus = {p.flow_run_id for g in self.telemetry.gpus for p in g.processes if p.flow_run_id}
+            if {i: runs.get(i) for i in on_gpus} == {i: self.runs.get(i) for i in on_gpus}:
+                self.runs = runs
+                return  # the runs named on the GPU rows are the same: nothing to repaint
         self.runs = runs
         if self.telemetry:
             self._paint()
@@ -61,13 +109,13 @@ class GpuPanel(Vertical):
             line.append(f"\n{telemetry.no_gpu}", style="bold yellow")
         if line != self._host_line:  # an unchanged line would still cost a layout pass
             self._host_line = line
-            self.query_one("#host-line", Static).update(line)
-        table = self.query_one(KeyedTable)
+            self._host.update(line)
+        table = self._table
         title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
         if title != self.border_title:
             table.display = bool(telemetry.gpus)
             self.border_title = title
-        table.show([(f"gpu{g.index}", self._cells(g, runs)) for g in telemetry.gpus])
+        table.show([(f"gpu{g.index}", (row_line(self._cells(g, runs)),)) for g in telemetry.gpus])
 
     def _cells(self, g: GpuSample, runs: dict[str, Run]) -> tuple:
         hist = self.history.get(g.index, ())
