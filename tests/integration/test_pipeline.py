@@ -71,6 +71,18 @@ def test_metrics_plots_and_experiments(project, prefect):
     assert "one-epoch" in shown and "train.epochs" in shown
 
 
+def long_training(project, params: str) -> None:
+    """500 epochs from scratch (an earlier test's `dvc exp run` may have left any epochs in params.yaml)."""
+    import shutil
+
+    import yaml
+
+    raw = yaml.safe_load(params)
+    raw["train"]["epochs"] = 500
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.rmtree(project / "checkpoints", ignore_errors=True)
+
+
 def train_runs(url: str) -> list[dict]:
     names = {f["id"]: f["name"] for f in api(url, "flows/filter")}
     runs = api(url, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC"})
@@ -115,7 +127,7 @@ def test_a_killed_stage_is_crashed_at_once(project, prefect):
     from tests.integration.project import env
 
     params = (project / "params.yaml").read_text()
-    (project / "params.yaml").write_text(params.replace("epochs: 2", "epochs: 500"))
+    long_training(project, params)
     before = len(train_runs(prefect))
     try:
         proc = subprocess.Popen(
@@ -142,7 +154,7 @@ def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
     from tests.integration.project import env
 
     params = (project / "params.yaml").read_text()
-    (project / "params.yaml").write_text(params.replace("epochs: 2", "epochs: 500"))
+    long_training(project, params)
     before = len(train_runs(prefect))
     try:
         proc = subprocess.Popen(
