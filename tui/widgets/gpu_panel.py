@@ -107,9 +107,11 @@ class GpuPanel(Vertical):
         )
         if telemetry.no_gpu:
             line.append(f"\n{telemetry.no_gpu}", style="bold yellow")
-        if line != self._host_line:  # an unchanged line would still cost a layout pass
+        if line != self._host_line:  # an unchanged line would still cost a repaint
+            # the same number of lines needs no layout pass of the whole screen, only a repaint
+            same_height = self._host_line is not None and self._host_line.plain.count("\n") == line.plain.count("\n")
             self._host_line = line
-            self._host.update(line)
+            self._host.update(line, layout=not same_height)
         table = self._table
         title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
         if title != self.border_title:
