@@ -17,6 +17,12 @@ def dvc_bin() -> str:
     return str(local) if local.exists() else "dvc"
 
 
+def output_tail(lines: list[str]) -> str:
+    """The last lines DVC printed that say something (not its support link), for an error sentence."""
+    useful = [line for line in lines if line.strip() and not line.startswith("Having any troubles?")]
+    return " | ".join(useful[-4:])[-500:]
+
+
 def dvc(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
         on_line: Callable[[str], None] | None = None) -> str:
     """Run ``dvc args``; each output line goes to on_line; a non-zero exit is a TunedeckError."""
@@ -30,9 +36,7 @@ def dvc(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
         if on_line is not None:
             on_line(lines[-1])
     if proc.wait() != 0:
-        useful = [line for line in lines if line.strip() and not line.startswith("Having any troubles?")]
-        tail = " | ".join(useful[-4:])
-        raise TunedeckError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {tail[-500:]}")
+        raise TunedeckError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {output_tail(lines)}")
     return "\n".join(lines)
 
 

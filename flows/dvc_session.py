@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
+from flows.dvc_cli import output_tail
 
 MARK = "\x1etunedeck-dvc-session "
 
@@ -74,9 +75,7 @@ class DvcSession:
         lines: list[str] = []
         answer = self._ask({"op": "repro", "stage": stage, "env": env or {}}, on_line, lines)
         if answer["rc"] != 0:
-            useful = [line for line in lines if line.strip() and not line.startswith("Having any troubles?")]
-            raise TunedeckError(f"`dvc repro --single-item {stage}` failed (exit {answer['rc']}): "
-                                f"{' | '.join(useful[-4:])[-500:]}")
+            raise TunedeckError(f"`dvc repro --single-item {stage}` failed (exit {answer['rc']}): {output_tail(lines)}")
 
     def close(self) -> None:
         proc, self._proc = self._proc, None

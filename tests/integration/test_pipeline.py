@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import time
 
 import pytest
+import yaml
 
 from flows import server
 from tests.integration.project import api, free_port, make_project, run
@@ -71,16 +78,31 @@ def test_metrics_plots_and_experiments(project, prefect):
     assert "one-epoch" in shown and "train.epochs" in shown
 
 
-def long_training(project, params: str) -> None:
-    """500 epochs from scratch (an earlier test's `dvc exp run` may have left any epochs in params.yaml)."""
-    import shutil
+@contextlib.contextmanager
+def long_train_stage(project):
+    """A 500-epoch train stage from scratch, started once its flow run is open; params.yaml put back after.
 
-    import yaml
+    (An earlier test's `dvc exp run` may have left any epochs in params.yaml, so it is set through YAML.)
+    """
+    from tests.integration.project import env
 
+    params = (project / "params.yaml").read_text()
     raw = yaml.safe_load(params)
     raw["train"]["epochs"] = 500
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.rmtree(project / "checkpoints", ignore_errors=True)
+    proc = subprocess.Popen(["python", "-m", "flows.stages.train"], cwd=project, env=env(), stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("prefect: flow run"):
+                break
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        (project / "params.yaml").write_text(params)
 
 
 def train_runs(url: str) -> list[dict]:
@@ -119,50 +141,20 @@ def test_bad_input_fails_the_flow_run_with_its_sentence(project, prefect):
 
 
 def test_a_killed_stage_is_crashed_at_once(project, prefect):
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from tests.integration.project import env
-
-    params = (project / "params.yaml").read_text()
-    long_training(project, params)
     before = len(train_runs(prefect))
-    try:
-        proc = subprocess.Popen(
-            ["python", "-m", "flows.stages.train"], cwd=project, env=env(), stderr=subprocess.PIPE, text=True
-        )
-        for line in proc.stderr:
-            if line.startswith("prefect: flow run"):
-                break
+    with long_train_stage(project) as proc:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         tic = time.monotonic()
         state, message = state_of_new_run(prefect, before)
         assert state == "CRASHED" and "ended before finishing" in message
         assert time.monotonic() - tic < 15
-    finally:
-        (project / "params.yaml").write_text(params)
 
 
 def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
     """Cancel (as the dashboard or `prefect flow-run cancel` do): the stage process stops, the run ends Cancelled."""
-    import subprocess
-    import time
-
-    from tests.integration.project import env
-
-    params = (project / "params.yaml").read_text()
-    long_training(project, params)
     before = len(train_runs(prefect))
-    try:
-        proc = subprocess.Popen(
-            ["python", "-m", "flows.stages.train"], cwd=project, env=env(), stderr=subprocess.PIPE, text=True
-        )
-        for line in proc.stderr:
-            if line.startswith("prefect: flow run"):
-                break
+    with long_train_stage(project) as proc:
         run_id = train_runs(prefect)[0]["id"]
         api(prefect, f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
         tic = time.monotonic()
@@ -173,10 +165,6 @@ def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
         assert stopped_after < 10, "the reporter polls every 2 s"
         state, message = state_of_new_run(prefect, before)
         assert state == "CANCELLED" and "the train stage process was stopped" in message, (state, message)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        (project / "params.yaml").write_text(params)
 
 
 def test_server_down_the_stage_says_so_and_runs(project, prefect):

@@ -12,7 +12,7 @@ from textual.widgets import Static
 
 from tui.format import NA, bar, num, sparkline
 from tui.providers.models import GpuSample, Run, Telemetry
-from tui.widgets.keyed_table import KeyedTable
+from tui.widgets.keyed_table import KeyedTable, fit
 
 HISTORY = 14
 COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY), ("MEM GiB", "mem", 10),
@@ -31,25 +31,16 @@ def row_line(cells: tuple) -> Text:
     whenever any cell changes, and nine cells a GPU cost a third of the dashboard's CPU at 1 Hz.
     Plain cells are laid out as strings; only styled ones become Text.
     """
-    parts: list[str | Text] = []
-    for (_, _, width), cell in zip(COLUMNS, cells, strict=True):
-        if isinstance(cell, Text):
-            part = cell.copy()
-            part.truncate(width, overflow="ellipsis", pad=True)
-            parts.append(part)
-        else:
-            text = str(cell)
-            parts.append(text[: width - 1] + "…" if len(text) > width else text.ljust(width))
-    line = Text()
-    plain: list[str] = []
-    for part in parts:
+    pieces: list[str | Text] = []
+    for i, ((_, _, width), cell) in enumerate(zip(COLUMNS, cells, strict=True)):
+        part = fit(cell if isinstance(cell, Text) else str(cell), width)
         if isinstance(part, Text):
-            line.append(GAP.join(plain) + GAP if plain else "")
-            line.append_text(part)
-            plain = [""]
+            part = part.copy()
+            part.pad_right(width - part.cell_len)
         else:
-            plain.append(part)
-    line.append(GAP.join(plain))
+            part = str(part).ljust(width)
+        pieces += [GAP, part] if i else [part]
+    line = Text.assemble(*pieces)
     line.rstrip()
     return line
 
