@@ -23,8 +23,8 @@ async def test_first_screen_joins_gpus_and_runs(app):
         ddp = next(r for r in runs.runs.values() if r.id == "run-0002")
         assert runs.get_cell("run-0002", "gpus") == "2,3", f"{ddp.name} runs on GPUs 2 and 3"
         gpu_rows = app.screen.query_one(GpuPanel).query_one("#gpu-table")
-        assert ddp.name in str(gpu_rows.get_cell("gpu3", "gpu"))
-        assert "orphan" in str(gpu_rows.get_cell("gpu5", "gpu"))
+        assert ddp.name in str(gpu_rows.row("gpu3"))
+        assert "orphan" in str(gpu_rows.row("gpu5"))
         assert runs.get_cell("run-0000", "epoch") == "8/12"
 
 
@@ -113,6 +113,13 @@ async def test_colon_commands_switch_views_and_quit(app):
         await pilot.press("colon", *"deployments", "enter")
         await pilot.pause()
         assert isinstance(app.focused, DeploymentsTable) and app.screen.maximized is app.focused
+        await pilot.press("escape")
+        assert app.screen.maximized is None
+        await pilot.press("colon", *"gpus", "enter", "down", "down")
+        await pilot.pause()
+        gpus = app.screen.query_one(GpuPanel)
+        assert app.screen.maximized is gpus, "the whole GPU panel fills the screen: host line and rows"
+        assert app.focused is gpus.query_one("#gpu-table") and app.focused.current_key == "gpu2"
         await pilot.press("escape")
         assert app.screen.maximized is None
         await pilot.press("colon", "q", "enter")

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections import deque
 from functools import cached_property
 
-from rich.text import Text
+from rich.cells import cell_len
+from rich.text import Span, Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
 from tui.format import NA, bar, num, sparkline
 from tui.providers.models import GpuSample, Run, Telemetry
-from tui.widgets.keyed_table import KeyedTable, fit
+from tui.widgets.keyed_table import fit
+from tui.widgets.line_table import LineTable
 
 HISTORY = 14
 COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY), ("MEM GiB", "mem", 10),
@@ -20,33 +22,42 @@ COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY)
            ("PID:MEM", "procs", 16)]
 
 
-GAP = "  "  # what DataTable's cell padding put between two columns
+GAP = "  "  # between two columns
 HEADER = GAP.join(label.ljust(width) for label, _, width in COLUMNS).rstrip()
 
 
 def row_line(cells: tuple) -> Text:
-    """One GPU's cells laid out in the columns' widths as a single line.
+    """One GPU's cells laid out in the columns' widths as a single line (cut cells end in "…").
 
-    The table has one column holding these lines: DataTable re-renders every visible cell
-    whenever any cell changes, and nine cells a GPU cost a third of the dashboard's CPU at 1 Hz.
-    Plain cells are laid out as strings; only styled ones become Text.
+    The line is built as one string plus the styled cells' spans: assembling a Text piece by
+    piece cost more than drawing it.
     """
-    pieces: list[str | Text] = []
+    plain: list[str] = []
+    spans: list[Span] = []
+    at = 0
     for i, ((_, _, width), cell) in enumerate(zip(COLUMNS, cells, strict=True)):
-        part = fit(cell if isinstance(cell, Text) else str(cell), width)
+        if i:
+            plain.append(GAP)
+            at += len(GAP)
+        part = fit(cell, width)
         if isinstance(part, Text):
-            part = part.copy()
-            part.pad_right(width - part.cell_len)
+            text = part.plain
+            if part.style:
+                spans.append(Span(at, at + len(text), part.style))
+            spans += [Span(at + s.start, at + s.end, s.style) for s in part.spans]
         else:
-            part = str(part).ljust(width)
-        pieces += [GAP, part] if i else [part]
-    line = Text.assemble(*pieces)
+            text = str(part)
+        plain.append(text + " " * (width - cell_len(text)))
+        at += len(plain[-1])
+    line = Text("".join(plain), spans=spans)
     line.rstrip()
     return line
 
 
 class GpuPanel(Vertical):
     """Host telemetry and per-GPU rows with utilisation history."""
+
+    ALLOW_MAXIMIZE = True  # `:gpus` fills the screen with the host line and the rows
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -61,15 +72,15 @@ class GpuPanel(Vertical):
     def compose(self) -> ComposeResult:
         """The host line and the GPU table."""
         yield Static(id="host-line")
-        yield KeyedTable([(HEADER, "gpu", None)], id="gpu-table")
+        yield LineTable(HEADER, id="gpu-table")
 
     @cached_property
     def _host(self) -> Static:
         return self.query_one("#host-line", Static)
 
     @cached_property
-    def _table(self) -> KeyedTable:
-        return self.query_one(KeyedTable)
+    def _table(self) -> LineTable:
+        return self.query_one(LineTable)
 
     def show(self, telemetry: Telemetry) -> None:
         """A new sample: add it to the history and repaint."""
@@ -108,7 +119,7 @@ class GpuPanel(Vertical):
         if title != self.border_title:
             table.display = bool(telemetry.gpus)
             self.border_title = title
-        table.show([(f"gpu{g.index}", (row_line(self._cells(g, runs)),)) for g in telemetry.gpus])
+        table.show([(f"gpu{g.index}", row_line(self._cells(g, runs))) for g in telemetry.gpus])
 
     def _cells(self, g: GpuSample, runs: dict[str, Run]) -> tuple:
         hist = self.history.get(g.index, ())

@@ -1,0 +1,150 @@
+"""A table of laid-out lines: a fixed header and one styled line per keyed row.
+
+For rows that change every second (the GPUs): DataTable re-renders every visible cell
+whenever any one cell changes, which made the GPU rows a third of the dashboard's CPU at
+1 Hz. Here each row is one ``Text`` laid out by its owner; a row whose text changed is
+rendered again and repainted alone, the others come from a cache of strips.
+"""
+
+from __future__ import annotations
+
+from rich.segment import Segment
+from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Region, Size
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+LEFT = Segment(" ")  # one cell before each line, as DataTable's cell padding had it
+
+
+class LineTable(ScrollView, can_focus=True):
+    """``show(rows)`` with rows = [(key, Text)]; the cursor row is highlighted while focused (styles: app.tcss)."""
+
+    COMPONENT_CLASSES = {"line-table--header", "line-table--cursor"}
+
+    BINDINGS = [
+        Binding("up", "cursor(-1)", "up", show=False), Binding("down", "cursor(1)", "down", show=False),
+        Binding("pageup", "cursor(-10)", "page up", show=False), Binding("pagedown", "cursor(10)", "page down", show=False),
+        Binding("home", "cursor(-1000000)", "first", show=False), Binding("end", "cursor(1000000)", "last", show=False),
+    ]
+
+    def __init__(self, header: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.header = Text(header)
+        self._keys: list[str] = []
+        self._lines: list[Text] = []
+        self._strips: dict[int, tuple[Text, bool, Strip]] = {}
+        """Row index → (the text, highlighted?, its strip before cropping)."""
+        self.cursor_row = 0
+
+    # -- content --
+
+    @property
+    def row_count(self) -> int:
+        """How many rows (the header not counted)."""
+        return len(self._lines)
+
+    def row(self, key: str) -> Text:
+        """The line shown for key."""
+        return self._lines[self._keys.index(key)]
+
+    @property
+    def current_key(self) -> str | None:
+        """The key of the row under the cursor, if any."""
+        return self._keys[self.cursor_row] if 0 <= self.cursor_row < len(self._keys) else None
+
+    def show(self, rows: list[tuple[str, Text]]) -> None:
+        """Make the table show rows; same keys in the same order → only the changed rows repaint."""
+        keys = [key for key, _ in rows]
+        lines = [line for _, line in rows]
+        width = max([self.header.cell_len, *(line.cell_len for line in lines)]) + len(LEFT.text)
+        if keys == self._keys:
+            changed = [i for i, (new, old) in enumerate(zip(lines, self._lines, strict=True)) if new != old]
+            self._lines = [lines[i] if i in changed else old for i, old in enumerate(self._lines)]
+            for i in changed:
+                self._refresh_row(i)
+        else:
+            current = self.current_key
+            self._keys, self._lines = keys, lines
+            self._strips.clear()
+            self.cursor_row = keys.index(current) if current in keys else min(self.cursor_row, max(0, len(keys) - 1))
+            self.refresh()
+        size = Size(width, len(lines) + 1)
+        if size != self.virtual_size:
+            self.virtual_size = size  # a new row count or width needs a layout pass; a new text does not
+            self.refresh(layout=True)
+
+    # -- drawing --
+
+    def render_line(self, y: int) -> Strip:
+        """Line y of the widget: the header stays on top; rows scroll under it."""
+        scroll_x, scroll_y = self.scroll_offset
+        width = self.scrollable_content_region.width
+        base = self.rich_style
+        if y == 0:
+            strip = self._strip(self.header, base + self.get_component_rich_style("line-table--header"))
+            return strip.crop_extend(scroll_x, scroll_x + width, base)
+        index = y - 1 + scroll_y
+        if index >= len(self._lines):
+            return Strip.blank(width, base)
+        text, highlighted = self._lines[index], index == self.cursor_row and self.has_focus
+        cached = self._strips.get(index)
+        if cached and cached[0] is text and cached[1] == highlighted:
+            strip = cached[2]
+        else:
+            style = base + self.get_component_rich_style("line-table--cursor") if highlighted else base
+            strip = self._strip(text, style)
+            self._strips[index] = (text, highlighted, strip)
+        return strip.crop_extend(scroll_x, scroll_x + width, base)
+
+    def _strip(self, text: Text, style) -> Strip:
+        width = max(self.virtual_size.width, self.scrollable_content_region.width)
+        segments = [LEFT, *text.render(self.app.console)]
+        return Strip(segments).extend_cell_length(width).apply_style(style)
+
+    def _refresh_row(self, index: int) -> None:
+        y = index + 1 - self.scroll_offset.y
+        if 1 <= y < self.size.height:
+            self.refresh(Region(0, y, self.size.width, 1))
+
+    def notify_style_update(self) -> None:
+        """A theme or focus change restyles every line."""
+        super().notify_style_update()
+        self._strips.clear()
+
+    def _on_resize(self, event: events.Resize) -> None:
+        self._strips.clear()  # strips are padded to the width
+
+    def on_focus(self) -> None:
+        """The cursor row shows while focused."""
+        self._refresh_row(self.cursor_row)
+
+    def on_blur(self) -> None:
+        """The cursor row hides when the focus leaves."""
+        self._refresh_row(self.cursor_row)
+
+    # -- the cursor --
+
+    def action_cursor(self, step: int) -> None:
+        """Move the cursor by step rows (clamped) and keep it in view."""
+        self.move_cursor(self.cursor_row + step)
+
+    def move_cursor(self, row: int) -> None:
+        """Put the cursor on row (clamped) and scroll it into view."""
+        old, self.cursor_row = self.cursor_row, max(0, min(row, len(self._lines) - 1))
+        if old != self.cursor_row:
+            self._refresh_row(old)
+            self._refresh_row(self.cursor_row)
+        visible = max(1, self.scrollable_content_region.height - 1)
+        top = self.scroll_offset.y
+        if self.cursor_row < top:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= top + visible:
+            self.scroll_to(y=self.cursor_row - visible + 1, animate=False)
+
+    def on_click(self, event: events.Click) -> None:
+        """A click on a row puts the cursor there."""
+        if event.y >= 1:
+            self.move_cursor(event.y - 1 + self.scroll_offset.y)
