@@ -19,23 +19,50 @@ from tui.widgets.line_table import LineTable
 HISTORY = 14
 COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY), ("MEM GiB", "mem", 10),
            ("TEMP", "temp", 4), ("POWER W", "power", 7), ("CLK MHz", "clk", 9), ("RUN (stage · deployment)", "run", 36),
-           ("PID:MEM", "procs", 16)]
+           ("PID:MEM", "procs", 12)]
 
 
 GAP = "  "  # between two columns
-HEADER = GAP.join(label.ljust(width) for label, _, width in COLUMNS).rstrip()
+DROPPED_FIRST = ("clk", "hist", "power", "temp", "procs")
+"""The columns a narrow terminal loses, in this order: GPU, UTIL, MEM and RUN (the join) always stay."""
+RUN_MAX = 64  # a wide terminal gives RUN the room left over, up to this many cells
+
+Layout = tuple[tuple[int, int], ...]
+"""(column index, width) of each column shown, left to right."""
+FULL: Layout = tuple((i, width) for i, (_, _, width) in enumerate(COLUMNS))
 
 
-def row_line(cells: tuple) -> Text:
-    """One GPU's cells laid out in the columns' widths as a single line (cut cells end in "…").
+def fitting(width: int) -> Layout:
+    """The columns that fit in width cells, the least useful dropped first; RUN takes the room left over."""
+    keep = list(FULL)
+    used = sum(w for _, w in keep) + len(GAP) * (len(keep) - 1) + 1  # +1: the table's left margin
+    for key in DROPPED_FIRST:
+        if used <= width:
+            break
+        column = next(c for c in keep if COLUMNS[c[0]][1] == key)
+        keep.remove(column)
+        used -= column[1] + len(GAP)
+    run = next(i for i, (_, key, _) in enumerate(COLUMNS) if key == "run")
+    extra = max(0, min(width - used, RUN_MAX - COLUMNS[run][2]))
+    return tuple((i, w + extra if i == run else w) for i, w in keep)
 
-    The line is built as one string plus the styled cells' spans: assembling a Text piece by
-    piece cost more than drawing it.
+
+def header(layout: Layout = FULL) -> str:
+    """The labels of the columns shown."""
+    return GAP.join(COLUMNS[i][0].ljust(width) for i, width in layout).rstrip()
+
+
+def row_line(cells: tuple, layout: Layout = FULL) -> Text:
+    """One GPU's cells laid out in the shown columns' widths as a single line.
+
+    Cut cells end in "…". The line is built as one string plus the styled cells' spans:
+    assembling a Text piece by piece cost more than drawing it.
     """
     plain: list[str] = []
     spans: list[Span] = []
     at = 0
-    for i, ((_, _, width), cell) in enumerate(zip(COLUMNS, cells, strict=True)):
+    for i, (column, width) in enumerate(layout):
+        cell = cells[column]
         if i:
             plain.append(GAP)
             at += len(GAP)
@@ -68,11 +95,13 @@ class GpuPanel(Vertical):
         self.runs: dict[str, Run] = {}
         """Flow runs by id, to name the run on each GPU."""
         self._host_line: Text | None = None
+        self._layout = FULL
+        """The columns that fit the panel's width."""
 
     def compose(self) -> ComposeResult:
         """The host line and the GPU table."""
         yield Static(id="host-line")
-        yield LineTable(HEADER, id="gpu-table")
+        yield LineTable(header(), id="gpu-table")
 
     @cached_property
     def _host(self) -> Static:
@@ -81,6 +110,15 @@ class GpuPanel(Vertical):
     @cached_property
     def _table(self) -> LineTable:
         return self.query_one(LineTable)
+
+    def on_resize(self) -> None:
+        """A narrower or wider panel: show the columns that fit, RUN always among them."""
+        layout = fitting(self.content_region.width)
+        if layout != self._layout:
+            self._layout = layout
+            self._table.set_header(header(layout))
+            if self.telemetry:
+                self._paint()
 
     def show(self, telemetry: Telemetry) -> None:
         """A new sample: add it to the history and repaint."""
@@ -119,7 +157,7 @@ class GpuPanel(Vertical):
         if title != self.border_title:
             table.display = bool(telemetry.gpus)
             self.border_title = title
-        table.show([(f"gpu{g.index}", row_line(self._cells(g, runs))) for g in telemetry.gpus])
+        table.show([(f"gpu{g.index}", row_line(self._cells(g, runs), self._layout)) for g in telemetry.gpus])
 
     def _cells(self, g: GpuSample, runs: dict[str, Run]) -> tuple:
         hist = self.history.get(g.index, ())

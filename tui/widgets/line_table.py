@@ -55,6 +55,12 @@ class LineTable(ScrollView, can_focus=True):
         """The key of the row under the cursor, if any."""
         return self._keys[self.cursor_row] if 0 <= self.cursor_row < len(self._keys) else None
 
+    def set_header(self, header: str) -> None:
+        """New column labels (the owner laid out other columns)."""
+        self.header = Text(header)
+        self._strips.clear()
+        self.refresh()
+
     def show(self, rows: list[tuple[str, Text]]) -> None:
         """Make the table show rows; same keys in the same order → only the changed rows repaint."""
         keys = [key for key, _ in rows]

@@ -1,0 +1,46 @@
+"""The GPU rows fit the terminal: a narrow one drops the least useful columns, never RUN (the join)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tui.conftest import settle
+from tui.widgets.gpu_panel import COLUMNS, FULL, GpuPanel, fitting, header
+
+pytestmark = pytest.mark.anyio
+
+
+def keys(layout) -> list[str]:
+    return [COLUMNS[i][1] for i, _ in layout]
+
+
+def line_width(layout) -> int:
+    return len(header(layout).ljust(sum(w for _, w in layout) + 2 * (len(layout) - 1))) + 1
+
+
+def test_a_wide_panel_shows_every_column_and_gives_run_the_room_left():
+    layout = fitting(200)
+    assert keys(layout) == keys(FULL)
+    assert dict(layout)[7] == 64, "RUN grows to its cap"
+    assert line_width(fitting(138)) <= 138
+
+
+@pytest.mark.parametrize("width", [60, 78, 100, 118, 130])
+def test_a_narrow_panel_keeps_gpu_util_mem_and_run(width):
+    layout = fitting(width)
+    assert {"gpu", "util", "mem", "run"} <= set(keys(layout))
+    assert line_width(layout) <= width or keys(layout) == ["gpu", "util", "mem", "run"]
+
+
+def test_columns_go_in_order_clocks_first():
+    assert keys(fitting(118)) == ["gpu", "util", "hist", "mem", "temp", "power", "run", "procs"]
+    assert keys(fitting(78)) == ["gpu", "util", "mem", "run"]
+
+
+async def test_an_80_column_terminal_names_the_run_on_each_gpu(app):
+    async with app.run_test(size=(80, 30)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one(GpuPanel).query_one("#gpu-table")
+        assert "RUN" in str(table.header) and "CLK" not in str(table.header)
+        assert "calm-orca-0 (train · pipeline/weekly" in str(table.row("gpu0"))
+        assert table.virtual_size.width <= table.scrollable_content_region.width, "no sideways scrolling"
