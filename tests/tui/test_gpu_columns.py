@@ -44,3 +44,24 @@ async def test_an_80_column_terminal_names_the_run_on_each_gpu(app):
         assert "RUN" in str(table.header) and "CLK" not in str(table.header)
         assert "calm-orca-0 (train · pipeline/weekly" in str(table.row("gpu0"))
         assert table.virtual_size.width <= table.scrollable_content_region.width, "no sideways scrolling"
+
+
+async def test_sixteen_gpus_scroll_down_and_never_sideways(providers):
+    """More GPUs than the table shows: its scrollbar takes two cells, and the columns fit what is left."""
+    from tui.app import make_app
+    from tui.providers.base import Providers
+    from tui.providers.fake_gpu import FakeHost, FakeNvml
+    from tui.providers.telemetry import NvmlTelemetry
+
+    sixteen = Providers(NvmlTelemetry(FakeNvml(count=16), FakeHost()), providers.orchestrator, providers.experiments, label="16")
+    app = make_app(providers=sixteen, refresh_s=3600.0)
+    async with app.run_test(size=(140, 42)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one(GpuPanel).query_one("#gpu-table")
+        assert table.row_count == 16 and table.show_vertical_scrollbar
+        assert not table.show_horizontal_scrollbar
+        assert table.virtual_size.width <= table.scrollable_content_region.width
+        table.focus()
+        await pilot.press("end")
+        await pilot.pause()
+        assert table.current_key == "gpu15" and table.render_line(table.size.height - 1).text.strip().startswith("15")

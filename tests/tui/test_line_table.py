@@ -92,3 +92,14 @@ async def test_new_keys_keep_the_cursor_on_its_row():
         assert table.current_key == "only" and table.row_count == 1
         table.show([])
         assert table.current_key is None and table.row_count == 0
+
+
+async def test_a_click_puts_the_cursor_on_that_row_and_the_header_is_no_row():
+    app = Rows()
+    async with app.run_test(size=(40, 12)) as pilot:
+        await settle(pilot)
+        table = app.query_one(LineTable)
+        await pilot.click(LineTable, offset=(3, 3))
+        assert table.current_key == "r2"
+        await pilot.click(LineTable, offset=(3, 0))
+        assert table.current_key == "r2"

@@ -113,7 +113,15 @@ class GpuPanel(Vertical):
 
     def on_resize(self) -> None:
         """A narrower or wider panel: show the columns that fit, RUN always among them."""
-        layout = fitting(self.content_region.width)
+        self._fit()
+
+    def on_line_table_viewport_changed(self, event: LineTable.ViewportChanged) -> None:
+        """The rows' scrollbar came or went: fit the columns to the room left."""
+        event.stop()
+        self._fit()
+
+    def _fit(self) -> None:
+        layout = fitting(self.content_region.width - self._table.scrollbar_size_vertical)
         if layout != self._layout:
             self._layout = layout
             self._table.set_header(header(layout))

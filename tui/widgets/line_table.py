@@ -13,6 +13,7 @@ from rich.text import Text
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Region, Size
+from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
@@ -21,6 +22,9 @@ LEFT = Segment(" ")  # one cell before each line, as DataTable's cell padding ha
 
 class LineTable(ScrollView, can_focus=True):
     """``show(rows)`` with rows = [(key, Text)]; the cursor row is highlighted while focused (styles: app.tcss)."""
+
+    class ViewportChanged(Message):
+        """The vertical scrollbar came or went: the width left for the rows changed."""
 
     COMPONENT_CLASSES = {"line-table--header", "line-table--cursor"}
 
@@ -58,7 +62,6 @@ class LineTable(ScrollView, can_focus=True):
     def set_header(self, header: str) -> None:
         """New column labels (the owner laid out other columns)."""
         self.header = Text(header)
-        self._strips.clear()
         self.refresh()
 
     def show(self, rows: list[tuple[str, Text]]) -> None:
@@ -68,7 +71,7 @@ class LineTable(ScrollView, can_focus=True):
         width = max([self.header.cell_len, *(line.cell_len for line in lines)]) + len(LEFT.text)
         if keys == self._keys:
             changed = [i for i, (new, old) in enumerate(zip(lines, self._lines, strict=True)) if new != old]
-            self._lines = [lines[i] if i in changed else old for i, old in enumerate(self._lines)]
+            self._lines = [new if new != old else old for new, old in zip(lines, self._lines, strict=True)]
             for i in changed:
                 self._refresh_row(i)
         else:
@@ -77,10 +80,10 @@ class LineTable(ScrollView, can_focus=True):
             self._strips.clear()
             self.cursor_row = keys.index(current) if current in keys else min(self.cursor_row, max(0, len(keys) - 1))
             self.refresh()
+            self.call_after_refresh(self.move_cursor, self.cursor_row)  # keep it in view
         size = Size(width, len(lines) + 1)
         if size != self.virtual_size:
-            self.virtual_size = size  # a new row count or width needs a layout pass; a new text does not
-            self.refresh(layout=True)
+            self.virtual_size = size  # a layout pass: a new row count or width needs one, a new text does not
 
     # -- drawing --
 
@@ -90,25 +93,24 @@ class LineTable(ScrollView, can_focus=True):
         width = self.scrollable_content_region.width
         base = self.rich_style
         if y == 0:
-            strip = self._strip(self.header, base + self.get_component_rich_style("line-table--header"))
-            return strip.crop_extend(scroll_x, scroll_x + width, base)
+            style = base + self.get_component_rich_style("line-table--header")
+            return self._strip(self.header, style).crop_extend(scroll_x, scroll_x + width, style)
         index = y - 1 + scroll_y
         if index >= len(self._lines):
             return Strip.blank(width, base)
         text, highlighted = self._lines[index], index == self.cursor_row and self.has_focus
+        style = base + self.get_component_rich_style("line-table--cursor") if highlighted else base
         cached = self._strips.get(index)
         if cached and cached[0] is text and cached[1] == highlighted:
             strip = cached[2]
         else:
-            style = base + self.get_component_rich_style("line-table--cursor") if highlighted else base
             strip = self._strip(text, style)
             self._strips[index] = (text, highlighted, strip)
-        return strip.crop_extend(scroll_x, scroll_x + width, base)
+        return strip.crop_extend(scroll_x, scroll_x + width, style)  # the row's own style fills to the edge
 
     def _strip(self, text: Text, style) -> Strip:
-        width = max(self.virtual_size.width, self.scrollable_content_region.width)
-        segments = [LEFT, *text.render(self.app.console)]
-        return Strip(segments).extend_cell_length(width).apply_style(style)
+        """The line as drawn, not yet cut or padded to the width (so a cached one fits any width)."""
+        return Strip([LEFT, *text.render(self.app.console)]).apply_style(style)
 
     def _refresh_row(self, index: int) -> None:
         y = index + 1 - self.scroll_offset.y
@@ -119,9 +121,6 @@ class LineTable(ScrollView, can_focus=True):
         """A theme or focus change restyles every line."""
         super().notify_style_update()
         self._strips.clear()
-
-    def _on_resize(self, event: events.Resize) -> None:
-        self._strips.clear()  # strips are padded to the width
 
     def on_focus(self) -> None:
         """The cursor row shows while focused."""
@@ -151,6 +150,12 @@ class LineTable(ScrollView, can_focus=True):
             self.scroll_to(y=self.cursor_row - visible + 1, animate=False)
 
     def on_click(self, event: events.Click) -> None:
-        """A click on a row puts the cursor there."""
-        if event.y >= 1:
-            self.move_cursor(event.y - 1 + self.scroll_offset.y)
+        """A click on a row puts the cursor there (on the header or below the rows: nothing)."""
+        offset = event.get_content_offset(self)
+        index = None if offset is None else offset.y - 1 + self.scroll_offset.y
+        if index is not None and offset.y >= 1 and index < len(self._lines):
+            self.move_cursor(index)
+
+    def watch_show_vertical_scrollbar(self, shown: bool) -> None:
+        """The rows' room changed without a Resize: tell the owner, which may lay its columns out again."""
+        self.post_message(self.ViewportChanged())
