@@ -8,6 +8,11 @@
 Headless Textual skips writing frames to a terminal; the probe encodes each frame to terminal
 codes anyway, so that cost is counted. Goals (issue 5): frame ≤ 1.0 s, CPU ≤ 3 %, key ≤ 50 ms,
 NVML process lists ≥ 2 s apart. Last line: the figures as JSON. Usage: python bench/dash_bench.py [--seconds 20]
+
+CPU time on a shared machine drifts by 2x over a day, so two builds are compared side by side:
+``--against DIR`` (another checkout, e.g. a ``git worktree`` of an older commit) runs that
+checkout's own bench in a second process at the same time as this one's CPU window, ``--rounds``
+times, and prints the median ratio.
 """
 
 from __future__ import annotations
@@ -126,12 +131,37 @@ async def latency(pilot, probe: RepaintProbe, key: str, rows_change: bool = Fals
     return float("inf")
 
 
+def side_by_side(other: Path, seconds: float, rounds: int) -> None:
+    """This checkout's CPU at 1 Hz against other's, both measured at once, rounds times; the median ratio."""
+    script = other / "bench" / "dash_bench.py"
+    if not script.is_file():
+        raise SystemExit(f"{other} has no bench/dash_bench.py: give --against a checkout of tunedeck")
+    ratios = []
+    for i in range(rounds):
+        proc = subprocess.Popen([sys.executable, str(script), "--seconds", f"{seconds:g}", "--frames", "1"], cwd=other,
+                                stdout=subprocess.PIPE, text=True)
+        mine = asyncio.run(running(seconds))["cpu_percent_1hz"]
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"the bench in {other} failed (exit {proc.returncode})")
+        theirs = json.loads(out.strip().splitlines()[-1])["cpu_percent_1hz"]
+        ratios.append(mine / theirs)
+        print(f"round {i + 1}: this checkout {mine:.2f} %, {other.name} {theirs:.2f} % of one core (ratio {mine / theirs:.2f})")
+    print(f"CPU at 1 Hz, this / {other.name}: median ratio {statistics.median(ratios):.2f} over {rounds} rounds")
+    print(json.dumps({"cpu_ratio_median": round(statistics.median(ratios), 3), "cpu_ratios": [round(r, 3) for r in ratios]}))
+
+
 def main() -> None:
     """Measure and print."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the CPU measurement (default 20)")
     parser.add_argument("--frames", type=int, default=3, help="first-frame repetitions (default 3)")
+    parser.add_argument("--against", type=Path, help="another checkout: measure its CPU at 1 Hz at the same time and print the ratio")
+    parser.add_argument("--rounds", type=int, default=5, help="side-by-side rounds with --against (default 5)")
     args = parser.parse_args()
+    if args.against:
+        side_by_side(args.against.resolve(), args.seconds, args.rounds)
+        return
     frames = [first_frame() for _ in range(args.frames)]
     result = {"first_frame_s_median": round(statistics.median(frames), 3), "first_frame_s_all": [round(f, 3) for f in frames]}
     result.update(asyncio.run(running(args.seconds)))
