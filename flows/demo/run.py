@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flows import server
 from flows.core.errors import TunedeckError
+from flows.core.paths import MODEL_CONFIG, MODEL_WEIGHTS
 from flows.demo.digits import write_digits
 
 SOURCE_DATA = Path("data/demo/digits-0-4")
@@ -112,8 +113,8 @@ def run_demo(port: int = server.DEFAULT_PORT) -> list[Outcome]:
     try:
         print("[3/5] source backbone: resnet18 from scratch on digits 0-4 (all labels)")
         source = experiment("demo-source", SOURCE_OVERRIDES, params_text)
-        shutil.copy2("models/model.safetensors", SOURCE_WEIGHTS)
-        shutil.copy2("models/model.json", SOURCE_WEIGHTS.with_suffix(".json"))
+        shutil.copy2(MODEL_WEIGHTS, SOURCE_WEIGHTS)
+        shutil.copy2(MODEL_CONFIG, SOURCE_WEIGHTS.with_suffix(".json"))
         print(f"    exported to {SOURCE_WEIGHTS} (test accuracy on 0-4: {source.accuracy:.1%})")
         print("[4/5] digits 5-9, 5 labels per class, from scratch")
         scratch = experiment("demo-scratch", SCRATCH_OVERRIDES, params_text)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
-from flows.core.paths import CHECKPOINTS, MODELS, PREPARED, TRAIN_LIVE, WEIGHTS
+from flows.core.paths import CHECKPOINTS, MODEL_CONFIG, MODELS, PREPARED, TRAIN_LIVE, WEIGHTS
 from flows.stages.entry import run_main
 
 
@@ -106,7 +106,7 @@ def launch_ddp(params: Params) -> dict:
     logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun", n)
     if subprocess.run(cmd, env=env).returncode != 0:
         raise TunedeckError(f"the {n} DDP training processes failed: see their output above.")
-    config = json.loads((MODELS / "model.json").read_text())
+    config = json.loads(MODEL_CONFIG.read_text())
     return {"model_sha256": config["sha256"], "best_epoch": config["best_epoch"], "val_accuracy": config["val_accuracy"], "devices": n}
 
 
