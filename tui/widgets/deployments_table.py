@@ -17,7 +17,7 @@ class DeploymentsTable(KeyedTable):
     """Deployments and the health of their pools."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(COLUMNS, **kwargs)
+        super().__init__(COLUMNS, drop_order=("next", "pool", "last", "schedule"), **kwargs)
         self.deployments: dict[str, Deployment] = {}
         """The deployments on screen, by id."""
 

@@ -22,24 +22,60 @@ def fit(cell: object, width: int | None) -> object:
 
 
 class KeyedTable(DataTable):
-    """DataTable with ``show(rows)``: rows = [(key, cells)], diffed against what is on screen."""
+    """DataTable with ``show(rows)``: rows = [(key, cells)], diffed against what is on screen.
+
+    A narrow table drops columns in ``drop_order`` until the rest fit beside its scrollbar
+    (a tmux split of 80 columns keeps what matters most); rows always carry every column's cell.
+    """
 
     DEFAULT_CSS = ""
 
-    def __init__(self, columns: Sequence[tuple[str, str, int | None]], **kwargs) -> None:
+    def __init__(self, columns: Sequence[tuple[str, str, int | None]], drop_order: Sequence[str] = (), **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
-        self._columns = columns
+        self._all_columns = list(columns)
+        self._columns = list(columns)
+        """The columns on screen."""
+        self._drop_order = drop_order
+        self._rows: list[tuple[str, tuple]] = []
+        """The last rows given, every column's cell."""
         self._shown: list[tuple[str, tuple]] = []
 
     def on_mount(self) -> None:
         """Add the columns once."""
+        self._add_columns()
+
+    def _add_columns(self) -> None:
         for label, key, width in self._columns:
             self.add_column(label, key=key, width=width)
 
+    def on_resize(self) -> None:
+        """Show the columns that fit the new width."""
+        if not self._drop_order:
+            return
+        room = self.scrollable_content_region.width
+        keep = list(self._all_columns)
+        used = sum((width or 0) + 2 * self.cell_padding for _, _, width in keep)
+        for key in self._drop_order:
+            if used <= room:
+                break
+            column = next(c for c in keep if c[1] == key)
+            keep.remove(column)
+            used -= (column[2] or 0) + 2 * self.cell_padding
+        if keep != self._columns:
+            current = self.current_key
+            self._columns = keep
+            self.clear(columns=True)
+            self._add_columns()
+            self._shown = []
+            self.show(self._rows)
+            if current in self.rows:
+                self.move_cursor(row=self.get_row_index(current), animate=False)
+
     def show(self, rows: list[tuple[str, tuple]]) -> None:
         """Make the table show rows; same keys in the same order → only changed cells are updated."""
-        widths = [width for _, _, width in self._columns]
-        rows = [(key, tuple(fit(cell, w) for cell, w in zip(cells, widths, strict=True))) for key, cells in rows]
+        self._rows = rows
+        shown = [i for i, column in enumerate(self._all_columns) if column in self._columns]
+        rows = [(key, tuple(fit(cells[i], self._all_columns[i][2]) for i in shown)) for key, cells in rows]
         if [k for k, _ in rows] == [k for k, _ in self._shown]:
             for (key, cells), (_, old) in zip(rows, self._shown, strict=True):
                 for (_, column, _), new, before in zip(self._columns, cells, old, strict=True):

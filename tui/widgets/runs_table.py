@@ -25,7 +25,7 @@ class RunsTable(KeyedTable):
         run: Run
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(COLUMNS, **kwargs)
+        super().__init__(COLUMNS, drop_order=("model", "data", "deployment", "duration", "eta"), **kwargs)
         self.runs: dict[str, Run] = {}
         """The runs on screen, by id."""
 

@@ -1,11 +1,13 @@
-"""The GPU rows fit the terminal: a narrow one drops the least useful columns, never RUN (the join)."""
+"""Every panel fits the terminal: a narrow one drops the least useful columns, never the join (RUN, GPUS)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.tui.conftest import settle
+from tui.widgets.deployments_table import DeploymentsTable
 from tui.widgets.gpu_panel import COLUMNS, FULL, GpuPanel, fitting, header
+from tui.widgets.runs_table import RunsTable
 
 pytestmark = pytest.mark.anyio
 
@@ -65,3 +67,18 @@ async def test_sixteen_gpus_scroll_down_and_never_sideways(providers):
         await pilot.press("end")
         await pilot.pause()
         assert table.current_key == "gpu15" and table.render_line(table.size.height - 1).text.strip().startswith("15")
+
+
+async def test_an_80_column_terminal_keeps_the_runs_progress_and_gpus_and_the_pools_health(app):
+    async with app.run_test(size=(80, 30)) as pilot:
+        await settle(pilot)
+        runs = app.screen.query_one(RunsTable)
+        assert [c.key.value for c in runs.columns.values()] == ["state", "name", "stage", "epoch", "eta", "acc", "gpus"]
+        assert runs.get_cell("run-0002", "gpus") == "2,3" and not runs.show_horizontal_scrollbar
+        deployments = app.screen.query_one(DeploymentsTable)
+        assert [c.key.value for c in deployments.columns.values()] == ["name", "schedule", "status", "workers"]
+        await pilot.press("down", "down")
+        await pilot.resize_terminal(140, 30)
+        await settle(pilot)
+        assert len(runs.columns) == 11 and runs.get_cell("run-0002", "model") == ""
+        assert runs.current_key == "run-0002", "the cursor stays on its run when the columns change"
