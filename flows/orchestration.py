@@ -7,6 +7,7 @@ and runs on. ``TUNEDECK_PREFECT=off`` switches the Prefect layer off (used by be
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -148,12 +149,34 @@ class _Forward(logging.Handler):
         self.reporter.send({"log": record.getMessage(), "level": record.levelno})
 
 
-def _stopped(name: str, signum: int, frame: Any) -> None:
-    """SIGTERM (the reporter does this when the run is cancelled): one sentence, then exit at once."""
+def _stopped(name: str, keep: int, signum: int, frame: Any) -> None:
+    """SIGTERM (the reporter does this when the run is cancelled): stop what the stage started, one sentence, exit."""
     print(f"tunedeck: the {name} stage was stopped (a cancel from the dashboard or Prefect, or a kill); "
           "its checkpoints stay, so the next `dvc repro` resumes it.", file=sys.stderr, flush=True)
+    stop_children(keep)
     run_file(os.getpid()).unlink(missing_ok=True)
     os._exit(128 + signum)
+
+
+def stop_children(keep: int, grace_s: float = 10.0) -> None:
+    """SIGTERM every process this one started but keep (the reporter), SIGKILL what is left after grace_s.
+
+    A DDP stage runs torchrun, which runs a worker per GPU: exiting alone would leave them
+    training on, holding the GPUs the cancel was meant to free.
+    """
+    import psutil
+
+    try:
+        children = [c for c in psutil.Process().children(recursive=True) if c.pid != keep]
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[str, Any], tags: list[str]) -> dict[str, Any]:
@@ -171,7 +194,7 @@ def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[st
     logger = logging.getLogger("tunedeck")
     logger.addHandler(forward)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, functools.partial(_stopped, name))
+        signal.signal(signal.SIGTERM, functools.partial(_stopped, name, reporter.proc.pid))
     try:
         summary = work()
     except TunedeckError as exc:

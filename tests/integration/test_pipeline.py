@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import yaml
 
@@ -79,8 +80,8 @@ def test_metrics_plots_and_experiments(project, prefect):
 
 
 @contextlib.contextmanager
-def long_train_stage(project):
-    """A 500-epoch train stage from scratch, started once its flow run is open; params.yaml put back after.
+def long_train_stage(project, devices: int = 1, epochs: int = 500):
+    """A long train stage from scratch on devices processes, started once its flow run is open; params.yaml put back after.
 
     (An earlier test's `dvc exp run` may have left any epochs in params.yaml, so it is set through YAML.)
     """
@@ -88,7 +89,8 @@ def long_train_stage(project):
 
     params = (project / "params.yaml").read_text()
     raw = yaml.safe_load(params)
-    raw["train"]["epochs"] = 500
+    raw["train"]["epochs"] = epochs
+    raw["base"]["devices"] = devices
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.rmtree(project / "checkpoints", ignore_errors=True)
     proc = subprocess.Popen(["python", "-m", "flows.stages.train"], cwd=project, env=env(), stderr=subprocess.PIPE,
@@ -165,6 +167,38 @@ def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
         assert stopped_after < 10, "the reporter polls every 2 s"
         state, message = state_of_new_run(prefect, before)
         assert state == "CANCELLED" and "the train stage process was stopped" in message, (state, message)
+
+
+def test_a_cancelled_ddp_stage_leaves_no_process_behind(project, prefect):
+    """Cancel a 2-process DDP stage: torchrun and both of its workers stop with it, none left holding a GPU."""
+    before = len(train_runs(prefect))
+    with long_train_stage(project, devices=2, epochs=10_000) as proc:
+        stage = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 90
+        while len(workers := [p for p in stage.children(recursive=True) if "-u -m flows.stages.train" in command(p)]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "the two DDP workers never started"
+            time.sleep(0.5)
+        family = stage.children(recursive=True)
+        try:
+            run_id = train_runs(prefect)[0]["id"]
+            api(prefect, f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+            assert proc.wait(timeout=30) == 128 + 15
+            _, alive = psutil.wait_procs(family, timeout=20)
+            assert not alive, f"left running after the cancel: {[command(p) for p in alive]} (of {len(workers)} workers)"
+        finally:
+            for orphan in family:
+                with contextlib.suppress(psutil.Error):
+                    orphan.kill()
+        state, _ = state_of_new_run(prefect, before)
+        assert state == "CANCELLED"
+
+
+def command(process: psutil.Process) -> str:
+    """A process's command line, or "" once it is gone."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def test_server_down_the_stage_says_so_and_runs(project, prefect):
