@@ -12,6 +12,15 @@ from flows.core.params import Params
 from flows.core.paths import CHECKPOINTS, MODEL_CONFIG, MODELS, PREPARED, TRAIN_LIVE, WEIGHTS
 from flows.stages.entry import run_main
 
+DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a killed stage stops torchrun too
+if os.getppid() != int(os.environ["TUNEDECK_STAGE_PID"]):
+    sys.exit(143)  # the stage died before the line above
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+"""Runs torchrun so that it gets SIGTERM when the stage process dies, even by kill -9 (Linux)."""
+
 
 def work(params: Params) -> dict:
     """Train with dvclive logging every epoch's metrics (plots under dvclive/plots).
@@ -101,8 +110,10 @@ def launch_ddp(params: Params) -> dict:
         )
     if params.base.device != "cpu" and not torch.cuda.is_available():
         raise TunedeckError(f"base.devices is {n} but there is no CUDA GPU here: set base.device: cpu to use CPU processes.")
-    env = {**os.environ, "TUNEDECK_PREFECT": "off", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "flows.stages.train"]
+    env = {**os.environ, "TUNEDECK_PREFECT": "off", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TUNEDECK_STAGE_PID": str(os.getpid())}
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "flows.stages.train"]
+    cmd = [sys.executable, "-c", DIE_WITH_PARENT, *torchrun] if sys.platform == "linux" else [sys.executable, *torchrun]
     logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun", n)
     if subprocess.run(cmd, env=env).returncode != 0:
         raise TunedeckError(f"the {n} DDP training processes failed: see their output above.")

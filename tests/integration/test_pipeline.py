@@ -169,8 +169,9 @@ def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
         assert state == "CANCELLED" and "the train stage process was stopped" in message, (state, message)
 
 
-def test_a_cancelled_ddp_stage_leaves_no_process_behind(project, prefect):
-    """Cancel a 2-process DDP stage: torchrun and both of its workers stop with it, none left holding a GPU."""
+@pytest.mark.parametrize("stop", ["cancel", "kill -9"])
+def test_a_stopped_ddp_stage_leaves_no_process_behind(project, prefect, stop):
+    """Cancel or kill -9 a 2-process DDP stage: torchrun and both of its workers stop with it, none left holding a GPU."""
     before = len(train_runs(prefect))
     with long_train_stage(project, devices=2, epochs=10_000) as proc:
         stage = psutil.Process(proc.pid)
@@ -180,17 +181,21 @@ def test_a_cancelled_ddp_stage_leaves_no_process_behind(project, prefect):
             time.sleep(0.5)
         family = stage.children(recursive=True)
         try:
-            run_id = train_runs(prefect)[0]["id"]
-            api(prefect, f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
-            assert proc.wait(timeout=30) == 128 + 15
-            _, alive = psutil.wait_procs(family, timeout=20)
-            assert not alive, f"left running after the cancel: {[command(p) for p in alive]} (of {len(workers)} workers)"
+            if stop == "cancel":
+                run_id = train_runs(prefect)[0]["id"]
+                api(prefect, f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+                assert proc.wait(timeout=30) == 128 + 15
+            else:
+                proc.kill()
+                proc.wait()
+            _, alive = psutil.wait_procs(family, timeout=30)
+            assert not alive, f"left running after {stop}: {[command(p) for p in alive]} (of {len(workers)} workers)"
         finally:
             for orphan in family:
                 with contextlib.suppress(psutil.Error):
                     orphan.kill()
         state, _ = state_of_new_run(prefect, before)
-        assert state == "CANCELLED"
+        assert state == ("CANCELLED" if stop == "cancel" else "CRASHED")
 
 
 def command(process: psutil.Process) -> str:
