@@ -87,7 +87,6 @@ class DashboardScreen(Screen[None]):
 
     # -- fetching (worker threads post messages; handlers repaint) --
 
-
     def poll_prefect(self) -> None:
         """Start a Prefect snapshot unless one is still running."""
         if "prefect" not in self._busy:

@@ -13,7 +13,7 @@ from textual.widgets import Static
 
 from tui.format import NA, bar, num, sparkline
 from tui.providers.models import GpuSample, Run, Telemetry
-from tui.widgets.keyed_table import fit
+from tui.widgets.keyed_table import columns_that_fit, fit
 from tui.widgets.line_table import LineTable
 
 HISTORY = 14
@@ -34,17 +34,13 @@ FULL: Layout = tuple((i, width) for i, (_, _, width) in enumerate(COLUMNS))
 
 def fitting(width: int) -> Layout:
     """The columns that fit in width cells, the least useful dropped first; RUN takes the room left over."""
-    keep = list(FULL)
-    used = sum(w for _, w in keep) + len(GAP) * (len(keep) - 1) + 1  # +1: the table's left margin
-    for key in DROPPED_FIRST:
-        if used <= width:
-            break
-        column = next(c for c in keep if COLUMNS[c[0]][1] == key)
-        keep.remove(column)
-        used -= column[1] + len(GAP)
-    run = next(i for i, (_, key, _) in enumerate(COLUMNS) if key == "run")
-    extra = max(0, min(width - used, RUN_MAX - COLUMNS[run][2]))
-    return tuple((i, w + extra if i == run else w) for i, w in keep)
+    # n columns draw n - 1 gaps and the table's 1-cell left margin
+    kept = columns_that_fit([(key, w) for _, key, w in COLUMNS], DROPPED_FIRST, width + len(GAP) - 1, len(GAP))
+    keep = [(i, w) for i, (_, key, w) in enumerate(COLUMNS) if key in kept]
+    used = sum(w for _, w in keep) + len(GAP) * (len(keep) - 1) + 1
+    run = kept.index("run")
+    extra = max(0, min(width - used, RUN_MAX - keep[run][1]))
+    return tuple((i, w + extra if key == "run" else w) for (i, w), key in zip(keep, kept, strict=True))
 
 
 def header(layout: Layout = FULL) -> str:

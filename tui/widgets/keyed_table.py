@@ -21,6 +21,16 @@ def fit(cell: object, width: int | None) -> object:
     return cell
 
 
+def columns_that_fit(widths: Sequence[tuple[str, int]], drop_order: Sequence[str], room: int, gap: int) -> list[str]:
+    """The keys of the columns that fit in room cells (each one's width plus gap), drop_order's dropped first."""
+    keep = dict(widths)
+    for key in drop_order:
+        if sum(keep.values()) + gap * len(keep) <= room:
+            break
+        keep.pop(key, None)
+    return list(keep)
+
+
 class KeyedTable(DataTable):
     """DataTable with ``show(rows)``: rows = [(key, cells)], diffed against what is on screen.
 
@@ -35,6 +45,8 @@ class KeyedTable(DataTable):
         self._all_columns = list(columns)
         self._columns = list(columns)
         """The columns on screen."""
+        self._indices = list(range(len(columns)))
+        """Where each column on screen is in the rows' cells."""
         self._drop_order = drop_order
         self._rows: list[tuple[str, tuple]] = []
         """The last rows given, every column's cell."""
@@ -52,18 +64,13 @@ class KeyedTable(DataTable):
         """Show the columns that fit the new width."""
         if not self._drop_order:
             return
-        room = self.scrollable_content_region.width
-        keep = list(self._all_columns)
-        used = sum((width or 0) + 2 * self.cell_padding for _, _, width in keep)
-        for key in self._drop_order:
-            if used <= room:
-                break
-            column = next(c for c in keep if c[1] == key)
-            keep.remove(column)
-            used -= (column[2] or 0) + 2 * self.cell_padding
+        widths = [(key, width or 0) for _, key, width in self._all_columns]
+        kept = columns_that_fit(widths, self._drop_order, self.scrollable_content_region.width, 2 * self.cell_padding)
+        keep = [column for column in self._all_columns if column[1] in kept]
         if keep != self._columns:
             current = self.current_key
             self._columns = keep
+            self._indices = [i for i, column in enumerate(self._all_columns) if column in keep]
             self.clear(columns=True)
             self._add_columns()
             self._shown = []
@@ -74,8 +81,7 @@ class KeyedTable(DataTable):
     def show(self, rows: list[tuple[str, tuple]]) -> None:
         """Make the table show rows; same keys in the same order → only changed cells are updated."""
         self._rows = rows
-        shown = [i for i, column in enumerate(self._all_columns) if column in self._columns]
-        rows = [(key, tuple(fit(cells[i], self._all_columns[i][2]) for i in shown)) for key, cells in rows]
+        rows = [(key, tuple(fit(cells[i], self._all_columns[i][2]) for i in self._indices)) for key, cells in rows]
         if [k for k, _ in rows] == [k for k, _ in self._shown]:
             for (key, cells), (_, old) in zip(rows, self._shown, strict=True):
                 for (_, column, _), new, before in zip(self._columns, cells, old, strict=True):

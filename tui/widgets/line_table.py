@@ -70,10 +70,10 @@ class LineTable(ScrollView, can_focus=True):
         lines = [line for _, line in rows]
         width = max([self.header.cell_len, *(line.cell_len for line in lines)]) + len(LEFT.text)
         if keys == self._keys:
-            changed = [i for i, (new, old) in enumerate(zip(lines, self._lines, strict=True)) if new != old]
-            self._lines = [new if new != old else old for new, old in zip(lines, self._lines, strict=True)]
-            for i in changed:
-                self._refresh_row(i)
+            for i, (new, old) in enumerate(zip(lines, self._lines, strict=True)):
+                if new != old:  # an equal text keeps its object, so its cached strip stays valid
+                    self._lines[i] = new
+                    self._refresh_row(i)
         else:
             current = self.current_key
             self._keys, self._lines = keys, lines
