@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ def folder_version(source: Path) -> str:
 def decode_image(path: Path, size: int) -> np.ndarray:
     """Decode one image to (size, size, 3) uint8: shorter side resized to size, centre crop.
 
-    Raises ValueError with a short reason when the file is empty, truncated or not an image.
+    Raises ValueError with a short reason when the file is empty, truncated, not an image, or
+    has more pixels than Pillow decodes safely (its decompression-bomb guard).
     """
     data = path.read_bytes()
     if not data:
@@ -78,12 +80,25 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             rgb = img.convert("RGB")
     except UnidentifiedImageError:
         raise ValueError("not an image") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(too_many_pixels(str(exc))) from None
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"broken image ({exc})") from None
     scale = size / min(rgb.size)
     resized = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))), Image.BICUBIC)
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def too_many_pixels(message: str) -> str:
+    """The reason for an image over Pillow's pixel limit, from the DecompressionBombError's message.
+
+    Such a file (a scanner's panorama, or a crafted bomb: 16,000 x 16,000 pixels fit in 32 KB)
+    is refused before its pixels are decoded, so it never costs the memory it would take.
+    """
+    numbers = [int(n) for n in re.findall(r"\((\d+) pixels\)|limit of (\d+)", message) for n in n if n]
+    size = f"{numbers[0] / 1e6:,.0f} megapixels, over the limit of {numbers[1] / 1e6:,.0f}" if len(numbers) == 2 else message
+    return f"too large to decode safely ({size}: Pillow's decompression-bomb guard); downscale it to use it"
 
 
 def decode_folder(source: Path, size: int, workers: int | None = None, progress=None) -> Decoded:

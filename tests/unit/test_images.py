@@ -98,3 +98,17 @@ def test_a_split_with_no_test_image_is_refused(tiny_params, tmp_path):
     params = tiny_params.model_copy(update={"data": tiny_params.data.model_copy(update={"test_fraction": 0.01})})
     with pytest.raises(TunedeckError, match="data.test_fraction 0.01 leaves no test image"):
         prepare(params, tmp_path / "prepared")
+
+
+def test_an_image_over_pillows_pixel_limit_is_rejected_and_prepare_goes_on(tmp_path, image_folder, tiny_params):
+    """A 16,000 x 16,000 PNG (32 KB on disk, a scanner's panorama or a bomb) is listed in rejected.json, not fatal."""
+    from PIL import Image
+
+    bomb = image_folder / "cat" / "panorama.png"
+    Image.new("1", (16_000, 16_000)).save(bomb)
+    assert bomb.stat().st_size < 100_000
+    result = prepare(tiny_params, tmp_path / "prepared")
+    rejected = json.loads((tmp_path / "prepared" / "rejected.json").read_text())
+    assert [r["path"] for r in rejected] == [str(bomb)]
+    assert rejected[0]["reason"].startswith("too large to decode safely (256 megapixels, over the limit of 179")
+    assert result.rejected == 1 and sum(result.counts.values()) == 36
