@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="offline transfer-learning demo: pretrain on digits 0-4, fine-tune on 5-9")
     demo.add_argument("--port", type=int, default=4200, help="port of the local Prefect server it starts (default 4200)")
+    demo.add_argument("--seeds", type=int, default=5, help="seeds per arm, at least 2 (default 5)")
+    demo.add_argument("--jobs", type=int, help="experiments at a time (default: 2 where there are 2 cores)")
     srv = sub.add_parser("server", help="the local Prefect server (SQLite under .tunedeck/, 127.0.0.1)")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=4200, help="port (default 4200)")
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from flows.demo.run import run_demo
 
-            run_demo(args.port)
+            if args.seeds < 2 or (args.jobs is not None and args.jobs < 1):
+                raise TunedeckError("--seeds must be 2 or more (an interval needs a spread) and --jobs 1 or more.")
+            run_demo(args.port, tuple(range(1, args.seeds + 1)), args.jobs)
             return 0
         if args.command == "server":
             return server_command(args.action, args.port, args.host)

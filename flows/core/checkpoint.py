@@ -8,7 +8,6 @@ checkpoint of another run is never resumed.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -23,12 +22,12 @@ log = logging.getLogger("tunedeck")
 LAST, PREVIOUS = "last.pt", "previous.pt"
 
 
-def _write_synced(path: Path, data: bytes) -> Path:
-    """data in a temp file beside path, flushed to disk; returns the temp file."""
+def _write_synced(path: Path, state: dict[str, Any]) -> Path:
+    """state saved to a temp file beside path, flushed to disk; returns the temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     return tmp
@@ -62,10 +61,8 @@ def restore_rng(state: dict[str, Any], gen: torch.Generator) -> None:
 
 def save(folder: Path, state: dict[str, Any]) -> Path:
     """Save state as last.pt, keeping the one before as previous.pt."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     last = folder / LAST
-    fresh = _write_synced(last, buffer.getvalue())  # the slow part, before anything is renamed
+    fresh = _write_synced(last, state)  # the slow part, before anything is renamed
     if last.exists():
         os.replace(last, folder / PREVIOUS)
     os.replace(fresh, last)
@@ -93,10 +90,20 @@ def load_resumable(folder: Path, run_key: str) -> dict[str, Any] | None:
 
 
 def keep_top(folder: Path, last: Path, epoch: int, score: float, n: int) -> None:
-    """Copy last into top/ if its score is among the n best; drop the rest."""
+    """Keep last in top/ if its score is among the n best; drop the rest.
+
+    A hard link, not a copy: save() never writes into last.pt, it renames a new file over it,
+    so the linked file keeps this epoch's contents. (A checkpoint is model, optimizer and best
+    weights, about 4x the model: a copy per epoch was most of a short epoch's time.)
+    """
     top = folder / "top"
     top.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(last, top / f"epoch{epoch + 1:04d}_score{score:.6f}.pt")
+    kept = top / f"epoch{epoch + 1:04d}_score{score:.6f}.pt"
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(last, kept)
+    except OSError:  # a file system without hard links
+        shutil.copy2(last, kept)
     ranked = sorted(top.glob("epoch*_score*.pt"), key=lambda p: float(p.stem.split("_score")[1]), reverse=True)
     for extra in ranked[n:]:
         extra.unlink()

