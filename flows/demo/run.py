@@ -2,9 +2,10 @@
 
 1. a local Prefect server (so every stage is a flow run), 2. real images from scikit-learn's
 bundled digits, versioned with ``dvc add``, 3. a source backbone trained on digits 0-4 through
-the normal pipeline, beside the from-scratch arm of every seed, 4. the transfer arm of every
-seed: a linear probe on that backbone (the params.yaml defaults), 5. mean ± std per arm and
-the paired difference's 95 % interval, with every seed's figures.
+the normal pipeline (a `dvc exp run`), 4. every seed's two arms, two at a time in DVC's queue:
+a linear probe on that backbone (the params.yaml defaults) and a training from scratch with the
+same epochs, batch and LR, 5. mean ± std per arm and the paired difference's 95 % interval,
+with every seed's figures.
 
 The target task is digits 5-9 with 3 labels per class. A seed draws other labelled images and
 another initialisation, so the claim is about the method, not one lucky draw: on a few labels
@@ -41,7 +42,7 @@ SOURCE = Queued("demo-source", [
     "train.epochs=8",
     "train.freeze_epochs=0",
     "train.head_lr_scale=1.0",
-], ["data/demo"])
+])  # run in the workspace (its weights must be on disk before any transfer arm starts)
 ARMS = {  # the params.yaml defaults are the transfer arm; scratch changes only what makes it scratch
     "transfer": [],
     "scratch": ["model.pretrained=false", "train.freeze_epochs=0", "train.head_lr_scale=1.0"],
@@ -61,7 +62,9 @@ class Trial:
 
 def trial(arm: str, seed: int) -> Queued:
     """The experiment of one arm and seed, e.g. demo-s3-transfer (base.seed=3)."""
-    copy = ["data/demo"] + ([str(SOURCE_WEIGHTS), str(SOURCE_WEIGHTS.with_suffix(".json"))] if arm == "transfer" else [])
+    copy = [str(TARGET_DATA), f"{TARGET_DATA}.dvc"]  # the folder first: it makes data/demo/ for the .dvc file
+    if arm == "transfer":
+        copy += [str(SOURCE_WEIGHTS), str(SOURCE_WEIGHTS.with_suffix(".json"))]
     return Queued(f"demo-s{seed}-{arm}", [f"base.seed={seed}", *ARMS[arm]], copy)
 
 
