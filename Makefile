@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-shuffled lint bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tunedeck needs Python 3.11 or newer: set PYTHON=python3.11")'
@@ -23,6 +23,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The same suite in a random order (modules shuffled, and the tests within each): no test may
+# depend on another having run first. The seed is printed; TUNEDECK_TEST_ORDER=shuffle:SEED repeats it.
+test-shuffled: lint
+	TUNEDECK_TEST_ORDER=$${TUNEDECK_TEST_ORDER:-shuffle} $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/orchestration_overhead.py
