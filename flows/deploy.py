@@ -115,12 +115,3 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
     exe = Path(sys.executable).parent / "prefect"
     cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots))]
     return cmd, env
-
-
-def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
-    """Start a Prefect process worker on this host that runs one flow run per GPU (or one on the CPU)."""
-    cmd, env = worker_command(pool, gpus, git_pull)
-    code = f"{env['TUNEDECK_PROJECT']}" + (" (git pull before each run)" if git_pull else "")
-    print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}, code in {code}: {' '.join(cmd[1:])}",
-          flush=True)
-    return subprocess.call(cmd, env={**os.environ, **env})

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deployed {', '.join(names)} to the work pool 'local'; `prefect deployment ls` lists them.")
             return 0
         if args.command == "worker":
-            from flows.deploy import run_worker
+            from flows.worker import run_worker
 
             return run_worker(args.pool, args.gpus, args.git_pull)
         from tui.app import run_dashboard

@@ -1,0 +1,97 @@
+"""`tunedeck worker`: a Prefect process worker on this host, and a stop that leaves nothing behind.
+
+SIGTERM (what a supervisor sends) or Ctrl-C to `tunedeck worker` stops the whole family: the
+runs it had started get SIGTERM first (a stage ends as stopped, its flow run Crashed), then
+the Prefect worker; whatever is left after a grace period is killed. A run whose flow run is
+still open after that is marked Crashed through the API, so no run stays Running with nobody
+behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+import psutil
+
+from flows.deploy import worker_command
+
+GRACE_SECONDS = 8.0  # the runs' and the worker's time to end on SIGTERM, then SIGKILL (the goal is a clean host in 10 s)
+
+
+def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
+    """Start a Prefect process worker on this host that runs one flow run per GPU (or one on the CPU)."""
+    cmd, env = worker_command(pool, gpus, git_pull)
+    code = f"{env['TUNEDECK_PROJECT']}" + (" (git pull before each run)" if git_pull else "")
+    print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}, code in {code}: {' '.join(cmd[1:])}",
+          flush=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopped = stop_family(proc.pid)
+        print(f"tunedeck worker: stopped by {signal.Signals(signum).name}: the Prefect worker and "
+              f"{len(stopped)} run(s) it had started" + (f" ({', '.join(stopped)}: marked Crashed)" if stopped else ""),
+              file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return proc.wait()
+
+
+def flow_run_of(process: psutil.Process) -> str | None:
+    """The flow run a process belongs to (the worker starts each run with PREFECT__FLOW_RUN_ID)."""
+    with contextlib.suppress(psutil.Error):
+        return process.environ().get("PREFECT__FLOW_RUN_ID")
+    return None
+
+
+def stop_family(worker_pid: int, grace: float = GRACE_SECONDS) -> list[str]:
+    """SIGTERM the worker's runs and then the worker, SIGKILL what outlives the grace; the runs' ids.
+
+    The runs go first: the Prefect worker, told to stop, would no longer report their end.
+    """
+    try:
+        worker = psutil.Process(worker_pid)
+        family = worker.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    runs = sorted({run for run in map(flow_run_of, family) if run})
+    for process in family:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace / 2)
+    with contextlib.suppress(psutil.Error):
+        worker.terminate()
+    _, left = psutil.wait_procs([worker, *alive], timeout=grace / 2)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(left, timeout=2)
+    mark_crashed(runs)
+    return runs
+
+
+def mark_crashed(run_ids: list[str]) -> None:
+    """Set the runs that are not final yet to Crashed (their processes are gone); a server that is down is skipped."""
+    if not run_ids:
+        return
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            for run_id in run_ids:
+                state = client.read_flow_run(run_id).state
+                if state is None or not state.is_final():
+                    client.set_flow_run_state(run_id, Crashed(message="its worker was stopped (tunedeck worker got a "
+                                                                       "stop signal); run it again to resume"), force=True)
+    except Exception as exc:  # noqa: BLE001 - the server may be down too: say so, the zombie check catches them later
+        print(f"tunedeck worker: could not mark runs {', '.join(run_ids)} Crashed ({type(exc).__name__}); "
+              "the server will show them Running until it notices.", file=sys.stderr, flush=True)
