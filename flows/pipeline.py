@@ -1,10 +1,13 @@
 """The Prefect flows deployments run: the DVC pipeline stage by stage, and an ad-hoc experiment.
 
-Each DVC stage is a Prefect task (`dvc repro --single-item <stage>`) in dvc.yaml's order, with
-retries and the stage's DVC lock entry as its cache key: a retry or re-run skips finished
-stages, and the train stage resumes from its checkpoint. The run holds a GPU slot (a Prefect
-global concurrency limit of 1 per GPU) for its whole length, and pins the GPU with
-CUDA_VISIBLE_DEVICES.
+Each run works in a workspace of its own (flows.workspace: a git worktree of the worker's
+clone at its commit, sharing the DVC cache); its overrides go to that workspace's params.yaml
+alone, and its results come back as a DVC experiment named after the flow run. Each DVC stage
+is a Prefect task (`dvc repro --single-item <stage>`) in dvc.yaml's order, with retries and the
+stage's DVC lock entry as its cache key: a retry skips finished stages, and the train stage
+resumes from its checkpoint (kept per run key in the clone's checkpoints/, so a run started
+again in a new workspace resumes too). The run holds a GPU slot (a Prefect global concurrency
+limit of 1 per GPU) for its whole length, and pins the GPU with CUDA_VISIBLE_DEVICES.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
+from flows import workspace
 from flows.core.errors import TunedeckError
 from flows.dag import stage_order
 from flows.dvc_cli import dvc, sync
@@ -41,10 +45,10 @@ def dvc_session() -> DvcSession:
 
 
 @contextlib.contextmanager
-def open_session() -> Iterator[DvcSession]:
-    """Start the DVC helper now (it imports DVC while the run gets its slot) and stop it at the end."""
+def open_session(cwd: Path) -> Iterator[DvcSession]:
+    """Start the DVC helper in cwd now (it imports DVC while the run gets its slot) and stop it at the end."""
     global _SESSION
-    _SESSION = DvcSession().start()
+    _SESSION = DvcSession(cwd).start()
     try:
         yield _SESSION
     finally:
@@ -100,57 +104,94 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True) -> dict:
-    """dvc pull, every stage of dvc.yaml in order, dvc push; overrides as key=value (dvc exp run -S)."""
+    """dvc pull, every stage of dvc.yaml in order, dvc push, in the run's own workspace; overrides as key=value.
+
+    The run ends as a DVC experiment named after the flow run (`dvc exp show` in the clone lists it).
+    """
     logger = get_run_logger()
     code = code_version()
     logger.info(f"code: {code}")
-    with open_session(), device_slot() as env, overridden_params(overrides or []):
+    overrides = overrides or []
+    clone = Path.cwd()
+    with run_workspace(clone, overrides) as ws, open_session(ws), device_slot() as env:
+        env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
         if pull:  # --allow-missing: a first run finds nothing on the remote yet
-            sync("pull", "--allow-missing", on_line=logger.info)
-        for stage in stage_order():
+            sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
+        else:
+            dvc("checkout", "--allow-missing", cwd=ws, on_line=logger.info)  # .dvc-tracked data, from the shared cache
+        for stage in stage_order(ws / "dvc.yaml"):
             run_stage(stage, env)
         if push:
-            sync("push", on_line=logger.info)
-    return attach_versions(code)
+            sync("push", cwd=ws, on_line=logger.info)
+        save_experiment(clone, ws, run_name())
+        versions = attach_versions(code, ws)
+        tag_versions(versions)
+        return versions
 
 
 @contextlib.contextmanager
-def overridden_params(overrides: list[str]) -> Iterator[None]:
-    """params.yaml with the overrides for the run, put back afterwards, even after a crash.
+def run_workspace(clone: Path, overrides: list[str]) -> Iterator[Path]:
+    """The run's own worktree of the clone, with the overrides in its params.yaml; removed at the end.
 
-    The original is kept in .tunedeck/params.before-run.yaml while the run holds the change; a
-    run that finds it (its predecessor was killed) restores it first.
+    A bad override fails here, in one sentence, before anything else happens.
     """
-    params, backup = Path("params.yaml"), Path(".tunedeck/params.before-run.yaml")
-    if backup.exists():
-        params.write_text(backup.read_text())
-        backup.unlink()
-    if not overrides:
-        yield
-        return
-    backup.parent.mkdir(parents=True, exist_ok=True)
-    backup.write_text(params.read_text())
+    import yaml
+
+    logger = get_run_logger()
+    overridden_text(clone / "params.yaml", overrides)
+    tic = time.perf_counter()
+    ws = workspace.create(clone, run_id())
     try:
-        apply_overrides(params, overrides)
-        yield
+        apply_overrides(ws / "params.yaml", overrides)
+        source = yaml.safe_load((ws / "params.yaml").read_text())["data"]["source"]
+        workspace.link_untracked_source(clone, ws, source)
+        logger.info(f"workspace: {ws} (set up in {time.perf_counter() - tic:.2f} s)")
+        yield ws
     finally:
-        params.write_text(backup.read_text())
-        backup.unlink()
+        workspace.remove(clone, ws)
+
+
+def save_experiment(clone: Path, ws: Path, name: str) -> None:
+    """`dvc exp save` of the workspace as experiment <name>, one run of this clone at a time (shared git refs)."""
+    workspace.git("add", "-A", cwd=ws)  # dvc.lock, metrics and plots: what `dvc exp run` would commit
+    with workspace.host_lock(clone, "exp-save"):
+        dvc("exp", "save", "--force", "-n", name, cwd=ws)
+    get_run_logger().info(f"results saved as DVC experiment '{name}' (dvc exp show)")
+
+
+def run_id() -> str:
+    """This flow run's id (a local run outside Prefect's engine: a fresh one)."""
+    import uuid
+
+    from prefect.runtime import flow_run
+
+    return flow_run.id or uuid.uuid4().hex
+
+
+def run_name() -> str:
+    """This flow run's name, the name of its DVC experiment."""
+    from prefect.runtime import flow_run
+
+    return flow_run.name or run_id()[:8]
 
 
 @flow(name="experiment", log_prints=True)
 def experiment(overrides: list[str] | None = None, name: str | None = None) -> dict:
-    """An ad-hoc experiment: `dvc exp run -S ...`, so it appears in `dvc exp show`."""
+    """An ad-hoc experiment: `dvc exp run -S ...` in the run's own workspace, so it appears in `dvc exp show`."""
     logger = get_run_logger()
     code = code_version()
     logger.info(f"code: {code}")
-    overridden_text(Path("params.yaml"), overrides or [])  # a bad override fails here, in one sentence
-    args = ["exp", "run"] + (["-n", name] if name else [])
+    clone = Path.cwd()
+    overridden_text(clone / "params.yaml", overrides or [])  # a bad override fails here, in one sentence
+    args = ["exp", "run", "-n", name or run_name()]
     for item in overrides or []:
         args += ["-S", item]
-    with device_slot() as env:
-        dvc(*args, env={**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
-    return attach_versions(code)
+    with run_workspace(clone, []) as ws, device_slot() as env:
+        dvc("checkout", "--allow-missing", cwd=ws)
+        with workspace.host_lock(clone, "exp-save"):  # dvc exp run moves refs every worktree shares
+            dvc(*args, cwd=ws, env={**env, "TUNEDECK_PREFECT": "off", "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")},
+                on_line=logger.info)
+        return attach_versions(code, ws)
 
 
 def code_version() -> str:
@@ -164,17 +205,30 @@ def code_version() -> str:
     return f"{Path.cwd()} at {head.stdout.strip()[:12]}" + ("+changes" if dirty.stdout.strip() else "")
 
 
-def attach_versions(code: str) -> dict:
-    """The code, data and model versions (and test metrics) of the finished run, as an artifact."""
+def attach_versions(code: str, root: Path) -> dict:
+    """The code, data and model versions (and test metrics) of the finished run in root, as an artifact."""
     summary: dict = {"code": code}
     with contextlib.suppress(OSError, ValueError):
-        config = json.loads(Path("models/model.json").read_text())
+        config = json.loads((root / "models/model.json").read_text())
         summary.update(data_version=config["data_version"], model_sha256=config["sha256"])
     with contextlib.suppress(OSError, ValueError):
-        summary.update(json.loads(Path("eval/metrics.json").read_text()))
+        summary.update(json.loads((root / "eval/metrics.json").read_text()))
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
     create_markdown_artifact(markdown=f"| | |\n|---|---|\n{rows}\n", key="versions", description="data/model versions")
     return summary
+
+
+def tag_versions(versions: dict) -> None:
+    """The run's data and model versions as tags (data:<md5>, model:<sha256>, 12 digits), as a stage's run has."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    tags = [f"{kind}:{versions[key][:12]}" for kind, key in (("data", "data_version"), ("model", "model_sha256"))
+            if versions.get(key)]
+    if tags and flow_run.id:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(flow_run.id).tags or []
+            client.update_flow_run(flow_run.id, tags=sorted({*current, *tags}))
 
 
 def data_changed(status: dict) -> list[str]:
@@ -190,17 +244,57 @@ def data_changed(status: dict) -> list[str]:
 
 @flow(name="data-watch")
 def data_watch(stage: str = "prepare") -> list[str]:
-    """Start the pipeline deployment when the data the first stage reads has changed."""
+    """Start the pipeline deployment when the data the first stage reads differs from what the last run trained on.
+
+    The last run is the newest completed pipeline run's `data:` tag (runs work in their own
+    workspaces, so the clone's dvc.lock does not follow them); before any, the clone's dvc.lock.
+    """
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    # not --quiet: it silences the JSON too. DVC's warnings share the stream, so take the JSON line.
-    out = dvc("status", stage, "--json")
-    status = next((json.loads(line) for line in out.splitlines() if line.startswith("{")), {})
-    changed = data_changed(status)
+    source, current = data_version_now(stage)
+    last = last_trained_data()
+    if last is not None:
+        changed = [source] if not current.startswith(last) else []
+    else:  # not --quiet: it silences the JSON too. DVC's warnings share the stream, so take the JSON line.
+        out = dvc("status", stage, "--json")
+        changed = data_changed(next((json.loads(line) for line in out.splitlines() if line.startswith("{")), {}))
     if changed:
         logger.info("data changed (%s): starting pipeline/pipeline", ", ".join(changed))
         run_deployment("pipeline/pipeline", timeout=0)
     else:
         logger.info("data unchanged")
     return changed
+
+
+def data_version_now(stage: str) -> tuple[str, str]:
+    """(data.source, its DVC md5 now) for the stage's first dependency; DVC's state cache spares rehashing."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        dep = repo.stage.collect(stage)[0].deps[0]
+        return dep.def_path, dep.get_hash().value or ""
+
+
+def last_trained_data() -> str | None:
+    """The 12-digit data version of the newest completed pipeline run, None when no run has one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    completed = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
+                                     flow_run_filter=completed, sort=FlowRunSort.END_TIME_DESC, limit=20)
+    for run in runs:
+        tag = next((t for t in run.tags or [] if t.startswith("data:")), None)
+        if tag:
+            return tag.removeprefix("data:")
+    return None

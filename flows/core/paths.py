@@ -11,4 +11,12 @@ TRAIN_LIVE = Path("dvclive")
 EVAL = Path("eval")
 SPLITS = ("train", "val", "test")
 WEIGHTS = Path("weights")
-CHECKPOINTS = Path("checkpoints")
+CHECKPOINTS = Path("checkpoints")  # a folder per run key below it; TUNEDECK_CHECKPOINTS moves it (checkpoints_base)
+
+
+def checkpoints_base() -> Path:
+    """Where checkpoints go: TUNEDECK_CHECKPOINTS (a run's workspace points it at its clone's, so a
+    retry in a new workspace resumes), else checkpoints/ of the project."""
+    import os
+
+    return Path(os.environ.get("TUNEDECK_CHECKPOINTS") or CHECKPOINTS)

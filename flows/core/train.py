@@ -62,6 +62,11 @@ def run_key(params: Params, manifest: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def run_folder(base: Path, key: str) -> Path:
+    """The checkpoints folder of one run: its run key's first 16 hex digits below base."""
+    return base / key[:16]
+
+
 def device_for(params: Params, world: World) -> torch.device:
     """This process's device: base.device, or GPU local_rank under DDP."""
     device = resolve_device(params.base.device)
@@ -75,7 +80,10 @@ def train(
 ) -> TrainResult:
     """Fine-tune params.model on the prepared split; write out/model.safetensors and model.json.
 
-    Bad settings are refused before any heavy work; with ``checkpoints`` a killed run resumes.
+    Bad settings are refused before any heavy work. With ``checkpoints`` (a base folder) the
+    run's checkpoints go to its own folder below it, named by its run key: a killed run resumes
+    from there, and a run of other params or data starts a folder of its own, never touching
+    another run's.
     """
     from flows.core.trainer import Trainer
 
@@ -87,7 +95,8 @@ def train(
     init(world, device)
     try:
         trainer = Trainer(params, manifest, prepared, device, world, tracker)
-        return trainer.run(out, checkpoints, run_key(params, manifest))
+        key = run_key(params, manifest)
+        return trainer.run(out, run_folder(checkpoints, key) if checkpoints is not None else None, key)
     finally:
         shutdown(world)
 

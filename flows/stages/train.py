@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
-from flows.core.paths import CHECKPOINTS, MODEL_CONFIG, MODELS, PREPARED, TRAIN_LIVE, WEIGHTS
+from flows.core.paths import MODEL_CONFIG, MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
 from flows.stages.entry import run_main
 
 DIE_WITH_PARENT = """
@@ -35,7 +35,7 @@ def work(params: Params) -> dict:
         return launch_ddp(params)
     tracker = LiveTracker()
     try:
-        result = train(params, PREPARED, MODELS, tracker, CHECKPOINTS)
+        result = train(params, PREPARED, MODELS, tracker, checkpoints_base())
     finally:
         tracker.close()
     if current_world().rank:

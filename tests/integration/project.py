@@ -69,6 +69,11 @@ def run(cwd: Path, *args: str, check: bool = True, **extra: str) -> subprocess.C
     return proc
 
 
+def checkpoint_written(checkpoints: Path) -> bool:
+    """Whether a run has written its first checkpoint under checkpoints/ (a folder per run key)."""
+    return any(checkpoints.glob("*/last.pt"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

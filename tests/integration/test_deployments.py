@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from flows import server
-from tests.integration.project import api, env, free_port, make_project, run
+from tests.integration.project import api, checkpoint_written, env, free_port, make_project, run
 
 pytestmark = pytest.mark.slow
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -89,7 +89,8 @@ def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
     project, url = cluster
     flow_run = wait(url, start(url, "pipeline"))
     assert flow_run["state_type"] == "COMPLETED", logs(url, flow_run["id"])[-2000:]
-    assert (project / "models" / "model.safetensors").is_file()
+    assert flow_run["name"] in run(project, "dvc", "exp", "show", "--csv").stdout, "the run is a DVC experiment"
+    assert {t.split(":")[0] for t in flow_run["tags"]} >= {"data", "model"}, flow_run["tags"]
     pushed = list((project / "dvc-remote").rglob("*"))
     assert any(p.is_file() for p in pushed), "dvc push put nothing on the remote"
     assert "holding GPU 0" in logs(url, flow_run["id"])
@@ -123,9 +124,8 @@ def test_a_killed_run_is_crashed_and_the_rerun_resumes(cluster):
     overrides = ["train.epochs=100", "train.checkpoint_every=3"]
     shutil.rmtree(project / "checkpoints", ignore_errors=True)  # so the checkpoint waited for is this run's
     run_id = start(url, "pipeline", overrides=overrides, pull=False, push=False)
-    last = project / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300  # a hang guard
-    while not last.exists():
+    while not checkpoint_written(project / "checkpoints"):
         assert time.monotonic() < deadline, ("no checkpoint was written", wait(url, run_id, timeout=1)["state_type"])
         time.sleep(0.02)
     family = _process_tree(run_id)
@@ -137,7 +137,7 @@ def test_a_killed_run_is_crashed_and_the_rerun_resumes(cluster):
     retry = wait(url, start(url, "pipeline", overrides=overrides, pull=False, push=False), timeout=400)
     text = logs(url, retry["id"])
     assert retry["state_type"] == "COMPLETED", text[-2000:]
-    assert "resuming from checkpoints/" in text
+    assert f"resuming from {project / 'checkpoints'}/" in text, "a new workspace resumes from the clone's checkpoints"
     assert "Running stage 'prepare'" not in text, "the finished prepare stage must be skipped"
     assert (project / "params.yaml").read_text() == params_before, "overrides must not outlive the run"
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from flows import server
-from tests.integration.project import env, free_port, make_project, run
+from tests.integration.project import checkpoint_written, env, free_port, make_project, run
 from tests.integration.test_deployments import start, wait
 
 pytestmark = pytest.mark.slow
@@ -24,9 +24,8 @@ def test_sigterm_to_the_worker_leaves_no_process_and_no_running_run(tmp_path):
         worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         run_id = start(url, "pipeline", overrides=["train.epochs=5000"], pull=False, push=False)
-        checkpoint = project / "checkpoints" / "last.pt"
         deadline = time.monotonic() + 300  # a hang guard: the event is the run's first checkpoint
-        while not checkpoint.exists():
+        while not checkpoint_written(project / "checkpoints"):
             assert time.monotonic() < deadline and worker.poll() is None, "the run never started training"
             time.sleep(0.1)
         family = psutil.Process(worker.pid).children(recursive=True)

@@ -90,13 +90,15 @@ def test_demo_in_a_real_terminal(tmp_path):
     command = f"{Path(sys.executable).parent / 'tunedeck'} dash --demo; echo $? > {status}"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "140", "-y", "42", command], check=True, cwd=ROOT)
     try:
+        # wait for the whole first screen: panels fill in one by one, so waiting for their titles alone
+        # and then asserting their rows raced the runs' total and the deployments' rows (failed 1 in 3)
+        expected = ("GPUs · 8 × NVIDIA H100", "runs 1–100 of 1000", "deployments", "weekly-retrain")
         screen = ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not all(w in screen for w in ("GPUs", "runs 1–100", "deployments")):
-            time.sleep(0.5)
+        deadline = time.monotonic() + 60  # a hang guard
+        while not all(w in screen for w in expected):
+            assert time.monotonic() < deadline, f"missing {[w for w in expected if w not in screen]}:\n{screen}"
+            time.sleep(0.2)
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
-        assert "GPUs · 8 × NVIDIA H100" in screen, screen
-        assert "runs 1–100 of 1000" in screen and "deployments" in screen and "weekly-retrain" in screen, screen
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
         deadline = time.monotonic() + 20
         while not status.exists() and time.monotonic() < deadline:

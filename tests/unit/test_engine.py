@@ -88,7 +88,7 @@ def test_layer_decay_and_head_lr_give_the_expected_group_lrs(tmp_path, image_fol
 def test_ema_differs_from_the_raw_weights_and_is_saved(tmp_path, image_folder):
     params, prepared = make(tmp_path, image_folder, epochs=2, ema_decay=0.9)
     result = train(params, prepared, tmp_path / "models", checkpoints=tmp_path / "ckpt")
-    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
+    state = torch.load(next((tmp_path / "ckpt").glob("*/last.pt")), weights_only=False)
     raw, ema = state["model"], state["ema"]
     assert any(not torch.equal(raw[k], ema["module." + k] if "module." + k in ema else ema[k]) for k in raw if raw[k].is_floating_point())
     config = json.loads((tmp_path / "models" / "model.json").read_text())
@@ -132,8 +132,11 @@ def test_checkpoints_resume_to_bit_identical_weights(tmp_path, image_folder):
     whole = train(params, prepared, tmp_path / "a", checkpoints=tmp_path / "ca")
     # a run stopped after its first epoch's mid-epoch checkpoint ...
     short = params.model_copy(update={"train": params.train.model_copy(update={"epochs": 3})})
+    from flows.core.train import run_folder, run_key
+
     t = trainer(short, prepared)
-    t._epoch(0, 0, None, tmp_path / "cb", __import__("flows.core.train", fromlist=["run_key"]).run_key(short, load_manifest(prepared)))
+    key = run_key(short, load_manifest(prepared))
+    t._epoch(0, 0, None, run_folder(tmp_path / "cb", key), key)
     # ... and resumed by a fresh process-like Trainer
     resumed = train(params, prepared, tmp_path / "b", checkpoints=tmp_path / "cb")
     assert resumed.resumed_at is not None and resumed.resumed_at.startswith("epoch 1, batch")
@@ -145,7 +148,7 @@ def test_checkpoints_resume_to_bit_identical_weights(tmp_path, image_folder):
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, image_folder, caplog):
     params, prepared = make(tmp_path, image_folder, epochs=2)
     train(params, prepared, tmp_path / "m", checkpoints=tmp_path / "c")
-    (tmp_path / "c" / "last.pt").write_bytes(b"garbage")
+    next((tmp_path / "c").glob("*/last.pt")).write_bytes(b"garbage")
     with caplog.at_level(logging.INFO, logger="tunedeck"):
         result = train(params, prepared, tmp_path / "m", checkpoints=tmp_path / "c")
     assert "unreadable" in caplog.text and result.resumed_at == "epoch 2, batch 0"
@@ -154,8 +157,11 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, image_fol
 def test_other_params_do_not_resume(tmp_path, image_folder):
     params, prepared = make(tmp_path, image_folder, epochs=1)
     train(params, prepared, tmp_path / "m", checkpoints=tmp_path / "c")
+    first = {p.parent.name: p.read_bytes() for p in (tmp_path / "c").glob("*/last.pt")}
     other, _ = make(tmp_path, image_folder, epochs=1, lr=0.01)
     assert train(other, prepared, tmp_path / "m", checkpoints=tmp_path / "c").resumed_at is None
+    folders = {p.parent.name: p.read_bytes() for p in (tmp_path / "c").glob("*/last.pt")}
+    assert len(folders) == 2 and all(folders[k] == v for k, v in first.items()), "another run's checkpoints stay as they were"
 
 
 def test_augmentations_train(tmp_path, image_folder):
