@@ -62,8 +62,9 @@ class DvcSession:
                     on_line(line)
             proc.wait()
             self._proc = None
-            raise TunedeckError(f"the DVC helper process exited (status {proc.returncode}) while asked to "
-                                f"{request['op']} stage '{request['stage']}': {' | '.join(lines[-3:])[-300:]}")
+            what = f"`dvc {' '.join(request['args'])}`" if "args" in request else f"whether stage '{request['stage']}' is up to date"
+            raise TunedeckError(f"the DVC helper process exited (status {proc.returncode}) while asked {what}: "
+                                f"{' | '.join(lines[-3:])[-300:]}")
 
     def up_to_date_key(self, stage: str) -> str | None:
         """A key made of the stage's dvc.lock entry when DVC says the stage is up to date, else None."""
@@ -72,10 +73,15 @@ class DvcSession:
     def repro(self, stage: str, env: dict[str, str] | None = None,
               on_line: Callable[[str], None] | None = None) -> None:
         """`dvc repro --single-item stage` with env added; its output goes to on_line."""
+        self.run(["repro", "--single-item", stage], env, on_line)
+
+    def run(self, args: list[str], env: dict[str, str] | None = None,
+            on_line: Callable[[str], None] | None = None) -> None:
+        """`dvc args` in the helper (DVC already imported: no second of start-up); a failure is one sentence."""
         lines: list[str] = []
-        answer = self._ask({"op": "repro", "stage": stage, "env": env or {}}, on_line, lines)
+        answer = self._ask({"op": "dvc", "args": args, "env": env or {}}, on_line, lines)
         if answer["rc"] != 0:
-            raise TunedeckError(f"`dvc repro --single-item {stage}` failed (exit {answer['rc']}): {output_tail(lines)}")
+            raise TunedeckError(f"`dvc {' '.join(args)}` failed (exit {answer['rc']}): {output_tail(lines)}")
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -129,7 +135,7 @@ def serve() -> None:
         else:
             os.environ.clear()
             os.environ.update({**base, **request.get("env", {})})
-            answer = {"rc": dvc_main(["repro", "--single-item", request["stage"]])}
+            answer = {"rc": dvc_main(request["args"])}
         sys.stderr.flush()
         sys.stdout.write(MARK + json.dumps(answer) + "\n")
         sys.stdout.flush()

@@ -117,13 +117,13 @@ def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool =
         env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
         if pull:  # --allow-missing: a first run finds nothing on the remote yet
             sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
-        else:
-            dvc("checkout", "--allow-missing", cwd=ws, on_line=logger.info)  # .dvc-tracked data, from the shared cache
+        else:  # .dvc-tracked data, linked from the shared cache
+            timed("data checked out", lambda: dvc_session().run(["checkout", "--allow-missing"], on_line=logger.info))
         for stage in stage_order(ws / "dvc.yaml"):
             run_stage(stage, env)
         if push:
             sync("push", cwd=ws, on_line=logger.info)
-        save_experiment(clone, ws, run_name())
+        timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, run_name()))
         versions = attach_versions(code, ws)
         tag_versions(versions)
         return versions
@@ -145,17 +145,24 @@ def run_workspace(clone: Path, overrides: list[str]) -> Iterator[Path]:
         apply_overrides(ws / "params.yaml", overrides)
         source = yaml.safe_load((ws / "params.yaml").read_text())["data"]["source"]
         workspace.link_untracked_source(clone, ws, source)
-        logger.info(f"workspace: {ws} (set up in {time.perf_counter() - tic:.2f} s)")
+        logger.info(f"isolation: workspace {ws} set up in {time.perf_counter() - tic:.2f} s")
         yield ws
     finally:
-        workspace.remove(clone, ws)
+        timed("workspace removed", lambda: workspace.remove(clone, ws))
+
+
+def timed(what: str, work) -> None:
+    """Do work, then log `isolation: <what> in <seconds> s` (bench/deploy_latency.py adds these up)."""
+    tic = time.perf_counter()
+    work()
+    get_run_logger().info(f"isolation: {what} in {time.perf_counter() - tic:.2f} s")
 
 
 def save_experiment(clone: Path, ws: Path, name: str) -> None:
     """`dvc exp save` of the workspace as experiment <name>, one run of this clone at a time (shared git refs)."""
     workspace.git("add", "-A", cwd=ws)  # dvc.lock, metrics and plots: what `dvc exp run` would commit
     with workspace.host_lock(clone, "exp-save"):
-        dvc("exp", "save", "--force", "-n", name, cwd=ws)
+        dvc_session().run(["exp", "save", "--force", "-n", name])
     get_run_logger().info(f"results saved as DVC experiment '{name}' (dvc exp show)")
 
 

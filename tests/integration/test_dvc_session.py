@@ -36,6 +36,6 @@ def test_keys_repro_and_failures(tmp_path):
         dvc.repro("probe", on_line=lines.append)
         assert [line for line in lines if line.startswith("probe=")] == ["probe=set", "probe="], (
             "the env of one request must not leak into the next")
-        with pytest.raises(TunedeckError, match=r"the DVC helper process exited \(status -9\) while asked to repro"):
+        with pytest.raises(TunedeckError, match=r"the DVC helper process exited \(status -9\) while asked `dvc repro --single-item"):
             dvc.repro("kill-helper")
         assert dvc.up_to_date_key("hello") == key, "a dead helper is replaced on the next question"
