@@ -68,15 +68,17 @@ def main() -> None:
                 entries.sort(key=lambda e: e["timestamp"])
                 first_stage = next(e for e in entries if "Running stage" in e["message"] or "python -m flows.stages" in e["message"])
                 latency.append(when(first_stage["timestamp"]) - created)
-                isolation_s.append(sum(float(e["message"].rsplit(" in ", 1)[1].removesuffix(" s"))
-                                       for e in entries if e["message"].startswith("isolation: ")))
+                steps = {e["message"].removeprefix("isolation: ").rsplit(" in ", 1)[0][:40]: float(e["message"].rsplit(" in ", 1)[1].removesuffix(" s"))
+                         for e in entries if e["message"].startswith("isolation: ")}
+                isolation_s.append(sum(steps.values()))
                 flow_s.append(when(done["end_time"]) - when(done["start_time"]))
                 bump_seed(project)
                 tic = time.perf_counter()
                 run(project, "dvc", "repro", TUNEDECK_PREFECT="off")
                 repro_s.append(time.perf_counter() - tic)
                 print(f"round {i + 1}: latency {latency[-1]:.2f}s  pipeline flow {flow_s[-1]:.2f}s  dvc repro {repro_s[-1]:.2f}s"
-                      f"  isolation {isolation_s[-1]:.2f}s", flush=True)
+                      f"  isolation {isolation_s[-1]:.2f}s ({', '.join(f'{k.split()[0]} {v:.2f}' for k, v in steps.items())})",
+                      flush=True)
             assert "Running stage" in logs(url, run_id)
         finally:
             if worker is not None:

@@ -117,7 +117,7 @@ def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool =
         env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
         if pull:  # --allow-missing: a first run finds nothing on the remote yet
             sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
-        else:  # .dvc-tracked data, linked from the shared cache
+        elif workspace.tracks_dvc_data(ws):  # .dvc-tracked data (or a committed dvc.lock), linked from the shared cache
             timed("data checked out", lambda: dvc_session().run(["checkout", "--allow-missing"], on_line=logger.info))
         for stage in stage_order(ws / "dvc.yaml"):
             run_stage(stage, env)
@@ -194,7 +194,8 @@ def experiment(overrides: list[str] | None = None, name: str | None = None) -> d
     for item in overrides or []:
         args += ["-S", item]
     with run_workspace(clone, []) as ws, device_slot() as env:
-        dvc("checkout", "--allow-missing", cwd=ws)
+        if workspace.tracks_dvc_data(ws):
+            dvc("checkout", "--allow-missing", cwd=ws)
         with workspace.host_lock(clone, "exp-save"):  # dvc exp run moves refs every worktree shares
             dvc(*args, cwd=ws, env={**env, "TUNEDECK_PREFECT": "off", "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")},
                 on_line=logger.info)

@@ -93,6 +93,11 @@ def link_untracked_source(clone: Path, path: Path, source: str) -> None:
         (path / source).symlink_to(clone / source, target_is_directory=True)
 
 
+def tracks_dvc_data(path: Path) -> bool:
+    """Whether the commit has anything for `dvc checkout` to bring: a .dvc file or a dvc.lock (git's index, no DVC)."""
+    return bool(git("ls-files", "--", "*.dvc", "dvc.lock", cwd=path).strip())
+
+
 def remove(clone: Path, path: Path) -> None:
     """The worktree and its folder gone; the clone's own files untouched."""
     proc = subprocess.run(["git", "worktree", "remove", "--force", "--force", str(path)], cwd=clone, capture_output=True)
