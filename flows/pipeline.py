@@ -108,10 +108,14 @@ def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool =
 
     The run ends as a DVC experiment named after the flow run (`dvc exp show` in the clone lists it).
     """
+    return run_pipeline(overrides or [], pull, push, run_name())
+
+
+def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str) -> dict:
+    """The stages in the run's own workspace, each a task; the results saved as DVC experiment `name`."""
     logger = get_run_logger()
     code = code_version()
     logger.info(f"code: {code}")
-    overrides = overrides or []
     clone = Path.cwd()
     with run_workspace(clone, overrides) as ws, open_session(ws), device_slot() as env:
         env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
@@ -123,7 +127,7 @@ def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool =
             run_stage(stage, env)
         if push:
             sync("push", cwd=ws, on_line=logger.info)
-        timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, run_name()))
+        timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name))
         versions = attach_versions(code, ws)
         tag_versions(versions)
         return versions
@@ -184,22 +188,13 @@ def run_name() -> str:
 
 @flow(name="experiment", log_prints=True)
 def experiment(overrides: list[str] | None = None, name: str | None = None) -> dict:
-    """An ad-hoc experiment: `dvc exp run -S ...` in the run's own workspace, so it appears in `dvc exp show`."""
-    logger = get_run_logger()
-    code = code_version()
-    logger.info(f"code: {code}")
-    clone = Path.cwd()
-    overridden_text(clone / "params.yaml", overrides or [])  # a bad override fails here, in one sentence
-    args = ["exp", "run", "-n", name or run_name()]
-    for item in overrides or []:
-        args += ["-S", item]
-    with run_workspace(clone, []) as ws, device_slot() as env:
-        if workspace.tracks_dvc_data(ws):
-            dvc("checkout", "--allow-missing", cwd=ws)
-        with workspace.host_lock(clone, "exp-save"):  # dvc exp run moves refs every worktree shares
-            dvc(*args, cwd=ws, env={**env, "TUNEDECK_PREFECT": "off", "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")},
-                on_line=logger.info)
-        return attach_versions(code, ws)
+    """An ad-hoc experiment, what `dvc exp run -n NAME -S ...` does: the stages with the overrides in the
+    run's own workspace, saved as DVC experiment NAME (the flow run's name by default) for `dvc exp show`.
+
+    Not `dvc exp run` itself: it moves git refs every workspace of the clone shares for the whole
+    run, so two at once on one host would trip over each other; `dvc exp save` takes a second.
+    """
+    return run_pipeline(overrides or [], False, False, name or run_name())
 
 
 def code_version() -> str:
