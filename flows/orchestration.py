@@ -132,6 +132,10 @@ class Reporter:
                 answer = self.answers.get(timeout=left)
             except queue.Empty:
                 break
+            if answer.get("final") == "PENDING":
+                print("tunedeck: the Prefect server did not answer at the end of this stage; its flow run gets its "
+                      "final state as soon as the server is back (the reporter keeps trying for 15 minutes).",
+                      file=sys.stderr)
             if "final" in answer:
                 return answer["final"]
         print(f"tunedeck: the flow run did not confirm its end within {timeout:.0f} s; see {server.state_dir() / 'reporter.log'}.", file=sys.stderr)

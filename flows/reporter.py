@@ -10,6 +10,9 @@ stage streams JSON lines to the reporter's stdin:
   {"failed": sentence}                        bad input: the run ends Failed with that sentence
 
 If stdin closes with none of the last two (the stage was killed), the run ends Crashed at once.
+If the server does not answer when the run ends (it is down, or restarting), the reporter
+tells the stage so and stays behind it, setting the run's final state as soon as the server
+answers again (for up to SETTLE_S), so no run stays Running after an outage.
 A run cancelled from the API (the dashboard, the Prefect UI or CLI) is noticed within
 CANCEL_POLL_S: the reporter stops the stage process (SIGTERM; its checkpoints stay, so a later
 run resumes) and the run ends Cancelled.
@@ -26,6 +29,8 @@ import sys
 from typing import Any
 
 CANCEL_POLL_S = 2.0
+SETTLE_S = 900.0  # how long a reporter keeps trying to set a run's final state through an outage
+SETTLE_POLL_S = 2.0
 
 
 def answer(message: dict[str, Any]) -> None:
@@ -48,17 +53,22 @@ def main() -> int:
     stage_pid = os.getppid()  # the stage process that started this reporter
     spec = json.loads(sys.stdin.readline())
     os.environ["PREFECT_API_URL"] = spec["api_url"]
+    # a server that is down answers nothing for a while: give up on it in seconds (the stage waits
+    # for the run's end), then settle() keeps trying behind the stage
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
     from prefect import flow, get_run_logger, tags
     from prefect.artifacts import acreate_markdown_artifact
     from prefect.client.orchestration import get_client
     from prefect.context import get_run_context
-    from prefect.states import Cancelled, Crashed, Failed
+    from prefect.states import Cancelled, Completed, Crashed, Failed
 
     name = spec["name"]
+    opened: dict[str, Any] = {}  # the run's id, and the state it is to end in once the stage is done
 
     @flow(name=name, persist_result=False, validate_parameters=False)
     async def stage(params: dict[str, Any]) -> Any:
         run = get_run_context().flow_run
+        opened["id"] = str(run.id)
         ui = spec["api_url"].removesuffix("/api")
         answer({"flow_run_id": str(run.id), "url": f"{ui}/runs/flow-run/{run.id}", "name": run.name})
         logger = get_run_logger()
@@ -89,22 +99,74 @@ def main() -> int:
             line = await asyncio.to_thread(sys.stdin.readline)
             if not line:
                 if cancelled.is_set():
-                    return Cancelled(message=f"cancelled: the {name} stage process was stopped (its checkpoints stay)")
-                return Crashed(message=f"the {name} stage process ended before finishing (killed?)")
+                    opened["end"] = Cancelled(message=f"cancelled: the {name} stage process was stopped (its checkpoints stay)")
+                else:
+                    opened["end"] = Crashed(message=f"the {name} stage process ended before finishing (killed?)")
+                server_down()
+                return opened["end"]
             message = json.loads(line)
             if "log" in message:
                 logger.log(message.get("level", 20), message["log"])
             elif "failed" in message:
-                return Failed(message=message["failed"])
+                opened["end"] = Failed(message=message["failed"])
+                server_down()
+                return opened["end"]
             elif "done" in message:
                 summary = message["done"]
-                await acreate_markdown_artifact(markdown=markdown(name, summary), key=f"{name}-summary")
+                opened["end"] = Completed(message=f"the {name} stage finished")
+                if server_down():
+                    return summary
+                try:
+                    await acreate_markdown_artifact(markdown=markdown(name, summary), key=f"{name}-summary")
+                except Exception:  # noqa: BLE001 - the server went away just now: the run's end matters more
+                    server_down()
                 return summary
 
-    with tags("tunedeck", "dvc", *spec["tags"]):
-        state = asyncio.run(stage(spec["parameters"], return_state=True))
+    def server_down() -> bool:
+        """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""
+        from flows.server import healthy
+
+        if healthy(spec["api_url"], timeout=1.0):
+            return False
+        if not opened.get("told"):
+            opened["told"] = True
+            answer({"final": "PENDING"})
+        return True
+
+    try:
+        with tags("tunedeck", "dvc", *spec["tags"]):
+            state = asyncio.run(stage(spec["parameters"], return_state=True))
+    except Exception as exc:  # noqa: BLE001 - the server went away while the run was open
+        if "id" not in opened:
+            raise
+        state = Crashed(message=f"the {name} stage's reporter failed ({type(exc).__name__})")
+    if not state.is_final() or opened.get("told"):  # the engine could not tell the server how the run ended
+        if not opened.get("told"):
+            answer({"final": "PENDING"})
+        return settle(opened["id"], opened.get("end") or state)
     answer({"final": state.type.value})
     return 0
+
+
+def settle(run_id: str, state, give_up_after: float = SETTLE_S) -> int:
+    """Set the run's final state once the server answers again; the stage has gone on meanwhile."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + give_up_after
+    while time.monotonic() < deadline:
+        try:
+            with get_client(sync_client=True) as client:
+                current = client.read_flow_run(run_id).state
+                if current is None or not current.is_final():  # the engine's own retries may have got there first
+                    client.set_flow_run_state(run_id, state, force=True)
+            print(f"tunedeck reporter: flow run {run_id} ends {state.type.value}, set after an outage", file=sys.stderr)
+            return 0
+        except Exception:  # noqa: BLE001 - still down: try again
+            time.sleep(SETTLE_POLL_S)
+    print(f"tunedeck reporter: gave up setting flow run {run_id} to {state.type.value}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -224,3 +224,29 @@ def test_server_down_the_stage_says_so_and_runs(tmp_path):
     assert "no Prefect server is running" in proc.stderr + proc.stdout
     assert (alone / "data" / "prepared" / "manifest.json").is_file()
     assert run(alone, "tunedeck", "server", "status", check=False).returncode == 3
+
+
+def test_a_stage_that_ends_during_a_server_outage_shows_its_end_once_the_server_is_back(tmp_path):
+    """kill -9 of the server while the train stage runs; the stage finishes; the server restarts: the run reads COMPLETED."""
+    import json as _json
+
+    project = make_project(tmp_path / "outage")
+    port = free_port()
+    url = server.start(port, root=project)
+    try:
+        run(project, "dvc", "repro", "prepare", TUNEDECK_PREFECT="off")
+        with long_train_stage(project, epochs=40) as proc:
+            run_id = train_runs(url)[0]["id"]
+            os.kill(_json.loads((project / ".tunedeck" / "server.json").read_text())["pid"], signal.SIGKILL)
+            rest = proc.communicate(timeout=600)[1]
+            assert proc.returncode == 0, rest[-2000:]
+            assert "its flow run gets its final state as soon as the server is back" in rest, rest[-2000:]
+            assert server.start(port, root=project) == url
+            restarted = time.monotonic()
+            deadline = restarted + 120  # a hang guard; the reporter tries every 2 s
+            while (state := api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]["state_type"]) != "COMPLETED":
+                assert time.monotonic() < deadline, f"still {state} 120 s after the server came back"
+                time.sleep(0.5)
+            print(f"COMPLETED {time.monotonic() - restarted:.1f} s after the restart")
+    finally:
+        server.stop(root=project)
