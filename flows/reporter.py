@@ -143,7 +143,9 @@ def main() -> int:
     if not state.is_final() or opened.get("told"):  # the engine could not tell the server how the run ended
         if not opened.get("told"):
             answer({"final": "PENDING"})
-        return settle(opened["id"], opened.get("end") or state)
+        code = settle(opened["id"], opened.get("end") or state)
+        sys.stderr.flush()
+        os._exit(code)  # not Prefect's exit-time log flush: it would retry lines the outage lost, at a server maybe gone again
     answer({"final": state.type.value})
     return 0
 

@@ -248,5 +248,17 @@ def test_a_stage_that_ends_during_a_server_outage_shows_its_end_once_the_server_
                 assert time.monotonic() < deadline, f"still {state} 120 s after the server came back"
                 time.sleep(0.5)
             print(f"COMPLETED {time.monotonic() - restarted:.1f} s after the restart")
+            reporters = [p for p in psutil.process_iter(["cmdline"]) if "flows.reporter" in " ".join(p.info["cmdline"] or [])
+                         and _cwd(p) == str(project)]
+            _, alive = psutil.wait_procs(reporters, timeout=60)  # a hang guard: it exits once the state is set
+            assert not alive, "the stage's reporter stayed behind after setting the run's end"
     finally:
         server.stop(root=project)
+
+
+def _cwd(process: psutil.Process) -> str:
+    """A process's working folder, or "" once it is gone."""
+    try:
+        return process.cwd()
+    except psutil.Error:
+        return ""
