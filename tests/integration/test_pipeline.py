@@ -47,15 +47,17 @@ def reproduced(project, prefect):
     checkpoint behind, an experiment leaves its params), so the tests below hold in any order.
     """
     before = len(flow_runs(prefect))
+    files_before = set((project / ".tunedeck" / "runs").glob("*.json"))  # a stage killed by another test leaves its own
     first = run(project, "dvc", "repro")
     runs = flow_runs(prefect)[before:]
     ids = [r["id"] for r in api(prefect, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})[before:]]
+    left = set((project / ".tunedeck" / "runs").glob("*.json")) - files_before
     second = run(project, "dvc", "repro")
-    return first, runs, second, len(flow_runs(prefect)) - before - len(runs), ids
+    return first, runs, second, len(flow_runs(prefect)) - before - len(runs), ids, left
 
 
 def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect, reproduced):
-    proc, runs, _, _, ids = reproduced
+    proc, runs, _, _, ids, left = reproduced
     assert "Running stage 'evaluate'" in proc.stdout
     for out in ("data/prepared/train_x.npy", "models/model.safetensors", "models/model.json", "eval/metrics.json"):
         assert (project / out).is_file(), out
@@ -71,13 +73,13 @@ def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect, re
     train_id = ids[1]
     train_log = [e["message"] for e in api(prefect, "logs/filter", {"logs": {"flow_run_id": {"any_": [train_id]}}, "limit": 200})]
     assert any(m.startswith("epoch 1/") for m in train_log), "the stage's log must reach its flow run"
-    assert not list((project / ".tunedeck" / "runs").glob("*.json")), "run files must go when stages end"
+    assert not left, "run files must go when stages end"
     artifacts = api(prefect, "artifacts/filter")
     assert {a["key"] for a in artifacts} >= {"prepare-summary", "train-summary", "evaluate-summary"}
 
 
 def test_second_repro_is_a_noop(reproduced):
-    _, _, second, new_runs, _ = reproduced
+    _, _, second, new_runs, _, _ = reproduced
     assert "Data and pipelines are up to date" in second.stdout
     assert new_runs == 0
 
@@ -145,7 +147,7 @@ def state_of_new_run(url: str, before: int, wait: float = 120.0) -> tuple[str, s
         time.sleep(0.3)
 
 
-def test_bad_input_fails_the_flow_run_with_its_sentence(project, prefect):
+def test_bad_input_fails_the_flow_run_with_its_sentence(project, prefect, reproduced):
     params = (project / "params.yaml").read_text()
     try:
         (project / "params.yaml").write_text(params.replace("name: test_resnet", "name: resnet-18"))
@@ -158,7 +160,7 @@ def test_bad_input_fails_the_flow_run_with_its_sentence(project, prefect):
     assert state == "FAILED" and "is not a timm model" in message
 
 
-def test_a_killed_stage_is_crashed_at_once(project, prefect):
+def test_a_killed_stage_is_crashed_at_once(project, prefect, reproduced):
     before = len(train_runs(prefect))
     with long_train_stage(project) as proc:
         os.kill(proc.pid, signal.SIGKILL)
@@ -167,7 +169,7 @@ def test_a_killed_stage_is_crashed_at_once(project, prefect):
         assert state == "CRASHED" and "ended before finishing" in message
 
 
-def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
+def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect, reproduced):
     """Cancel (as the dashboard or `prefect flow-run cancel` do): the stage process stops, the run ends Cancelled."""
     before = len(train_runs(prefect))
     with long_train_stage(project) as proc:
@@ -181,7 +183,7 @@ def test_a_run_cancelled_from_the_api_stops_its_stage(project, prefect):
 
 
 @pytest.mark.parametrize("stop", ["cancel", "kill -9"])
-def test_a_stopped_ddp_stage_leaves_no_process_behind(project, prefect, stop):
+def test_a_stopped_ddp_stage_leaves_no_process_behind(project, prefect, reproduced, stop):
     """Cancel or kill -9 a 2-process DDP stage: torchrun and both of its workers stop with it, none left holding a GPU."""
     before = len(train_runs(prefect))
     with long_train_stage(project, devices=2, epochs=10_000) as proc:
