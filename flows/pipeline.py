@@ -29,7 +29,7 @@ from flows.dag import stage_order
 from flows.dvc_cli import dvc, sync
 from flows.dvc_session import DvcSession
 from flows.gpus import gpu_states, slot_name
-from flows.overrides import apply_overrides, overridden_text
+from flows.overrides import apply_overrides
 
 LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
 
@@ -137,12 +137,11 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str) -> dic
 def run_workspace(clone: Path, overrides: list[str]) -> Iterator[Path]:
     """The run's own worktree of the clone, with the overrides in its params.yaml; removed at the end.
 
-    A bad override fails here, in one sentence, before anything else happens.
+    A bad override fails here, in one sentence, before any stage runs (the workspace goes with it).
     """
     import yaml
 
     logger = get_run_logger()
-    overridden_text(clone / "params.yaml", overrides)
     tic = time.perf_counter()
     ws = workspace.create(clone, run_id())
     try:

@@ -96,8 +96,8 @@ def too_many_pixels(message: str) -> str:
     Such a file (a scanner's panorama, or a crafted bomb: 16,000 x 16,000 pixels fit in 32 KB)
     is refused before its pixels are decoded, so it never costs the memory it would take.
     """
-    numbers = [int(n) for n in re.findall(r"\((\d+) pixels\)|limit of (\d+)", message) for n in n if n]
-    size = f"{numbers[0] / 1e6:,.0f} megapixels, over the limit of {numbers[1] / 1e6:,.0f}" if len(numbers) == 2 else message
+    pixels, limit = re.search(r"\((\d+) pixels\)", message), re.search(r"limit of (\d+)", message)
+    size = f"{int(pixels[1]) / 1e6:,.0f} megapixels, over the limit of {int(limit[1]) / 1e6:,.0f}" if pixels and limit else message
     return f"too large to decode safely ({size}: Pillow's decompression-bomb guard); downscale it to use it"
 
 

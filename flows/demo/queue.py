@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
+from flows.dvc_cli import dvc_bin
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,6 @@ class Queued:
     name: str
     overrides: list[str]
     copy_paths: list[str] = field(default_factory=list)
-
-
-def tool(name: str) -> str:
-    """A command from this interpreter's environment (the project's .venv), else from PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -42,7 +37,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def dvc(*args: str, quiet: bool = False, check: bool = True) -> None:
     """Run one dvc command with list arguments; its output is shown indented, failure is an error (with check)."""
-    proc = subprocess.Popen([tool("dvc"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+    proc = subprocess.Popen([dvc_bin(), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -61,7 +56,7 @@ def queue(experiments: list[Queued]) -> None:
     """
     from dvc.repo import Repo
 
-    subprocess.run([tool("dvc"), "exp", "remove", *(e.name for e in experiments)], capture_output=True, env=child_env())
+    subprocess.run([dvc_bin(), "exp", "remove", *(e.name for e in experiments)], capture_output=True, env=child_env())
     with Repo(".") as repo:
         for exp in experiments:
             try:
@@ -72,7 +67,7 @@ def queue(experiments: list[Queued]) -> None:
 
 def run_queued(jobs: int, env: dict[str, str]) -> None:
     """`dvc exp run --run-all --jobs N` to its end: each experiment's start is shown, a failure is one sentence."""
-    proc = subprocess.Popen([tool("dvc"), "exp", "run", "--run-all", "--jobs", str(jobs)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([dvc_bin(), "exp", "run", "--run-all", "--jobs", str(jobs)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     tail: list[str] = []
     for line in proc.stdout:
