@@ -23,10 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from flows import server
+from flows.contracts import StageProgress
 from flows.core.errors import TunedeckError
 
 SWITCH = "TUNEDECK_PREFECT"
+PROGRESS_SWITCH = "TUNEDECK_PROGRESS"  # "lines": print progress as marked lines (a pipeline run reads them)
 log = logging.getLogger("tunedeck")
+_reporter: Reporter | None = None  # the reporter of the stage running in this process, if any
+
+
+def report_progress(progress: StageProgress) -> None:
+    """A training stage's progress, to where it is watched from: its flow run's labels, by one of two ways.
+
+    Under a pipeline run (TUNEDECK_PROGRESS=lines) it is a marked stdout line, which the pipeline
+    turns into its own run's labels; under a stage's own flow run, a message to its reporter.
+    """
+    if os.environ.get(PROGRESS_SWITCH) == "lines":
+        print(progress.line(), flush=True)
+    elif _reporter is not None:
+        _reporter.send({"progress": progress.model_dump(mode="json")})
 
 
 def prefect_mode() -> str:
@@ -193,7 +208,8 @@ def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[st
     url = reachable_api()
     if url is None:
         return work()
-    reporter = Reporter(name, url, parameters, tags)
+    global _reporter
+    reporter = _reporter = Reporter(name, url, parameters, tags)
     forward = _Forward(reporter)
     logger = logging.getLogger("tunedeck")
     logger.addHandler(forward)
@@ -209,5 +225,6 @@ def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[st
         raise
     finally:
         logger.removeHandler(forward)
+        _reporter = None
     reporter.finish({"done": summary})
     return summary

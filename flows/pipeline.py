@@ -24,11 +24,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from flows import workspace
+from flows.contracts import LABEL, StageProgress, stage_labels
 from flows.core.errors import TunedeckError
 from flows.dag import stage_order
 from flows.dvc_cli import dvc, sync
 from flows.dvc_session import DvcSession
-from flows.gpus import gpu_states, slot_name
+from flows.gpus import gpu_states, host, slot_name
 from flows.overrides import apply_overrides
 
 LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
@@ -66,10 +67,54 @@ def stage_cache_key(context, parameters) -> str | None:
 
 @task(retries=2, retry_delay_seconds=[5, 20], cache_key_fn=stage_cache_key, persist_result=True)
 def run_stage(stage: str, env: dict[str, str]) -> str:
-    """Reproduce one DVC stage, its output streamed into this run's log."""
-    logger = get_run_logger()
-    dvc_session().repro(stage, {**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
+    """Reproduce one DVC stage, its output streamed into this run's log, its progress into the run's labels."""
+    watch = StageWatch(stage, get_run_logger())
+    dvc_session().repro(stage, {**env, "TUNEDECK_PREFECT": "off", "TUNEDECK_PROGRESS": "lines"}, on_line=watch.line)
     return stage
+
+
+class StageWatch:
+    """Where a stage's output goes: log lines to the run's log; progress lines to the run's labels.
+
+    The labels (flows.contracts) are how any host's dashboard sees the stage, the epoch k/N, the
+    val metrics and the ETA, from the Prefect server alone; a progress artifact shows the same
+    fraction in Prefect's own UI.
+    """
+
+    def __init__(self, stage: str, logger) -> None:
+        self.stage, self.logger = stage, logger
+        self.artifact = None
+        label_run(stage_labels(stage))
+
+    def line(self, text: str) -> None:
+        progress = StageProgress.from_line(text)
+        if progress is None:
+            self.logger.info(text)
+            return
+        label_run(progress.labels())
+        with contextlib.suppress(Exception):  # the artifact is a nicety for Prefect's UI; the labels matter
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+            percent = 100.0 * progress.epoch / progress.epochs
+            if self.artifact is None:
+                self.artifact = create_progress_artifact(percent, key=f"{self.stage}-progress",
+                                                         description=f"{self.stage}: epochs done")
+            else:
+                update_progress_artifact(self.artifact, percent)
+
+
+def label_run(labels: dict) -> None:
+    """Merge labels into this flow run's (best effort: a server hiccup loses one update, not the run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(flow_run.id, labels)
+    except Exception as exc:  # noqa: BLE001
+        get_run_logger().warning(f"progress not published ({type(exc).__name__}); the log has it")
 
 
 @contextlib.contextmanager
@@ -79,6 +124,7 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
     allowed = os.environ.get("TUNEDECK_GPUS")
     if not allowed:
         with concurrency(slot_name(None), occupy=1, strict=False, lease_duration=LEASE_SECONDS):
+            label_run({f"{LABEL}host": host()})
             yield {}
         return
     wanted = [int(i) for i in allowed.split(",") if i.strip()]
@@ -94,6 +140,7 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
                 continue
             with stack:
                 logger.info("holding GPU %d (%s)", gpu, slot_name(gpu))
+                label_run({f"{LABEL}host": host(), f"{LABEL}gpus": str(gpu)})
                 yield {"CUDA_VISIBLE_DEVICES": str(gpu)}
             return
         if not waited:

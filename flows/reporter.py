@@ -6,6 +6,7 @@ stage streams JSON lines to the reporter's stdin:
 
   {"name", "api_url", "parameters", "tags"}   first line: which flow run to open
   {"log": text, "level": n}                   a log line of the stage, sent to the run's logs
+  {"progress": StageProgress}                 a finished epoch: set as the run's labels (flows.contracts)
   {"done": summary}                           success: the run ends Completed, summary as an artifact
   {"failed": sentence}                        bad input: the run ends Failed with that sentence
 
@@ -107,6 +108,8 @@ def main() -> int:
             message = json.loads(line)
             if "log" in message:
                 logger.log(message.get("level", 20), message["log"])
+            elif "progress" in message:
+                await publish_progress(message["progress"])
             elif "failed" in message:
                 opened["end"] = Failed(message=message["failed"])
                 server_down()
@@ -121,6 +124,17 @@ def main() -> int:
                 except Exception:  # noqa: BLE001 - the server went away just now: the run's end matters more
                     server_down()
                 return summary
+
+    async def publish_progress(raw: dict[str, Any]) -> None:
+        """A training epoch's progress as the run's labels (any host's dashboard reads them)."""
+        from flows.contracts import StageProgress
+
+        try:
+            labels = StageProgress.model_validate(raw).labels()
+            async with get_client() as client:
+                await client.update_flow_run_labels(opened["id"], labels)
+        except Exception:  # noqa: BLE001 - progress is best effort: the stage's log has every epoch too
+            pass
 
     def server_down() -> bool:
         """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""

@@ -58,20 +58,26 @@ def short(value: str | None, width: int = 8) -> str:
 
 
 def eta(run: Run, progress: Progress | None) -> tuple[str, str]:
-    """(epoch, ETA) of a running training from dvclive: seconds per epoch so far × epochs left."""
-    if progress is None or run.state != "RUNNING" or run.flow != "train":
+    """(epoch k/N, ETA) of a run's training: the ETA it published, else seconds per epoch so far × epochs left.
+
+    The epoch stays once the run has ended (how far it got); the ETA shows only while it trains.
+    """
+    if progress is None:
         return "", ""
     done = progress.step + 1
     epoch = f"{done}/{progress.epochs}" if progress.epochs else str(done)
-    if not progress.epochs or not run.duration_s:
+    if run.state != "RUNNING" or run.current_stage != "train" or not progress.epochs:
         return epoch, ""
-    left = max(0, progress.epochs - done) * run.duration_s / done
-    return epoch, duration(left)
+    if progress.eta_s is not None:
+        return epoch, duration(progress.eta_s)
+    if not run.duration_s:
+        return epoch, ""
+    return epoch, duration(max(0, progress.epochs - done) * run.duration_s / done)
 
 
-def metric(progress: Progress | None, run: Run, key: str = "val.acc") -> str:
-    """A key metric of the running training (dvclive), else blank."""
-    if progress is None or run.state != "RUNNING" or run.flow != "train":
+def metric(progress: Progress | None, run: Run, key: str = "val/acc") -> str:
+    """A key metric of the run's training (published, or from this host's dvclive), else blank."""
+    if progress is None:
         return ""
     value = dict(progress.metrics).get(key)
     return "" if value is None else f"{value:.3f}"

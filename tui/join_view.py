@@ -16,8 +16,11 @@ def gpus_by_run(telemetry: Telemetry | None) -> dict[str, tuple[int, ...]]:
 
 
 def progress_owner(running: tuple[Run, ...], local: dict[str, tuple[int, ...]]) -> str | None:
-    """The run that this project's dvclive files belong to: a running train run on this host's GPUs, else the newest."""
-    trains = [r for r in running if r.state == "RUNNING" and r.flow == "train"]
+    """The run this project's dvclive files belong to: a running train run on this host's GPUs, else the newest.
+
+    Only runs that publish no progress of their own (labels) are candidates.
+    """
+    trains = [r for r in running if r.state == "RUNNING" and r.flow == "train" and r.progress is None]
     on_host = [r for r in trains if r.id in local]
     pick = on_host or trains
     return max(pick, key=lambda r: r.start or 0).id if pick else None

@@ -29,8 +29,8 @@ CHECKPOINT_FORMAT = 2  # bump when a checkpoint's contents change: older ones ar
 class Tracker(Protocol):
     """Where per-epoch metrics go (dvclive in the stage; nothing in tests)."""
 
-    def start(self, resumed: bool) -> None:
-        """Called once, before the first epoch logged."""
+    def start(self, resumed: bool, first_epoch: int = 0) -> None:
+        """Called once, before the first epoch logged; epochs before first_epoch are replayed from a checkpoint."""
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         """Metrics of one finished epoch (0-based)."""

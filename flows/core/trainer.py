@@ -108,7 +108,7 @@ class Trainer:
                 if self.world.main:
                     log.info("resuming from %s (%s)", state["path"], resumed_at)
         if self.tracker is not None and self.world.main:
-            self.tracker.start(resumed_at is not None)
+            self.tracker.start(resumed_at is not None, first_epoch)
             for logged_epoch, logged in self.history:  # DVC removed the metric files: write them again
                 self.tracker.log(logged_epoch, logged)
         epoch = first_epoch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
@@ -33,7 +34,7 @@ def work(params: Params) -> dict:
     warn_if_untracked_weights(params)
     if params.base.devices > 1 and "RANK" not in os.environ:
         return launch_ddp(params)
-    tracker = LiveTracker()
+    tracker = LiveTracker(params.train.epochs)
     try:
         result = train(params, PREPARED, MODELS, tracker, checkpoints_base())
     finally:
@@ -64,30 +65,56 @@ def nvml_present() -> bool:
 
 
 class LiveTracker:
-    """Per-epoch metrics into dvclive (dvclive/metrics.json and dvclive/plots), system metrics too."""
+    """Per-epoch metrics into dvclive (dvclive/metrics.json and dvclive/plots), system metrics too.
 
-    def __init__(self) -> None:
+    Each epoch trained here is also reported as the stage's progress (epoch k/N, metrics, ETA)
+    to its flow run, so the dashboard of any host sees it through the Prefect server.
+    """
+
+    def __init__(self, epochs: int) -> None:
         self.live = None
+        self.epochs = epochs
+        self.first_epoch = 0
+        self.started = time.monotonic()
 
-    def start(self, resumed: bool) -> None:
+    def start(self, resumed: bool, first_epoch: int = 0) -> None:
         """Open dvclive afresh: on resume the trainer logs the finished epochs again first."""
         from dvclive import Live
 
         self.live = Live(
             dir=str(TRAIN_LIVE), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=nvml_present()
         )
+        self.first_epoch, self.started = first_epoch, time.monotonic()
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
-        """One epoch's metrics at step = epoch."""
+        """One epoch's metrics at step = epoch; an epoch trained now (not replayed on resume) is reported."""
         self.live.step = epoch
         for key, value in metrics.items():
             self.live.log_metric(key, value)
         self.live.next_step()
+        if epoch >= self.first_epoch:
+            from flows.orchestration import report_progress
+
+            report_progress(self.progress(epoch, metrics))
+
+    def progress(self, epoch: int, metrics: dict[str, float]):
+        """Epoch k/N, the metrics that matter while watching, and the time left at this run's pace (StageProgress)."""
+        from flows.contracts import StageProgress
+
+        trained = epoch + 1 - self.first_epoch
+        per_epoch = (time.monotonic() - self.started) / max(trained, 1)
+        keep = {k: v for k, v in metrics.items() if k in WATCHED}
+        return StageProgress(epoch=epoch + 1, epochs=self.epochs, metrics=keep,
+                             eta_s=max(0, self.epochs - epoch - 1) * per_epoch)
 
     def close(self) -> None:
         """Flush and stop dvclive's system monitor."""
         if self.live is not None:
             self.live.end()
+
+
+WATCHED = ("train/loss", "val/acc", "val/loss", "val/acc_ema", "samples_per_s")
+"""The metrics a run's progress carries (the dashboard's columns and detail view)."""
 
 
 def launch_ddp(params: Params) -> dict:

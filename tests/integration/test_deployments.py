@@ -233,3 +233,51 @@ def test_the_train_deployment_runs_a_named_experiment_shown_by_dvc(cluster):
     assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-2000:]
     shown = run(project, "dvc", "exp", "show", "--json").stdout
     assert "td-exp" in shown and "td-bad" not in shown
+
+
+def _row(table, key: str) -> dict[str, str]:
+    """The cells of one row of a dashboard table, by column key, as shown."""
+    if key not in table.rows:
+        return {}
+    return {column.key.value: str(cell) for column, cell in zip(table.ordered_columns, table.get_row(key), strict=True)}
+
+
+@pytest.mark.anyio
+async def test_train_progress_reaches_another_folders_dashboard_through_the_api_alone(cluster, tmp_path, monkeypatch):
+    """While a deployment run trains, its stage, epoch k/N, val metric and ETA are on the Prefect server (labels);
+    the dashboard, started in a folder with no project files, shows them in its runs table."""
+    from flows.contracts import StageProgress, stage_label
+    from tests.tui.conftest import settle
+    from tui.app import make_app
+    from tui.providers import live_providers
+    from tui.widgets.runs_table import RunsTable
+
+    project, url = cluster
+    monkeypatch.chdir(tmp_path)  # no dvclive, no params.yaml, no run files here: only the server
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    app = make_app(providers=live_providers(), refresh_s=0.25)
+    async with app.run_test(size=(170, 44)) as pilot:
+        run_id = start(url, "pipeline", overrides=["train.epochs=60"], pull=False, push=False)
+        table = app.screen.query_one(RunsTable)
+        from_api = on_screen = None
+        deadline = time.monotonic() + 300  # a hang guard
+        while from_api is None or on_screen is None:
+            assert time.monotonic() < deadline, "no progress seen while the run trained"
+            flow_run = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
+            assert flow_run["state_type"] not in FINAL, ("the run ended before its progress was seen", flow_run["labels"])
+            progress = StageProgress.from_labels(flow_run["labels"])
+            if from_api is None and stage_label(flow_run["labels"]) == "train" and progress and progress.epoch >= 2:
+                from_api = progress
+            row = _row(table, run_id)
+            if on_screen is None and row.get("stage") == "train" and row.get("epoch", "").endswith("/60") and row.get("acc"):
+                on_screen = row
+            await settle(pilot, 1)
+            await pilot.pause(0.1)
+    assert from_api.epochs == 60 and 0.0 <= from_api.metrics["val/acc"] <= 1.0, from_api
+    assert {"train/loss", "samples_per_s"} <= set(from_api.metrics) and from_api.eta_s is not None, from_api
+    assert on_screen["state"].startswith("Running") and on_screen["eta"], on_screen
+    done = wait(url, run_id, timeout=400)
+    assert done["state_type"] == "COMPLETED", logs(url, run_id)[-2000:]
+    final = StageProgress.from_labels(done["labels"])
+    assert final is not None and final.epoch == final.epochs == 60, done["labels"]
+    assert done["labels"]["tunedeck.host"], done["labels"]

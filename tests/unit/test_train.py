@@ -60,8 +60,8 @@ def test_train_and_evaluate_write_model_metrics_and_plots(tiny_params, tmp_path)
     seen = []
 
     class Recorder:
-        def start(self, resumed):
-            assert not resumed
+        def start(self, resumed, first_epoch=0):
+            assert not resumed and first_epoch == 0
 
         def log(self, epoch, metrics):
             seen.append((epoch, metrics))

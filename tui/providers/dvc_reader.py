@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from flows.contracts import metric_name
 from tui.providers.models import Curves, Experiment, Progress
 
 CURVES = ("train/loss", "val/loss", "val/acc")
@@ -71,7 +72,7 @@ class DvcReader:
             epochs = int(yaml.safe_load((self.root / "params.yaml").read_text())["train"]["epochs"])
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
             pass
-        flat = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float) and k != "step"}
+        flat = {metric_name(k): float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float) and k != "step"}
         return Progress(int(metrics.get("step", 0)), epochs, tuple(sorted(flat.items())), updated)
 
     def curves(self) -> Curves:

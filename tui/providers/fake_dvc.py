@@ -13,7 +13,7 @@ class FakeDvc:
 
     def progress(self) -> Progress:
         """Epoch 7 (0-based) of 12, with the latest validation metrics."""
-        return Progress(7, 12, (("train.loss", 0.212), ("val.acc", 0.874), ("val.loss", 0.433)), NOW)
+        return Progress(7, 12, (("train/loss", 0.212), ("val/acc", 0.874), ("val/loss", 0.433)), NOW)
 
     def experiments(self) -> tuple[Experiment, ...]:
         """The workspace, main, and three experiments varying lr and the backbone."""

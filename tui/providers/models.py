@@ -71,6 +71,17 @@ class Run:
     deployment_id: str | None = None
     tags: tuple[str, ...] = ()
     parameters: dict = field(default_factory=dict, compare=False, hash=False)
+    stage: str | None = None
+    """The stage a pipeline run is in (its ``tunedeck.stage`` label); None for a stage's own run."""
+    progress: Progress | None = None
+    """The training progress the run published through the Prefect server (its labels)."""
+    host: str | None = None
+    """The host whose worker runs it (its ``tunedeck.host`` label), when known."""
+
+    @property
+    def current_stage(self) -> str:
+        """What the STAGE column shows: a pipeline run's stage, else the flow (a stage's own run)."""
+        return self.stage or self.flow
 
     @property
     def data_version(self) -> str | None:
@@ -146,12 +157,16 @@ class RunDetail:
 
 @dataclass(frozen=True)
 class Progress:
-    """Live training progress from dvclive: epoch (step), total epochs, latest metrics."""
+    """Live training progress: epoch (0-based step), total epochs, latest metrics (``val/acc``), ETA.
+
+    From the run's labels on the Prefect server, or from this project's dvclive files.
+    """
 
     step: int
     epochs: int | None
     metrics: tuple[tuple[str, float], ...]
     updated: float
+    eta_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import httpx
 
 from tui.providers.base import ActionError
 from tui.providers.models import Orchestration, Run, RunDetail, RunQuery
-from tui.providers.prefect_parse import deployment, pool, run_filter
+from tui.providers.prefect_parse import deployment, host_label, pool, run_filter, run_progress, stage_label
 
 RETRIES = 2  # extra tries on 429/502/503, 0.25 s then 0.5 s apart
 
@@ -87,10 +87,12 @@ class PrefectApi:
         start = _ts(r.get("start_time"))
         end = _ts(r.get("end_time"))
         duration = (end or time.time()) - start if start else None
+        labels = r.get("labels") or {}
         return Run(
             r["id"], r["name"], self._flows.get(r["flow_id"], "?"), r.get("state_type") or "?",
             r.get("state_name") or "", start, duration, deployment_names.get(r.get("deployment_id")),
             r.get("deployment_id"), tuple(r.get("tags") or ()), r.get("parameters") or {},
+            stage_label(labels), run_progress(labels), host_label(labels),
         )
 
     def _deployment_runs(self, ids: list[str]) -> tuple[dict[str, list[float]], dict[str, str]]:
@@ -120,7 +122,8 @@ class PrefectApi:
         """The run's log lines (oldest first) and the markdown of its artifacts."""
         try:
             logs = self._call("POST", "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200})
-            arts = self._call("POST", "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+            arts = self._call("POST", "artifacts/filter", {"artifacts": {
+                "flow_run_id": {"any_": [run_id]}, "type": {"not_any_": ["result", "progress"]}}})
         except (httpx.HTTPError, ConnectionError, ActionError) as exc:
             return RunDetail((f"(logs unavailable: {_why(exc, self.url)})",))
         lines = tuple(f"{(lg.get('timestamp') or '')[11:19]} {lg.get('message', '')}" for lg in logs)

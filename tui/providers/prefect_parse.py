@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from tui.providers.models import STATES, Deployment, RunQuery, WorkPool
+from flows.contracts import LABEL, StageProgress
+from flows.contracts import stage_label as stage_label
+from tui.providers.models import STATES, Deployment, Progress, RunQuery, WorkPool
 
 ONLINE = "ONLINE"
 
@@ -18,6 +20,20 @@ def run_filter(query: RunQuery) -> dict[str, Any]:
     if query.states:
         runs["state"] = {"type": {"any_": [s for s in query.states if s in STATES]}}
     return {"flow_runs": runs} if runs else {}
+
+
+def run_progress(labels: dict[str, Any] | None) -> Progress | None:
+    """The training progress a run's labels carry (flows.contracts.StageProgress), as the screen's Progress."""
+    found = StageProgress.from_labels(labels)
+    if found is None:
+        return None
+    return Progress(found.epoch - 1, found.epochs, tuple(sorted(found.metrics.items())), found.at, found.eta_s)
+
+
+def host_label(labels: dict[str, Any] | None) -> str | None:
+    """The host whose worker runs the flow run (its ``tunedeck.host`` label)."""
+    value = (labels or {}).get(f"{LABEL}host")
+    return str(value) if value else None
 
 
 def schedule_text(schedules: list[dict]) -> str:

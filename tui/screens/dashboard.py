@@ -314,7 +314,7 @@ class DashboardScreen(Screen[None]):
         """Enter on a run: the detail view."""
         gpus = gpus_by_run(self.telemetry)
         owner = progress_owner(self.orchestration.running, gpus) if self.orchestration else None
-        progress = self.progress if event.run.id == owner else None
+        progress = event.run.progress or (self.progress if event.run.id == owner else None)
         self.app.push_screen(RunDetailScreen(event.run, gpus.get(event.run.id, ()), progress))
 
     # -- actions (side effects live here) --

@@ -33,7 +33,7 @@ class RunDetailScreen(Screen[None]):
         """Header, two columns, footer."""
         r = self.run
         head = state_text(r.state, r.state_name)
-        head.append(f"  {r.name}  ·  stage {r.flow}  ·  {r.deployment or 'no deployment'}  ·  {duration(r.duration_s)}"
+        head.append(f"  {r.name}  ·  stage {r.current_stage}  ·  {r.deployment or 'no deployment'}  ·  {duration(r.duration_s)}"
                     f"  ·  GPUs {','.join(map(str, self.gpus)) or 'none'}", style="bold")
         yield Static(head, id="detail-head")
         with Horizontal():
@@ -44,10 +44,11 @@ class RunDetailScreen(Screen[None]):
 
     def _side(self) -> str:
         r = self.run
-        parts = [f"id {r.id}", f"data {r.data_version or '—'}", f"model {r.model_version or '—'}", "", "[b]params[/b]",
+        parts = [f"id {r.id}", *([f"host {r.host}"] if r.host else []), f"data {r.data_version or '—'}", f"model {r.model_version or '—'}", "", "[b]params[/b]",
                  yaml.safe_dump(r.parameters, sort_keys=False, default_flow_style=False).strip() or "—"]
         if self.progress:
-            parts += ["", f"[b]metrics[/b] (dvclive, epoch {self.progress.step + 1}/{self.progress.epochs or '?'})"]
+            source = "published" if self.progress is r.progress else "dvclive"
+            parts += ["", f"[b]metrics[/b] ({source}, epoch {self.progress.step + 1}/{self.progress.epochs or '?'})"]
             parts += [f"{k} {v:.4g}" for k, v in self.progress.metrics]
         return "\n".join(parts).replace("[", "\\[").replace("\\[b]", "[b]").replace("\\[/b]", "[/b]")
 

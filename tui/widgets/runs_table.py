@@ -35,9 +35,9 @@ class RunsTable(KeyedTable):
         self.runs = {r.id: r for r in runs}
         rows = []
         for r in runs:
-            mine = progress if r.id == progress_run else None
+            mine = r.progress or (progress if r.id == progress_run else None)
             epoch, left = eta(r, mine)
-            rows.append((r.id, (state_text(r.state, r.state_name or r.state.title()), r.name, r.flow, r.deployment or "",
+            rows.append((r.id, (state_text(r.state, r.state_name or r.state.title()), r.name, r.current_stage, r.deployment or "",
                                 duration(r.duration_s), epoch, left, metric(mine, r), ",".join(map(str, gpus.get(r.id, ()))),
                                 short(r.data_version), short(r.model_version))))
         self.show(rows)

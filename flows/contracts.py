@@ -1,0 +1,149 @@
+"""What crosses a process boundary between tunedeck's parts, as typed models (pydantic).
+
+Every message one process writes and another reads is defined here, once:
+
+- a training stage's progress (``StageProgress``): printed as a marked line to the pipeline
+  run that started the stage, or sent to the stage's reporter, and stored on the flow run as
+  Prefect labels, so the dashboard of any host reads it from the server alone;
+- a host's telemetry (``HostTelemetry``): what a worker publishes as a Prefect event every few
+  seconds, and the dashboard's GPU panel reads back, grouped by host;
+- metric names: one spelling (``val/acc``), whatever wrote them (DVC flattens to ``val.acc``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROGRESS_MARK = "\x1etunedeck-progress "
+"""A stage's stdout line carrying a StageProgress (the pipeline flow turns it into labels)."""
+
+LABEL = "tunedeck."
+"""The prefix of every flow run label tunedeck sets."""
+
+TELEMETRY_EVENT = "tunedeck.host.telemetry"
+"""The Prefect event a worker emits with its host's GPUs, CPU and RAM."""
+
+TELEMETRY_EVERY_S = 3.0
+"""How often a worker publishes its host's telemetry."""
+
+STALE_AFTER_S = 10.0
+"""A host whose last telemetry is older than this shows as stale."""
+
+
+def metric_name(name: str) -> str:
+    """The one spelling of a metric: slashes, as the trainer logs it (`val.acc` → `val/acc`)."""
+    return name.replace(".", "/")
+
+
+class StageProgress(BaseModel):
+    """One finished epoch of a training stage: where it is, its latest metrics, the time left."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str = "train"
+    epoch: int = Field(ge=1, description="epochs finished, counting from 1")
+    epochs: int = Field(ge=1, description="epochs the stage will run at most")
+    metrics: dict[str, float] = Field(default_factory=dict, description="metric_name() → value")
+    eta_s: float | None = Field(default=None, ge=0)
+    at: float = Field(default_factory=time.time, description="unix time of the epoch's end")
+
+    def line(self) -> str:
+        """The marked stdout line a stage prints for the pipeline run above it."""
+        return PROGRESS_MARK + self.model_dump_json()
+
+    @classmethod
+    def from_line(cls, line: str) -> StageProgress | None:
+        """The progress a marked line carries; None for any other line (or a garbled one)."""
+        if not line.startswith(PROGRESS_MARK):
+            return None
+        try:
+            return cls.model_validate_json(line[len(PROGRESS_MARK):])
+        except ValidationError:
+            return None
+
+    def labels(self) -> dict[str, Any]:
+        """The flow run labels that carry this progress (Prefect labels are flat scalars)."""
+        out: dict[str, Any] = {
+            f"{LABEL}stage": self.stage, f"{LABEL}epoch": self.epoch, f"{LABEL}epochs": self.epochs,
+            f"{LABEL}eta_s": round(self.eta_s, 1) if self.eta_s is not None else -1.0, f"{LABEL}at": round(self.at, 1),
+        }
+        out.update({f"{LABEL}metric.{metric_name(k)}": round(float(v), 6) for k, v in self.metrics.items()})
+        return out
+
+    @classmethod
+    def from_labels(cls, labels: dict[str, Any] | None) -> StageProgress | None:
+        """The progress a flow run's labels carry; None when they carry none (or not a valid one)."""
+        labels = labels or {}
+        if f"{LABEL}epoch" not in labels:
+            return None
+        prefix = f"{LABEL}metric."
+        eta = labels.get(f"{LABEL}eta_s")
+        try:
+            return cls(
+                stage=str(labels.get(f"{LABEL}stage") or "train"), epoch=int(labels[f"{LABEL}epoch"]),
+                epochs=int(labels.get(f"{LABEL}epochs") or labels[f"{LABEL}epoch"]),
+                metrics={k[len(prefix):]: float(v) for k, v in labels.items() if k.startswith(prefix)},
+                eta_s=float(eta) if eta is not None and float(eta) >= 0 else None, at=float(labels.get(f"{LABEL}at") or 0),
+            )
+        except (ValidationError, TypeError, ValueError):
+            return None
+
+
+def stage_label(labels: dict[str, Any] | None) -> str | None:
+    """The stage a pipeline run is in now (its `tunedeck.stage` label)."""
+    value = (labels or {}).get(f"{LABEL}stage")
+    return str(value) if value else None
+
+
+def stage_labels(stage: str) -> dict[str, Any]:
+    """The labels a pipeline run gets when a stage starts."""
+    return {f"{LABEL}stage": stage}
+
+
+# --- host telemetry ----------------------------------------------------------------------------------
+
+
+class GpuReading(BaseModel):
+    """One GPU at one moment; what a device does not report is None."""
+
+    index: int
+    name: str
+    util: float | None = None
+    mem_used_mib: float | None = None
+    mem_total_mib: float | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    processes: list[tuple[int, float | None, str | None]] = Field(
+        default_factory=list, description="(pid, MiB used, flow run id or None) of each process on the GPU")
+
+
+class HostTelemetry(BaseModel):
+    """One host's telemetry sample, as a worker publishes it."""
+
+    host: str
+    at: float = Field(default_factory=time.time)
+    cpu_percent: float
+    cpu_count: int
+    ram_used_gib: float
+    ram_total_gib: float
+    disk_used_gib: float = 0.0
+    disk_total_gib: float = 0.0
+    gpus: list[GpuReading] = Field(default_factory=list)
+    no_gpu: str | None = None
+    worker: str | None = None
+
+    def stale(self, now: float | None = None) -> bool:
+        """Whether the host has stopped reporting (its sample is older than STALE_AFTER_S)."""
+        return (now if now is not None else time.time()) - self.at > STALE_AFTER_S
+
+
+def dumps(model: BaseModel) -> str:
+    """A model as one JSON line."""
+    return json.dumps(model.model_dump(mode="json"), separators=(",", ":"))
