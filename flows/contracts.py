@@ -137,11 +137,12 @@ class HostTelemetry(BaseModel):
     disk_total_gib: float = 0.0
     gpus: list[GpuReading] = Field(default_factory=list)
     no_gpu: str | None = None
-    worker: str | None = None
+    worker: str | None = Field(default=None, description="the work pool of the worker that publishes it")
+    offline: bool = Field(default=False, description="the worker stopped: its last word")
 
     def stale(self, now: float | None = None) -> bool:
         """Whether the host has stopped reporting (its sample is older than STALE_AFTER_S)."""
-        return (now if now is not None else time.time()) - self.at > STALE_AFTER_S
+        return self.offline or (now if now is not None else time.time()) - self.at > STALE_AFTER_S
 
 
 def dumps(model: BaseModel) -> str:

@@ -1,17 +1,27 @@
-"""Which GPUs of this host are really free (NVML), and the Prefect slot names that guard them.
+"""The one gateway to NVML: which GPUs this host has, how busy they are, who uses them.
 
-``TUNEDECK_FAKE_GPUS=N`` stands in N idle GPUs for tests and CPU-only demos (the fake sits
-behind ``gpu_states`` like the dashboard's fakes); a host without NVML has no GPUs.
+Everything that reads a GPU goes through here: the pipeline picking a free GPU, the worker
+publishing its host's telemetry, the dashboard's local GPU panel, the trainer choosing a
+device, dvclive's system monitor. A metric a device does not report is None, never an error.
+
+``TUNEDECK_FAKE_GPUS=N`` stands in N idle GPUs (``StandInNvml``, same functions as pynvml) for
+tests and CPU-only demos; a host without NVML has no GPUs, and one sentence says why.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from flows.contracts import GpuReading
 
 MAX_USED_FRACTION = 0.10  # a GPU with more memory in use than this is busy
 MAX_UTILISATION = 10  # percent
+MIB = 1024**2
+FAKE_VARIABLE = "TUNEDECK_FAKE_GPUS"
 
 
 @dataclass(frozen=True)
@@ -28,28 +38,142 @@ class GpuState:
         return self.used_fraction <= MAX_USED_FRACTION and self.utilisation <= MAX_UTILISATION
 
 
-def gpu_states() -> list[GpuState]:
-    """Every GPU of this host (NVML indices), empty without NVML."""
-    fake = os.environ.get("TUNEDECK_FAKE_GPUS")
-    if fake:
-        return [GpuState(i, 0.0, 0) for i in range(int(fake))]
-    try:
-        import pynvml
+class _Reading:
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
 
-        pynvml.nvmlInit()
-        states = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-            states.append(GpuState(i, memory.used / max(memory.total, 1), util))
-        return states
-    except Exception:  # noqa: BLE001 - no driver or library: a CPU host
+
+class StandInNvml:
+    """N idle stand-in GPUs with pynvml's functions (TUNEDECK_FAKE_GPUS): a host for tests without a GPU."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802 - pynvml's names
+        return self.count
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:  # noqa: N802
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> str:  # noqa: N802
+        return f"stand-in GPU ({FAKE_VARIABLE})"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> _Reading:  # noqa: N802
+        return _Reading(gpu=0)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> _Reading:  # noqa: N802
+        return _Reading(used=0, total=16 * 1024 * MIB, free=16 * 1024 * MIB)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list:  # noqa: N802
         return []
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("nvmlDevice"):
+            def unsupported(*args: Any) -> Any:
+                raise RuntimeError("Not Supported on a stand-in GPU")
+            return unsupported
+        raise AttributeError(name)
+
+
+_loaded: tuple[Any | None, str | None] | None = None
+
+
+def load_nvml() -> tuple[Any | None, str | None]:
+    """(NVML module, None), or (None, why there is none) in one sentence. Loaded once per process."""
+    global _loaded
+    fake = os.environ.get(FAKE_VARIABLE)
+    if fake:
+        return StandInNvml(int(fake)), None
+    if _loaded is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _loaded = (pynvml, None)
+        except Exception as exc:  # noqa: BLE001 - no library, no driver, no device: all mean "no GPU" here
+            _loaded = (None, f"No GPU: NVML is not available on this host ({str(exc) or type(exc).__name__}); "
+                             "showing CPU only.")
+    return _loaded
+
+
+def reset() -> None:
+    """Forget the loaded NVML (tests that make it fail)."""
+    global _loaded
+    _loaded = None
+
+
+def present() -> bool:
+    """Whether this host has NVML (dvclive's system monitor needs it)."""
+    return load_nvml()[0] is not None and not isinstance(load_nvml()[0], StandInNvml)
+
+
+def get(call: Callable[..., Any], *args: Any) -> Any:
+    """An NVML call's answer, or None when the device does not support it."""
+    try:
+        return call(*args)
+    except Exception:  # noqa: BLE001 - NVMLError_NotSupported and kin
+        return None
+
+
+def count(nvml: Any) -> int:
+    """How many GPUs NVML reports (0 on an error)."""
+    return get(nvml.nvmlDeviceGetCount) or 0
+
+
+def read_gpu(nvml: Any, index: int, processes: list[tuple[int, float | None, str | None]] | None = None) -> GpuReading:
+    """One GPU now: utilisation, memory, temperature, power, clocks (None where unsupported)."""
+    h = nvml.nvmlDeviceGetHandleByIndex(index)
+    name = get(nvml.nvmlDeviceGetName, h) or f"GPU {index}"
+    util = get(nvml.nvmlDeviceGetUtilizationRates, h)
+    mem = get(nvml.nvmlDeviceGetMemoryInfo, h)
+    power = get(nvml.nvmlDeviceGetPowerUsage, h)
+    limit = get(nvml.nvmlDeviceGetEnforcedPowerManagementLimit, h)
+    return GpuReading(
+        index=index, name=name.decode() if isinstance(name, bytes) else str(name),
+        util=util.gpu if util is not None else None,
+        mem_used_mib=mem.used / MIB if mem is not None else None, mem_total_mib=mem.total / MIB if mem is not None else None,
+        temp_c=get(nvml.nvmlDeviceGetTemperature, h, 0),
+        power_w=power / 1000 if power is not None else None, power_limit_w=limit / 1000 if limit is not None else None,
+        sm_clock_mhz=get(nvml.nvmlDeviceGetClockInfo, h, 1), mem_clock_mhz=get(nvml.nvmlDeviceGetClockInfo, h, 2),
+        processes=processes or [],
+    )
+
+
+def gpu_processes(nvml: Any, index: int, joiner: Callable[[int], str | None]) -> list[tuple[int, float | None, str | None]]:
+    """(pid, MiB, flow run id) of each compute process on the GPU (this process left out)."""
+    h = nvml.nvmlDeviceGetHandleByIndex(index)
+    own = os.getpid()
+    return [(p.pid, (p.usedGpuMemory / MIB) if p.usedGpuMemory else None, joiner(p.pid))
+            for p in get(nvml.nvmlDeviceGetComputeRunningProcesses, h) or [] if p.pid != own]
+
+
+def gpu_states() -> list[GpuState]:
+    """Every GPU of this host (NVML indices) and how busy it is; empty without NVML."""
+    nvml, _ = load_nvml()
+    if nvml is None:
+        return []
+    states = []
+    for i in range(count(nvml)):
+        handle = nvml.nvmlDeviceGetHandleByIndex(i)
+        memory = get(nvml.nvmlDeviceGetMemoryInfo, handle)
+        util = get(nvml.nvmlDeviceGetUtilizationRates, handle)
+        used = memory.used / max(memory.total, 1) if memory is not None else 0.0
+        states.append(GpuState(i, used, util.gpu if util is not None else 0))
+    return states
+
+
+def free_bytes_by_uuid(uuid: str) -> int | None:
+    """Free memory of the GPU with this CUDA UUID (None without NVML)."""
+    nvml, _ = load_nvml()
+    if nvml is None or isinstance(nvml, StandInNvml):
+        return None
+    handle = get(nvml.nvmlDeviceGetHandleByUUID, uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    memory = get(nvml.nvmlDeviceGetMemoryInfo, handle) if handle is not None else None
+    return int(memory.free) if memory is not None else None
 
 
 def host() -> str:
-    """This host's name, as slot names use it."""
+    """This host's name, as slot names and telemetry use it (TUNEDECK_HOST overrides the hostname)."""
     return os.environ.get("TUNEDECK_HOST") or socket.gethostname()
 
 

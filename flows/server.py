@@ -88,6 +88,9 @@ def server_env(root: Path | None = None) -> dict[str, str]:
     # SQLite allows one writer; with several workers and runs writing at once on a small machine
     # the default 10 s wait for the lock can run out (the API then answers 503). Wait longer.
     env.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "30")
+    # hosts publish telemetry events every few seconds and a silent host shows stale after 10 s:
+    # events reach the database within a second, not the default 5
+    env.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "1")
     env.pop("PREFECT_API_URL", None)
     return env
 

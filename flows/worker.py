@@ -1,5 +1,8 @@
 """`tunedeck worker`: a Prefect process worker on this host, and a stop that leaves nothing behind.
 
+Beside it, this host's GPU, CPU and RAM telemetry goes to the Prefect server every few seconds
+(flows.telemetry), so a dashboard on any host shows this host's GPUs and the runs on them.
+
 SIGTERM (what a supervisor sends) or Ctrl-C to `tunedeck worker` stops the whole family: the
 runs it had started get SIGTERM first (a stage ends as stopped, its flow run Crashed), then
 the Prefect worker; whatever is left after a grace period is killed. A run whose flow run is
@@ -30,11 +33,14 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
     print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}, code in {code}: {' '.join(cmd[1:])}",
           flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    publisher = start_publisher(pool, env)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stopped = stop_family(proc.pid)
+        if publisher is not None:
+            publisher.stop()
         print(f"tunedeck worker: stopped by {signal.Signals(signum).name}: the Prefect worker and "
               f"{len(stopped)} run(s) it had started" + (f" ({', '.join(stopped)}: marked Crashed)" if stopped else ""),
               file=sys.stderr, flush=True)
@@ -42,7 +48,23 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return proc.wait()
+    code = proc.wait()
+    if publisher is not None:
+        publisher.stop()
+    return code
+
+
+def start_publisher(pool: str, env: dict[str, str]):
+    """This host's telemetry, published through the Prefect server while the worker runs (flows.telemetry)."""
+    from pathlib import Path
+
+    from flows.server import api_url
+    from flows.telemetry import HostPublisher
+
+    url = env.get("PREFECT_API_URL") or api_url()
+    if not url:
+        return None
+    return HostPublisher(url, worker=pool, project=Path(env.get("TUNEDECK_PROJECT") or ".")).start()
 
 
 def flow_run_of(process: psutil.Process) -> str | None:

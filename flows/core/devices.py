@@ -13,15 +13,10 @@ def free_memory(index: int) -> int:
     The visible device is matched to its NVML handle by UUID, so CUDA_VISIBLE_DEVICES and
     CUDA_DEVICE_ORDER are respected; without NVML, torch's mem_get_info answers instead.
     """
-    try:
-        import pynvml
+    from flows.gpus import free_bytes_by_uuid
 
-        pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
-    except Exception:  # noqa: BLE001 - NVML missing or too old: fall back to the CUDA runtime
-        return int(torch.cuda.mem_get_info(index)[0])
+    free = free_bytes_by_uuid(str(torch.cuda.get_device_properties(index).uuid))
+    return free if free is not None else int(torch.cuda.mem_get_info(index)[0])
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -53,17 +53,6 @@ def work(params: Params) -> dict:
     }
 
 
-def nvml_present() -> bool:
-    """Whether NVML loads: dvclive's system monitor fails in its thread without it."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return True
-    except Exception:  # noqa: BLE001 - no library, no driver: no system monitor
-        return False
-
-
 class LiveTracker:
     """Per-epoch metrics into dvclive (dvclive/metrics.json and dvclive/plots), system metrics too.
 
@@ -80,9 +69,10 @@ class LiveTracker:
     def start(self, resumed: bool, first_epoch: int = 0) -> None:
         """Open dvclive afresh: on resume the trainer logs the finished epochs again first."""
         from dvclive import Live
+        from flows import gpus
 
         self.live = Live(
-            dir=str(TRAIN_LIVE), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=nvml_present()
+            dir=str(TRAIN_LIVE), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=gpus.present()
         )
         self.first_epoch, self.started = first_epoch, time.monotonic()
 

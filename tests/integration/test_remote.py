@@ -8,6 +8,7 @@ through that address, pulls code and data, trains, pushes the model and reports 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -199,8 +200,9 @@ def site(tmp_path_factory):
         site.run(gh.parent, "git", "clone", "-q", site.ssh_url(bare), str(gh), ns=True)
         site.run(gh, "dvc", "remote", "modify", "--local", "shared", "keyfile", str(site.key), ns=True)
         site.procs.append(subprocess.Popen(
-            site.in_ns("tunedeck", "worker", "--pool", "local", "--git-pull"), cwd=gh,
-            env=site.env(PREFECT_LOGGING_LEVEL="INFO"), stdout=open(tmp / "worker.log", "wb"),
+            site.in_ns("tunedeck", "worker", "--pool", "local", "--git-pull", "--gpus", "0"), cwd=gh,
+            env=site.env(PREFECT_LOGGING_LEVEL="INFO", TUNEDECK_HOST="gpu-host", TUNEDECK_FAKE_GPUS="1"),
+            stdout=open(tmp / "worker.log", "wb"),
             stderr=subprocess.STDOUT, start_new_session=True,
         ))
         yield site
@@ -282,3 +284,72 @@ def test_a_dvc_remote_without_credentials_fails_the_run_in_one_sentence(site):
     assert "dvc pull failed: the DVC remote 'shared' (ssh://" in message and "refused this host's credentials" in message, (
         f"{message}\n{log[-2000:]}")
     assert "dvc remote modify --local shared" in message
+
+
+def _panel_rows(app) -> dict[str, str]:
+    from tui.widgets.gpu_panel import GpuPanel
+    from tui.widgets.line_table import LineTable
+
+    table = app.screen.query_one(GpuPanel).query_one(LineTable)
+    return {key: table.row(key).plain for key in table._keys}
+
+
+@pytest.mark.anyio
+async def test_two_hosts_gpus_on_one_dashboard_each_joined_to_its_run_and_a_stopped_one_goes_stale(site, monkeypatch, tmp_path):
+    """The GPU host (in its namespace) and the workstation each run a worker and one run; a dashboard
+    started elsewhere shows both hosts' GPUs, each with its run; the workstation's worker stops: stale in 10 s."""
+    from tests.tui.conftest import settle
+    from tui.app import make_app
+    from tui.providers import live_providers
+
+    ws = site.workstation
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_API_URL", site.url)
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", AUTH)
+    first = trigger(site, overrides=["train.epochs=400"], pull=False, push=False)
+    worker = second = None
+    app = make_app(providers=live_providers(), refresh_s=0.25)
+    try:
+        async with app.run_test(size=(200, 50)) as pilot:
+            async def until(check, what: str, timeout: float = 240):
+                deadline = time.monotonic() + timeout
+                while not check():
+                    assert time.monotonic() < deadline, (what, _panel_rows(app))
+                    await settle(pilot, 1)
+                    await pilot.pause(0.2)
+                return time.monotonic()
+
+            names = {}
+
+            def on_gpu(host: str, run_id: str) -> bool:
+                if run_id not in names:
+                    found = call(site, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
+                    if found["state_type"] != "RUNNING":
+                        return False
+                    names[run_id] = found["name"]
+                return names[run_id] in _panel_rows(app).get(f"{host}/gpu0", "")
+
+            await until(lambda: on_gpu("gpu-host", first), "the GPU host's run on its GPU 0")
+            # the GPU host's one slot is busy now: the workstation's worker takes the next run
+            worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1"], cwd=ws,
+                                      env=site.env(TUNEDECK_HOST="workstation", TUNEDECK_FAKE_GPUS="2"),
+                                      stdout=open(site.tmp / "worker-ws.log", "wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+            site.procs.append(worker)
+            second = trigger(site, overrides=["train.epochs=400"], pull=False, push=False)
+            await until(lambda: on_gpu("workstation", second), "the workstation's run on its GPU 0")
+            rows = _panel_rows(app)
+            assert names[first] in rows["gpu-host/gpu0"] and names[second] not in rows["gpu-host/gpu0"], rows
+            assert "idle" in rows["workstation/gpu1"] and "stale" not in rows["host:gpu-host"], rows
+            os.killpg(worker.pid, signal.SIGTERM)
+            stopped = time.monotonic()
+            seen = await until(lambda: "stale" in _panel_rows(app).get("host:workstation", ""), "workstation stale", 30)
+            assert seen - stopped <= 10.0, f"the stopped host showed stale after {seen - stopped:.1f} s"
+            assert "stale" not in _panel_rows(app)["host:gpu-host"]
+        assert worker.wait(timeout=15) is not None
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        for run_id in filter(None, (first, second)):
+            with contextlib.suppress(Exception):
+                call(site, f"flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from flows.runjoin import RunJoiner, live_run_files
 from tui.experiment_table import diff, table_columns
 from tui.providers.dvc_reader import parse_exp_show
 from tui.providers.fake_dvc import FakeDvc
 from tui.providers.fake_gpu import FakeHost, FakeNvml
-from tui.providers.join import RunJoiner, live_run_files
 from tui.providers.models import RunQuery
 from tui.providers.prefect_api import PrefectApi
 from tui.providers.prefect_parse import parse_overrides, run_filter, run_parameters, schedule_text
@@ -54,8 +54,15 @@ def test_no_nvml_shows_cpu_and_says_there_is_no_gpu(monkeypatch):
     def fail():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
+    from flows import gpus
+
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
-    sample = NvmlTelemetry(host=FakeHost()).sample()
+    monkeypatch.delenv(gpus.FAKE_VARIABLE, raising=False)
+    gpus.reset()
+    try:
+        sample = NvmlTelemetry(host=FakeHost()).sample()
+    finally:
+        gpus.reset()
     assert sample.gpus == () and sample.no_gpu.startswith("No GPU:") and "CPU only" in sample.no_gpu
     assert sample.host.cpu_count == 64
 

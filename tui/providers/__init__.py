@@ -19,9 +19,13 @@ def demo_providers(runs: int = 1000, animate: bool = True) -> Providers:
 
 def live_providers() -> Providers:
     """NVML (or CPU only) and psutil, the project's Prefect server, DVC in the current directory."""
+    from flows.gpus import host
+    from flows.runjoin import RunJoiner
     from tui.providers.dvc_reader import DvcReader
-    from tui.providers.join import RunJoiner
+    from tui.providers.fleet import FleetTelemetry, RemoteHosts
     from tui.providers.prefect_api import PrefectApi
     from tui.providers.telemetry import NvmlTelemetry
 
-    return Providers(NvmlTelemetry(joiner=RunJoiner()), PrefectApi(), DvcReader(), label="live")
+    api = PrefectApi()
+    fleet = FleetTelemetry(NvmlTelemetry(joiner=RunJoiner()), RemoteHosts(lambda: api.url, local_host=host()))
+    return Providers(fleet, api, DvcReader(), label="live")

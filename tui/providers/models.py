@@ -48,12 +48,27 @@ class HostSample:
 
 
 @dataclass(frozen=True)
+class RemoteHost:
+    """Another host's GPUs, as its worker last published them through the Prefect server."""
+
+    host: HostSample
+    gpus: tuple[GpuSample, ...]
+    age_s: float
+    """Seconds since the sample was taken."""
+    stale: bool
+    """The host stopped reporting (its worker stopped, or nothing came for 10 s)."""
+    no_gpu: str | None = None
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
 class Telemetry:
-    """One telemetry sample: the host and its GPUs; ``no_gpu`` says in one sentence why there are none."""
+    """One telemetry sample: this host and its GPUs (``no_gpu`` says why there are none), then other hosts'."""
 
     host: HostSample
     gpus: tuple[GpuSample, ...]
     no_gpu: str | None = None
+    remote: tuple[RemoteHost, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,8 @@ class Run:
     """The training progress the run published through the Prefect server (its labels)."""
     host: str | None = None
     """The host whose worker runs it (its ``tunedeck.host`` label), when known."""
+    gpus: tuple[int, ...] = ()
+    """The GPUs it holds on that host (its ``tunedeck.gpus`` label)."""
 
     @property
     def current_stage(self) -> str:

@@ -36,6 +36,12 @@ def host_label(labels: dict[str, Any] | None) -> str | None:
     return str(value) if value else None
 
 
+def gpus_label(labels: dict[str, Any] | None) -> tuple[int, ...]:
+    """The GPU indices a run holds (its ``tunedeck.gpus`` label, like "0" or "0,1")."""
+    value = str((labels or {}).get(f"{LABEL}gpus") or "")
+    return tuple(int(i) for i in value.split(",") if i.strip().isdigit())
+
+
 def schedule_text(schedules: list[dict]) -> str:
     """A deployment's schedules in a few words: cron, every N, or rrule."""
     parts = []

@@ -20,6 +20,8 @@ from tui.providers.models import (
     GpuSample,
     HostSample,
     Orchestration,
+    Progress,
+    RemoteHost,
     Run,
     RunDetail,
     RunQuery,
@@ -27,7 +29,7 @@ from tui.providers.models import (
     WorkPool,
 )
 
-NESTED = {"host": HostSample, "gpus": GpuSample, "processes": GpuProcess, "runs": Run, "running": Run,
+NESTED = {"host": HostSample, "gpus": GpuSample, "remote": RemoteHost, "progress": Progress, "processes": GpuProcess, "runs": Run, "running": Run,
           "deployments": Deployment, "pools": WorkPool}
 
 

@@ -7,14 +7,14 @@ With no NVML (no driver, no GPU) the sample carries CPU telemetry and one senten
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import psutil
 
+from flows import gpus
+from flows.contracts import GpuReading
 from tui.providers.models import GpuProcess, GpuSample, HostSample, Telemetry
 
 GIB = 1024**3
@@ -26,7 +26,7 @@ class PsutilHost:
 
     def __init__(self, disk_path: str = ".") -> None:
         self.disk_path = disk_path
-        self.hostname = socket.gethostname()
+        self.hostname = gpus.host()
         psutil.cpu_percent(interval=None)
 
     def sample(self) -> HostSample:
@@ -37,24 +37,6 @@ class PsutilHost:
             self.hostname, psutil.cpu_percent(interval=None), psutil.cpu_count() or 1,
             (mem.total - mem.available) / GIB, mem.total / GIB, disk.used / GIB, disk.total / GIB,
         )
-
-
-def _load_nvml() -> tuple[Any | None, str | None]:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml, None
-    except Exception as exc:  # no library, no driver, no device: all mean "no GPU" here
-        return None, f"No GPU: NVML is not available on this host ({str(exc) or type(exc).__name__}); showing CPU only."
-
-
-def _get(call: Callable[..., Any], *args: Any) -> Any:
-    """NVML call or None when the device does not support it."""
-    try:
-        return call(*args)
-    except Exception:
-        return None
 
 
 class NvmlTelemetry:
@@ -68,7 +50,7 @@ class NvmlTelemetry:
         process_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.nvml, self.no_gpu = (nvml, None) if nvml is not None else _load_nvml()
+        self.nvml, self.no_gpu = (nvml, None) if nvml is not None else gpus.load_nvml()
         self.host = host or PsutilHost()
         self.joiner = joiner or (lambda pid: None)
         self.process_interval = process_interval
@@ -76,7 +58,7 @@ class NvmlTelemetry:
         self.process_polls = 0
         self._processes: dict[int, tuple[GpuProcess, ...]] = {}
         self._polled_at: float | None = None
-        self._count = _get(self.nvml.nvmlDeviceGetCount) if self.nvml else 0
+        self._count = gpus.count(self.nvml) if self.nvml else 0
         if self.nvml and not self._count:
             self.no_gpu = "No GPU: NVML reports no device on this host; showing CPU only."
 
@@ -91,28 +73,16 @@ class NvmlTelemetry:
         return Telemetry(self.host.sample(), gpus, self.no_gpu)
 
     def _gpu(self, index: int) -> GpuSample:
-        n = self.nvml
-        h = n.nvmlDeviceGetHandleByIndex(index)
-        name = _get(n.nvmlDeviceGetName, h) or f"GPU {index}"
-        util = _get(n.nvmlDeviceGetUtilizationRates, h)
-        mem = _get(n.nvmlDeviceGetMemoryInfo, h)
-        power = _get(n.nvmlDeviceGetPowerUsage, h)
-        limit = _get(n.nvmlDeviceGetEnforcedPowerManagementLimit, h)
-        return GpuSample(
-            index, name.decode() if isinstance(name, bytes) else str(name),
-            util.gpu if util is not None else None,
-            mem.used / MIB if mem is not None else None, mem.total / MIB if mem is not None else None,
-            _get(n.nvmlDeviceGetTemperature, h, 0),
-            power / 1000 if power is not None else None, limit / 1000 if limit is not None else None,
-            _get(n.nvmlDeviceGetClockInfo, h, 1), _get(n.nvmlDeviceGetClockInfo, h, 2),
-            self._processes.get(index, ()),
-        )
+        return gpu_sample(gpus.read_gpu(self.nvml, index), self._processes.get(index, ()))
 
     def _gpu_processes(self, index: int) -> tuple[GpuProcess, ...]:
-        h = self.nvml.nvmlDeviceGetHandleByIndex(index)
-        procs = _get(self.nvml.nvmlDeviceGetComputeRunningProcesses, h) or []
-        own = os.getpid()
-        return tuple(
-            GpuProcess(p.pid, (p.usedGpuMemory / MIB) if p.usedGpuMemory else None, self.joiner(p.pid))
-            for p in procs if p.pid != own
-        )
+        return tuple(GpuProcess(pid, mib, run) for pid, mib, run in gpus.gpu_processes(self.nvml, index, self.joiner))
+
+
+def gpu_sample(reading: GpuReading, processes: tuple[GpuProcess, ...] | None = None) -> GpuSample:
+    """The screen's GpuSample of a GPU reading (flows.contracts), with its processes."""
+    if processes is None:
+        processes = tuple(GpuProcess(pid, mib, run) for pid, mib, run in reading.processes)
+    return GpuSample(reading.index, reading.name, reading.util, reading.mem_used_mib, reading.mem_total_mib,
+                     reading.temp_c, reading.power_w, reading.power_limit_w, reading.sm_clock_mhz, reading.mem_clock_mhz,
+                     processes)

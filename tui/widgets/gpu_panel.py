@@ -11,8 +11,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
-from tui.format import NA, bar, num, sparkline
-from tui.providers.models import GpuSample, Run, Telemetry
+from tui.format import NA, bar, duration, num, sparkline
+from tui.providers.models import GpuSample, RemoteHost, Run, Telemetry
 from tui.widgets.keyed_table import columns_that_fit, fit
 from tui.widgets.line_table import LineTable
 
@@ -84,8 +84,8 @@ class GpuPanel(Vertical):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.history: dict[int, deque[float | None]] = {}
-        """Recent utilisation per GPU index, newest last."""
+        self.history: dict[tuple[str, int], deque[float | None]] = {}
+        """Recent utilisation per (host, GPU index), newest last; this host is ""."""
         self.telemetry: Telemetry | None = None
         """The sample on screen."""
         self.runs: dict[str, Run] = {}
@@ -128,14 +128,20 @@ class GpuPanel(Vertical):
         """A new sample: add it to the history and repaint."""
         self.telemetry = telemetry
         for g in telemetry.gpus:
-            self.history.setdefault(g.index, deque(maxlen=HISTORY)).append(g.util)
+            self.history.setdefault(("", g.index), deque(maxlen=HISTORY)).append(g.util)
+        for remote in telemetry.remote:
+            for g in remote.gpus:
+                self.history.setdefault((remote.host.hostname, g.index), deque(maxlen=HISTORY)).append(
+                    None if remote.stale else g.util)
         self._paint()
 
     def set_runs(self, runs: dict[str, Run]) -> None:
         """New run names (from Prefect): repaint the RUN column if the sample is here."""
         if self.telemetry:
-            on_gpus = {p.flow_run_id for g in self.telemetry.gpus for p in g.processes if p.flow_run_id}
-            if {i: runs.get(i) for i in on_gpus} == {i: self.runs.get(i) for i in on_gpus}:
+            every = (*self.telemetry.gpus, *(g for r in self.telemetry.remote for g in r.gpus))
+            on_gpus = {p.flow_run_id for g in every for p in g.processes if p.flow_run_id}
+            if ({i: runs.get(i) for i in on_gpus} == {i: self.runs.get(i) for i in on_gpus}
+                    and slot_runs(runs) == slot_runs(self.runs)):
                 self.runs = runs
                 return  # the runs named on the GPU rows are the same: nothing to repaint
         self.runs = runs
@@ -157,31 +163,73 @@ class GpuPanel(Vertical):
             self._host_line = line
             self._host.update(line, layout=not same_height)
         table = self._table
-        title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
+        remote_gpus = sum(len(r.gpus) for r in telemetry.remote)
+        if telemetry.remote:
+            title = f"GPUs · {len(telemetry.gpus) + remote_gpus} on {1 + len(telemetry.remote)} hosts"
+        else:
+            title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
         if title != self.border_title:
-            table.display = bool(telemetry.gpus)
+            table.display = bool(telemetry.gpus) or bool(telemetry.remote)
             self.border_title = title
-        table.show([(f"gpu{g.index}", row_line(self._cells(g, runs), self._layout)) for g in telemetry.gpus])
+        slots = slot_runs(runs)
+        local = h.hostname
+        rows = [(f"gpu{g.index}", row_line(self._cells(g, runs, local, slots.get((local, g.index), ())), self._layout))
+                for g in telemetry.gpus]
+        for remote in telemetry.remote:
+            name = remote.host.hostname
+            rows.append((f"host:{name}", host_row(remote)))
+            if not remote.stale:
+                rows += [(f"{name}/gpu{g.index}", row_line(self._cells(g, runs, name, slots.get((name, g.index), ())), self._layout))
+                         for g in remote.gpus]
+        table.show(rows)
 
-    def _cells(self, g: GpuSample, runs: dict[str, Run]) -> tuple:
-        hist = self.history.get(g.index, ())
+    def _cells(self, g: GpuSample, runs: dict[str, Run], hostname: str = "", slot: tuple[str, ...] = ()) -> tuple:
+        hist = self.history.get(("" if hostname == self.telemetry.host.hostname else hostname, g.index), ())
         frac = None if g.util is None else g.util / 100
         mem = NA if g.mem_used_mib is None else f"{g.mem_used_mib / 1024:.1f}/{(g.mem_total_mib or 0) / 1024:.0f}"
         power = NA if g.power_w is None else f"{g.power_w:.0f}/{num(g.power_limit_w)}"
         clocks = f"{num(g.sm_clock_mhz)}/{num(g.mem_clock_mhz)}"
         return (str(g.index), f"{bar(frac)}{num(g.util, unit='%'):>5}", sparkline(hist).rjust(HISTORY), mem,
-                num(g.temp_c, unit="°"), power, clocks, run_label(g, runs), processes(g))
+                num(g.temp_c, unit="°"), power, clocks, run_label(g, runs, slot), processes(g))
 
 
-def run_label(g: GpuSample, runs: dict[str, Run]) -> Text:
-    """Which flow run uses this GPU: its name, stage and deployment; a process of no run is flagged."""
-    ids = list(dict.fromkeys(p.flow_run_id for p in g.processes if p.flow_run_id))
+def slot_runs(runs: dict[str, Run]) -> dict[tuple[str, int], tuple[str, ...]]:
+    """(host, GPU index) → the running runs that hold that GPU's slot (their host and gpus labels)."""
+    found: dict[tuple[str, int], list[str]] = {}
+    for run in runs.values():
+        if run.state == "RUNNING" and run.host:
+            for index in run.gpus:
+                found.setdefault((run.host, index), []).append(run.id)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def host_row(remote: RemoteHost) -> Text:
+    """The line above another host's GPUs: its name, CPU and RAM, or that it stopped reporting."""
+    h = remote.host
+    line = Text.assemble(("▸ ", "dim"), (h.hostname, "bold"))
+    if remote.stale:
+        line.append(f"   stale: no telemetry for {duration(remote.age_s)} (its worker stopped?)", style="bold yellow")
+        return line
+    line.append(f"   CPU {h.cpu_percent:3.0f}% of {h.cpu_count}   RAM {h.ram_used_gib:.1f}/{h.ram_total_gib:.1f} GiB")
+    if remote.worker:
+        line.append(f"   worker · pool {remote.worker}", style="dim")
+    if remote.no_gpu:
+        line.append("   no GPU", style="yellow")
+    return line
+
+
+def run_label(g: GpuSample, runs: dict[str, Run], slot: tuple[str, ...] = ()) -> Text:
+    """Which flow run uses this GPU (its processes, or the run holding the GPU's slot): name, stage, deployment.
+
+    A process that belongs to no run is flagged.
+    """
+    ids = list(dict.fromkeys([*(p.flow_run_id for p in g.processes if p.flow_run_id), *slot]))
     if not ids:
         return Text("no flow run (orphan process?)", style="bold yellow") if g.processes else Text("idle", style="dim")
     parts = []
     for run_id in ids:
         run = runs.get(run_id)
-        parts.append(f"{run.name} ({run.flow}{' · ' + run.deployment if run.deployment else ''})" if run else run_id[:8])
+        parts.append(f"{run.name} ({run.current_stage}{' · ' + run.deployment if run.deployment else ''})" if run else run_id[:8])
     return Text(", ".join(parts))
 
 

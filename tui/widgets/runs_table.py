@@ -38,7 +38,7 @@ class RunsTable(KeyedTable):
             mine = r.progress or (progress if r.id == progress_run else None)
             epoch, left = eta(r, mine)
             rows.append((r.id, (state_text(r.state, r.state_name or r.state.title()), r.name, r.current_stage, r.deployment or "",
-                                duration(r.duration_s), epoch, left, metric(mine, r), ",".join(map(str, gpus.get(r.id, ()))),
+                                duration(r.duration_s), epoch, left, metric(mine, r), ",".join(map(str, gpus.get(r.id, ()) or (r.gpus if r.state == "RUNNING" else ()))),
                                 short(r.data_version), short(r.model_version))))
         self.show(rows)
 
