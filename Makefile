@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-shuffled lint bench clean
+.PHONY: demo test test-shuffled lint bench record-fakes clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tunedeck needs Python 3.11 or newer: set PYTHON=python3.11")'
@@ -31,6 +31,10 @@ test-shuffled: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/orchestration_overhead.py
+
+# The dashboard's demo data, recorded from real runs on a real server (tui/providers/recorded.json)
+record-fakes: $(STAMP)
+	$(BIN)/python bench/record_fakes.py
 
 clean:
 	rm -rf $(VENV) .tunedeck

@@ -73,6 +73,10 @@ def run_stage(stage: str, env: dict[str, str]) -> str:
     return stage
 
 
+DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+             "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
+
+
 class StageWatch:
     """Where a stage's output goes: log lines to the run's log; progress lines to the run's labels.
 
@@ -89,6 +93,8 @@ class StageWatch:
     def line(self, text: str) -> None:
         progress = StageProgress.from_line(text)
         if progress is None:
+            if not text.strip() or text.strip().startswith(DVC_HINTS):
+                return  # DVC's advice to a person at a shell (git add dvc.lock, dvc push): the run does both
             self.logger.info(text)
             return
         label_run(progress.labels())

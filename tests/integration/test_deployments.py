@@ -270,7 +270,7 @@ async def test_train_progress_reaches_another_folders_dashboard_through_the_api_
                 from_api = progress
             row = _row(table, run_id)
             if on_screen is None and row.get("stage") == "train" and row.get("epoch", "").endswith("/60") and row.get("acc"):
-                on_screen = row
+                on_screen, real_running = row, table.runs[run_id]
             await settle(pilot, 1)
             await pilot.pause(0.1)
     assert from_api.epochs == 60 and 0.0 <= from_api.metrics["val/acc"] <= 1.0, from_api
@@ -281,3 +281,11 @@ async def test_train_progress_reaches_another_folders_dashboard_through_the_api_
     final = StageProgress.from_labels(done["labels"])
     assert final is not None and final.epoch == final.epochs == 60, done["labels"]
     assert done["labels"]["tunedeck.host"], done["labels"]
+    # real runs have the shapes the demo's fakes were recorded with (tui/providers/recorded.json)
+    from tui.providers.models import RunQuery
+    from tui.providers.prefect_api import PrefectApi
+    from tui.providers.shapes import shape, templates
+
+    assert shape(real_running) == shape(templates()["pipeline:running"]), real_running
+    real_done = next(r for r in PrefectApi(url).snapshot(RunQuery(limit=200)).runs if r.id == run_id)
+    assert shape(real_done) == shape(templates()["pipeline:final"]), real_done

@@ -76,6 +76,14 @@ def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect, re
     assert not left, "run files must go when stages end"
     artifacts = api(prefect, "artifacts/filter")
     assert {a["key"] for a in artifacts} >= {"prepare-summary", "train-summary", "evaluate-summary"}
+    # what the dashboard reads of these runs has the shape the demo's fakes were recorded with
+    from tui.providers.models import RunQuery
+    from tui.providers.prefect_api import PrefectApi
+    from tui.providers.shapes import shape, templates
+
+    seen = {r.id: r for r in PrefectApi(prefect).snapshot(RunQuery(limit=200)).runs}
+    for stage, run_id in zip(("prepare", "train", "evaluate"), ids, strict=True):
+        assert shape(seen[run_id]) == shape(templates()[f"{stage}:final"]), (stage, seen[run_id])
 
 
 def test_second_repro_is_a_noop(reproduced):

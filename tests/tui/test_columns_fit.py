@@ -39,12 +39,12 @@ def test_columns_go_in_order_clocks_first():
     assert keys(fitting(78)) == ["gpu", "util", "mem", "run"]
 
 
-async def test_an_80_column_terminal_names_the_run_on_each_gpu(app):
+async def test_an_80_column_terminal_names_the_run_on_each_gpu(app, providers):
     async with app.run_test(size=(80, 30)) as pilot:
         await settle(pilot)
         table = app.screen.query_one(GpuPanel).query_one("#gpu-table")
         assert "RUN" in str(table.header) and "CLK" not in str(table.header)
-        assert "calm-orca-0 (train · pipeline/weekly" in str(table.row("gpu0"))
+        assert f"{providers.orchestrator.runs[0].name} (train · pipeline)" in str(table.row("gpu0"))
         assert table.virtual_size.width <= table.scrollable_content_region.width, "no sideways scrolling"
 
 

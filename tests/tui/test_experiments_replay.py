@@ -52,7 +52,7 @@ async def test_record_then_replay(tmp_path: Path):
         recording.telemetry.sample()
         recording.orchestrator.snapshot(RunQuery())
     replay = load_replay(path)
-    assert replay.orchestrator.snapshot(RunQuery(states=("RUNNING",))).total_runs == 3
+    assert replay.orchestrator.snapshot(RunQuery(states=("RUNNING",))).total_runs == 4
     app = make_app(providers=replay, readonly=True, refresh_s=3600)
     async with app.run_test(size=(140, 42)) as pilot:
         await settle(pilot)

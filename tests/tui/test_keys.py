@@ -26,6 +26,9 @@ async def test_first_screen_joins_gpus_and_runs(app):
         assert ddp.name in str(gpu_rows.row("gpu3"))
         assert "orphan" in str(gpu_rows.row("gpu5"))
         assert runs.get_cell("run-0000", "epoch") == "8/12"
+        remote = next(r for r in runs.runs.values() if r.id == "run-0003")
+        assert remote.name in str(gpu_rows.row("gpu-box-2/gpu0")) and "idle" in str(gpu_rows.row("gpu-box-2/gpu1"))
+        assert "stale" in str(gpu_rows.row("host:laptop")) and "stale" not in str(gpu_rows.row("host:gpu-box-2"))
 
 
 async def test_filter_by_state_and_text(app):
@@ -80,11 +83,11 @@ async def test_pause_then_resume_a_schedule(app, providers):
         assert isinstance(app.focused, DeploymentsTable)
         await pilot.press("p", "y")
         await settle(pilot)
-        assert providers.orchestrator.actions == [("pause", "dep-weekly")]
-        assert app.screen.query_one(DeploymentsTable).deployments["dep-weekly"].paused
+        assert providers.orchestrator.actions == [("pause", "dep-pipeline")]
+        assert app.screen.query_one(DeploymentsTable).deployments["dep-pipeline"].paused
         await pilot.press("p")
         await settle(pilot)
-        assert providers.orchestrator.actions[-1] == ("resume", "dep-weekly")
+        assert providers.orchestrator.actions[-1] == ("resume", "dep-pipeline")
 
 
 async def test_run_now_with_overrides(app, providers):
@@ -92,7 +95,7 @@ async def test_run_now_with_overrides(app, providers):
         await settle(pilot)
         await pilot.press("tab", "r", *"train.lr=0.0003", "enter")
         await settle(pilot)
-        assert providers.orchestrator.actions == [("run", "dep-weekly")]
+        assert providers.orchestrator.actions == [("run", "dep-pipeline")]
         assert providers.orchestrator.runs[0].parameters == {"overrides": ["train.lr=0.0003"]}
 
 
@@ -133,7 +136,7 @@ async def test_disconnected_banner_then_reconnect(app, providers):
         await settle(pilot)
         banner = app.screen.query_one("#banner")
         assert banner.display and "disconnected, retrying" in str(banner.render())
-        assert app.screen.query_one(GpuPanel).query_one("#gpu-table").row_count == 8
+        assert app.screen.query_one(GpuPanel).query_one("#gpu-table").row_count == 8 + 1 + 4 + 1, "8 GPUs here, 2 hosts"
         providers.orchestrator.connected = True
         app.screen.poll_prefect()
         await settle(pilot)

@@ -8,12 +8,13 @@ from tui.providers.base import Providers
 def demo_providers(runs: int = 1000, animate: bool = True) -> Providers:
     """Eight fake GPUs, a fake Prefect with ``runs`` runs, fake experiments: no GPU, no server needed."""
     from tui.providers.fake_dvc import FakeDvc
-    from tui.providers.fake_gpu import FakeHost, FakeNvml
+    from tui.providers.fake_gpu import FakeHost, FakeNvml, FakeRemoteHosts
     from tui.providers.fake_prefect import PIDS, FakePrefect
+    from tui.providers.fleet import FleetTelemetry
     from tui.providers.telemetry import NvmlTelemetry
 
     owners = {pid: run_id for run_id, pids in PIDS.items() for pid in pids}
-    telemetry = NvmlTelemetry(FakeNvml(animate=animate), FakeHost(), owners.get)
+    telemetry = FleetTelemetry(NvmlTelemetry(FakeNvml(animate=animate), FakeHost(), owners.get), FakeRemoteHosts(animate))
     return Providers(telemetry, FakePrefect(runs), FakeDvc(), label="demo")
 
 

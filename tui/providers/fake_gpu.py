@@ -100,3 +100,23 @@ class FakeHost:
     def sample(self) -> HostSample:
         """The same numbers every time (deterministic screens)."""
         return HostSample("gpu-box-1", 23.5, 64, 187.2, 503.8, 1204.0, 3576.0)
+
+
+class FakeRemoteHosts:
+    """Two other hosts, as their workers' telemetry events would show them: gpu-box-2 (4 GPUs, one run) and
+    a laptop whose worker stopped an hour ago (stale)."""
+
+    def __init__(self, animate: bool = False) -> None:
+        from tui.providers.telemetry import NvmlTelemetry
+
+        owners = {5101: "run-0003"}
+        self.box = NvmlTelemetry(FakeNvml(4, {0: [(5101, 40_960)]}, animate=animate), FakeHost(), owners.get)
+
+    def hosts(self) -> tuple:
+        """The two hosts now."""
+        from tui.providers.models import RemoteHost
+
+        box = HostSample("gpu-box-2", 41.0, 32, 96.4, 251.6, 640.0, 1788.0)
+        laptop = HostSample("laptop", 0.0, 8, 0.0, 16.0, 0.0, 0.0)
+        return (RemoteHost(box, self.box.sample().gpus, 1.4, False, None, "local"),
+                RemoteHost(laptop, (), 3600.0, True, "No GPU: NVML is not available on this host.", "laptop"))

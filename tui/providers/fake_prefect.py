@@ -1,4 +1,4 @@
-"""A fake Prefect server in memory: a fixed, seeded history of runs, three deployments, two pools."""
+"""A fake Prefect server in memory: a seeded history of runs shaped like recorded real ones, three deployments, two pools."""
 
 from __future__ import annotations
 
@@ -6,42 +6,92 @@ import random
 from dataclasses import replace
 
 from tui.providers.base import ActionError
-from tui.providers.models import Deployment, Orchestration, Run, RunDetail, RunQuery, WorkPool
+from tui.providers.models import Deployment, Orchestration, Progress, Run, RunDetail, RunQuery, WorkPool
+from tui.providers.shapes import recorded, templates
 
 NOW = 1_767_225_600.0  # 2026-01-01 00:00 UTC: fixed, so screens are the same on every run
 ADJECTIVES = ("amber", "brisk", "calm", "dapper", "eager", "fuzzy", "gentle", "hardy", "icy", "jolly", "keen", "lucid")
 ANIMALS = ("fox", "otter", "heron", "lynx", "moth", "newt", "orca", "panda", "quail", "raven", "stoat", "tapir")
 PIDS = {"run-0000": (4101,), "run-0001": (4102,), "run-0002": (4103, 4104)}
+LOCAL = "gpu-box-1"  # the demo's own host (tui.providers.fake_gpu.FakeHost)
+ON_GPUS = {0: (LOCAL, (0,)), 1: (LOCAL, (1,)), 2: (LOCAL, (2, 3)), 3: ("gpu-box-2", (0,))}
+"""Where the running runs train: three on this host (one DDP on two GPUs), one on another host."""
+EPOCHS = 12
 
 
 def fake_runs(count: int, seed: int = 7) -> list[Run]:
-    """count runs, newest first: three running (on GPUs), two scheduled, the rest a finished history."""
+    """count runs, newest first, each built on a run recorded from a real server (tui/providers/recorded.json).
+
+    Four pipeline deployment runs train (three on this host's GPUs, one on gpu-box-2), two wait
+    scheduled, the rest are history: pipeline and experiment deployment runs, and the stage runs
+    of plain `dvc repro`s.
+    """
     rng = random.Random(seed)
+    real = templates()
     runs = []
     for i in range(count):
-        state = ("RUNNING", "RUNNING", "RUNNING", "SCHEDULED", "SCHEDULED")[i] if i < 5 else rng.choices(
-            ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), (85, 8, 4, 3))[0]
-        flow = "train" if i < 3 else rng.choice(("prepare", "train", "evaluate", "pipeline"))
-        start = None if state == "SCHEDULED" else NOW - 600 - 900 * i
-        duration = (1800.0 + 120 * i) if state == "RUNNING" else None if start is None else rng.uniform(20, 3000)
-        deployment = "pipeline/weekly-retrain" if i % 3 == 0 else None
-        tags = ("tunedeck", f"data:{rng.getrandbits(32):08x}") + ((f"model:{rng.getrandbits(32):08x}",) if flow == "evaluate" else ())
         name = f"{rng.choice(ADJECTIVES)}-{rng.choice(ANIMALS)}-{i}"
-        params = {"params": {"model": {"name": rng.choice(("resnet50", "convnext_tiny", "vit_small_patch16_224"))},
-                             "train": {"lr": rng.choice((1e-3, 3e-4, 1e-4)), "epochs": 12}}}
-        runs.append(Run(f"run-{i:04d}", name, flow, state, state.title(), start, duration, deployment,
-                        "dep-weekly" if deployment else None, tags, params))
+        params = {"overrides": [f"train.lr={rng.choice((1e-3, 3e-4, 1e-4))}",
+                                f"model.name={rng.choice(('resnet50', 'convnext_tiny', 'vit_small_patch16_224'))}"]}
+        if i < 4:
+            host, gpus = ON_GPUS[i]
+            epoch = 8 if i == 0 else rng.randint(2, EPOCHS - 1)
+            run = replace(real["pipeline:running"], host=host, gpus=gpus, parameters=params,
+                          progress=_progress(real["pipeline:running"].progress, rng, epoch - 1, running=True))
+            runs.append(_place(run, i, name, "RUNNING", NOW - 1800 - 120 * i, 1800.0 + 120 * i))
+            continue
+        if i < 6:
+            run = replace(real["pipeline:running"], stage=None, progress=None, host=None, gpus=(), parameters=params)
+            runs.append(_place(run, i, name, "SCHEDULED", None, None))
+            continue
+        state = rng.choices(("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), (85, 8, 4, 3))[0]
+        flow = rng.choice(("pipeline", "pipeline", "experiment", "prepare", "train", "evaluate"))
+        template = real[f"{flow}:final"]
+        run = replace(template, parameters=params if template.deployment else template.parameters,
+                      tags=_tags(template.tags, rng, state), host=template.host and rng.choice((LOCAL, "gpu-box-2")))
+        if run.progress is not None:
+            run = replace(run, progress=_progress(run.progress, rng, EPOCHS - 1 if state == "COMPLETED" else rng.randint(0, 10)))
+        if state != "COMPLETED" and flow in ("pipeline", "experiment"):
+            stage = rng.choice(("prepare", "train", "evaluate"))
+            run = replace(run, stage=stage, progress=None if stage == "prepare" else run.progress)
+        runs.append(_place(run, i, name, state, NOW - 600 - 900 * i, rng.uniform(20, 3000)))
     return runs
 
 
+def _place(run: Run, i: int, name: str, state: str, start: float | None, duration: float | None) -> Run:
+    deployment_id = {"pipeline": "dep-pipeline", "train": "dep-train"}.get(run.deployment or "")
+    return replace(run, id=f"run-{i:04d}", name=name, state=state, state_name=state.title(), start=start,
+                   duration_s=duration, deployment_id=deployment_id)
+
+
+def _tags(tags: tuple[str, ...], rng: random.Random, state: str) -> tuple[str, ...]:
+    """The recorded run's tags with fresh versions; a run that did not complete has no model: tag."""
+    out = []
+    for tag in tags:
+        kind, sep, _ = tag.partition(":")
+        if kind == "model" and state != "COMPLETED":
+            continue
+        out.append(f"{kind}:{rng.getrandbits(48):012x}" if sep and kind in ("data", "model") else tag)
+    return tuple(out)
+
+
+def _progress(template: Progress, rng: random.Random, step: int, running: bool = False) -> Progress:
+    """The recorded progress's metrics with plausible values at epoch step + 1 of EPOCHS."""
+    done = (step + 1) / EPOCHS
+    values = {"val/acc": 0.55 + 0.35 * done + rng.uniform(-0.03, 0.03), "val/loss": 1.4 - 0.9 * done,
+              "train/loss": 1.3 - 1.0 * done, "samples_per_s": rng.uniform(900, 1400)}
+    metrics = tuple((k, round(values.get(k, 0.0), 4)) for k, _ in template.metrics)
+    eta = (EPOCHS - step - 1) * rng.uniform(60, 180) if running else template.eta_s
+    return replace(template, step=step, epochs=EPOCHS, metrics=metrics, updated=NOW, eta_s=eta)
+
+
 def fake_deployments() -> list[Deployment]:
-    """A weekly retrain, a paused nightly evaluation, an unscheduled ad-hoc training."""
-    day = 86400.0
+    """The project's three deployments (prefect.yaml): the pipeline weekly, ad-hoc experiments, the data watch (paused)."""
     return [
-        Deployment("dep-weekly", "weekly-retrain", "pipeline", "cron 0 3 * * 1", False, (NOW + 2 * day, NOW + 9 * day),
-                   "COMPLETED", "gpu-pool", ("overrides",)),
-        Deployment("dep-nightly", "nightly-eval", "evaluate", "every 1d", True, (), "FAILED", "gpu-pool", ()),
-        Deployment("dep-adhoc", "ad-hoc", "train", "none", False, (), None, "laptop", ("overrides",)),
+        Deployment("dep-pipeline", "pipeline", "pipeline", "cron 0 3 * * 1", False, (NOW + 2 * 86400.0, NOW + 9 * 86400.0),
+                   "COMPLETED", "local", ("overrides", "pull", "push")),
+        Deployment("dep-train", "train", "experiment", "none", False, (), "FAILED", "local", ("overrides", "name")),
+        Deployment("dep-watch", "data-watch", "data-watch", "every 10m", True, (), None, "laptop", ("stage",)),
     ]
 
 
@@ -51,7 +101,7 @@ class FakePrefect:
     def __init__(self, runs: int = 1000, connected: bool = True) -> None:
         self.runs = fake_runs(runs)
         self.deployments = fake_deployments()
-        self.pools = [WorkPool("gpu-pool", "READY", 2, 2), WorkPool("laptop", "NOT_READY", 0, 1)]
+        self.pools = [WorkPool("local", "READY", 2, 2), WorkPool("laptop", "NOT_READY", 0, 1)]
         self.connected = connected
         self.actions: list[tuple[str, str]] = []
         self.url = "http://127.0.0.1:4200/api (demo)"
@@ -68,9 +118,9 @@ class FakePrefect:
         return Orchestration(True, self.url, page, len(hits), tuple(self.deployments), tuple(self.pools), running=running)
 
     def detail(self, run_id: str) -> RunDetail:
-        """A few log lines, like a training stage writes."""
-        lines = tuple(f"00:{i // 60:02d}:{i % 60:02d} epoch {i}: train loss {1.9 / (i + 1):.3f}" for i in range(8))
-        return RunDetail(("00:00:00 params resolved, device cuda:0", *lines), ("| accuracy | 0.866 |",))
+        """The log and summary of a real finished pipeline run, as recorded (tui/providers/recorded.json)."""
+        found = recorded()["detail"]
+        return RunDetail(tuple(found["logs"]), tuple(found["artifacts"]))
 
     def _find(self, run_id: str) -> int:
         for i, run in enumerate(self.runs):
@@ -105,6 +155,6 @@ class FakePrefect:
         dep = next(d for d in self.deployments if d.id == deployment_id)
         self.actions.append(("run", deployment_id))
         run = Run(f"run-new-{len(self.actions)}", f"manual-run-{len(self.actions)}", dep.flow, "SCHEDULED", "Scheduled",
-                  None, None, f"{dep.flow}/{dep.name}", dep.id, ("tunedeck",), parameters)
+                  None, None, dep.name, dep.id, (), parameters)
         self.runs.insert(0, run)
         return f"Flow run {run.name} created."

@@ -97,8 +97,8 @@ class Run:
 
     @property
     def current_stage(self) -> str:
-        """What the STAGE column shows: a pipeline run's stage, else the flow (a stage's own run)."""
-        return self.stage or self.flow
+        """What the STAGE column shows: the stage a pipeline run is in (or failed in), else the flow."""
+        return self.stage if self.stage and self.state != "COMPLETED" else self.flow
 
     @property
     def data_version(self) -> str | None:

@@ -40,7 +40,7 @@ def build(cls: type, data: dict[str, Any]) -> Any:
         if f.name not in data:
             continue
         value = data[f.name]
-        if f.name in NESTED and isinstance(value, list):
+        if f.name in NESTED and isinstance(value, list) and all(isinstance(v, dict) for v in value):
             value = tuple(build(NESTED[f.name], v) for v in value)
         elif f.name in NESTED and isinstance(value, dict):
             value = build(NESTED[f.name], value)

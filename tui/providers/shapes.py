@@ -1,0 +1,73 @@
+"""The shape of a flow run, as the dashboard sees it: what the fakes must share with real runs.
+
+A shape is what a screen depends on, not the values: the flow's name, whether a deployment
+started it, the kinds of its tags (``data:``, ``stage:``…), and which labels it carries (the
+stage, the progress with its metric names and ETA, the host and GPUs). ``recorded.json`` holds
+runs recorded from a real server (bench/record_fakes.py); the demo's fakes are built from them,
+and tests hold both the fakes and fresh real runs to these shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tui.providers.models import FINAL_STATES, Progress, Run
+
+RECORDED = Path(__file__).with_name("recorded.json")
+
+
+def shape(run: Run) -> dict[str, Any]:
+    """What the dashboard relies on in a run, values left out."""
+    progress = run.progress
+    return {
+        "flow": run.flow, "deployment": run.deployment is not None,
+        "tags": sorted({t.split(":", 1)[0] + (":" if ":" in t else "") for t in run.tags}),
+        "stage": run.stage is not None, "host": run.host is not None, "gpus": bool(run.gpus),
+        "progress": None if progress is None else {
+            "metrics": sorted(k for k, _ in progress.metrics), "epochs": progress.epochs is not None,
+            "eta": progress.eta_s is not None and run.state == "RUNNING"},
+    }
+
+
+def kind(run: Run) -> str:
+    """Which recorded run a run is compared with: its flow, and whether it is still running."""
+    return f"{run.flow}:{'running' if run.state not in FINAL_STATES else 'final'}"
+
+
+@cache
+def recorded() -> dict[str, Any]:
+    """The recording: {"runs": [Run as a dict], "hosts": [RemoteHost as a dict]}."""
+    return json.loads(RECORDED.read_text())
+
+
+@cache
+def templates() -> dict[str, Run]:
+    """The recorded runs by kind(): one real run of each kind, to build fakes from."""
+    from tui.providers.replay import build
+
+    found: dict[str, Run] = {}
+    for raw in recorded()["runs"]:
+        run = build(Run, raw)
+        if run.progress is not None:
+            run = _with_progress(run, build(Progress, raw["progress"]))
+        found.setdefault(kind(run), run)
+    return found
+
+
+def _with_progress(run: Run, progress: Progress) -> Run:
+    from dataclasses import replace
+
+    return replace(run, progress=replace(progress, metrics=tuple(tuple(m) for m in progress.metrics)))
+
+
+def fits(run: Run, template: Run) -> bool:
+    """Whether a run has its template's shape; a run that ended early (failed, cancelled) may lack parts of it."""
+    mine, real = shape(run), shape(template)
+    if run.state in ("COMPLETED", "RUNNING") or run.state == template.state:
+        return mine == real
+    return (mine["flow"], mine["deployment"]) == (real["flow"], real["deployment"]) and set(mine["tags"]) <= set(real["tags"]) \
+        and all(not mine[k] or real[k] for k in ("stage", "host", "gpus")) \
+        and (mine["progress"] is None or mine["progress"] == real["progress"])
