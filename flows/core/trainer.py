@@ -99,6 +99,8 @@ class Trainer:
         first_epoch, first_batch, partial = 0, 0, None
         resumed_at = None
         if checkpoints is not None:
+            if hasattr(self.tracker, "before_resume"):  # the stage may be fetching this run's checkpoint from elsewhere
+                self.tracker.before_resume()
             state = ckpt.load_resumable(checkpoints, key)
             if state is None and self.world.main:
                 ckpt.clear(checkpoints)
@@ -236,6 +238,8 @@ class Trainer:
             if checkpoints is not None:
                 last = self._checkpoint(checkpoints, key, epoch + 1, 0, None)
                 ckpt.keep_top(checkpoints, last, epoch, metrics.get("val/acc", -metrics["train/loss"]), self.cfg.keep_top)
+                if hasattr(self.tracker, "checkpointed"):  # the stage copies it to the DVC remote
+                    self.tracker.checkpointed(last, epoch + 1)
         return stop
 
     def _validate(self, epoch: int, metrics: dict) -> None:

@@ -32,9 +32,10 @@ def work(params: Params) -> dict:
     from flows.core.train import train
 
     warn_if_untracked_weights(params)
+    mirror = checkpoint_mirror(params)
     if params.base.devices > 1 and "RANK" not in os.environ:
         return launch_ddp(params)
-    tracker = LiveTracker(params.train.epochs)
+    tracker = LiveTracker(params.train.epochs, mirror)
     try:
         result = train(params, PREPARED, MODELS, tracker, checkpoints_base())
     finally:
@@ -60,9 +61,10 @@ class LiveTracker:
     to its flow run, so the dashboard of any host sees it through the Prefect server.
     """
 
-    def __init__(self, epochs: int) -> None:
+    def __init__(self, epochs: int, mirror=None) -> None:
         self.live = None
         self.epochs = epochs
+        self.mirror = mirror
         self.first_epoch = 0
         self.started = time.monotonic()
 
@@ -97,10 +99,45 @@ class LiveTracker:
         return StageProgress(epoch=epoch + 1, epochs=self.epochs, metrics=keep,
                              eta_s=max(0, self.epochs - epoch - 1) * per_epoch)
 
+    def before_resume(self) -> None:
+        """The trainer is about to look for a checkpoint: let the fetch from the DVC remote finish first."""
+        if self.mirror is not None:
+            self.mirror.wait_fetched()
+
+    def checkpointed(self, path: Path, epoch: int) -> None:
+        """An epoch's checkpoint is on disk: copy it to the DVC remote (in the background)."""
+        if self.mirror is not None:
+            self.mirror.push(path, epoch)
+
     def close(self) -> None:
-        """Flush and stop dvclive's system monitor."""
+        """Flush and stop dvclive's system monitor; wait for the last checkpoint's upload."""
         if self.live is not None:
             self.live.end()
+        if self.mirror is not None:
+            self.mirror.close()
+
+
+def checkpoint_mirror(params: Params):
+    """The run's checkpoints on the DVC remote (flows.dvc_gateway); fetched first when this host has none.
+
+    Only the stage process fetches (before torchrun starts DDP workers); rank 0 pushes.
+    """
+    from flows.core.prepare import load_manifest
+    from flows.core.train import run_folder, run_key
+    from flows.dvc_gateway import CheckpointMirror
+
+    try:
+        key = run_key(params, load_manifest(PREPARED))
+    except (OSError, KeyError, ValueError):
+        return None  # no prepared data: train() says so in one sentence
+    mirror = CheckpointMirror(Path.cwd(), key[:16])
+    if "RANK" in os.environ:
+        return mirror
+    if params.base.devices > 1:
+        mirror.fetch(run_folder(checkpoints_base(), key))  # before torchrun starts the workers that read it
+    else:
+        mirror.fetch_soon(run_folder(checkpoints_base(), key))  # while the model is built
+    return mirror
 
 
 WATCHED = ("train/loss", "val/acc", "val/loss", "val/acc_ema", "samples_per_s")

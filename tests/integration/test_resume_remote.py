@@ -1,0 +1,107 @@
+"""Checkpoints follow the run: killed on one host, run again from another clone, it resumes from the DVC remote.
+
+Host A's worker runs a pipeline run that pushes each epoch's checkpoint to the project's DVC
+remote; once the remote holds a checkpoint, A's worker and everything below it get SIGKILL. The
+same run started again (same overrides) is taken by host B's worker, in a clone of its own with
+no checkpoint: it fetches the pushed one, resumes from its epoch, and ends with the weights of
+a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import yaml
+
+from flows import server
+from tests.integration.project import api, env, free_port, make_project, run
+from tests.integration.test_deployments import logs, start, wait
+
+pytestmark = pytest.mark.slow
+OVERRIDES = ["train.epochs=60", "train.lr=0.002", "train.hflip=0.5", "train.crop_padding=2"]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it, at once (a host that dies)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        for proc in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(family, timeout=10)
+
+
+def pushed_epoch(store) -> int:
+    """The epoch of the newest checkpoint on the DVC remote (0 when none yet)."""
+    pointers = list((store / "tunedeck" / "checkpoints").glob("*/last.json"))
+    return max((json.loads(p.read_text())["epoch"] for p in pointers), default=0)
+
+
+def reference_sha(tmp_path, a) -> str:
+    """The model of the same params trained without interruption (no remote checkpoints: a plain `dvc repro`)."""
+    c = tmp_path / "c"
+    run(tmp_path, "git", "clone", "-q", str(a), str(c))
+    raw = yaml.safe_load((c / "params.yaml").read_text())
+    for item in OVERRIDES:
+        key, value = item.split("=")
+        group, name = key.split(".")
+        raw[group][name] = yaml.safe_load(value)
+    (c / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(c, "dvc", "repro", TUNEDECK_PREFECT="off", TUNEDECK_CHECKPOINT_REMOTE="off")
+    return json.loads((c / "models" / "model.json").read_text())["sha256"]
+
+
+def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(tmp_path):
+    store = tmp_path / "store"
+    a = make_project(tmp_path / "a")
+    run(a, "dvc", "remote", "add", "-f", "-d", "shared", str(store))
+    run(a, "git", "commit", "-qam", "a shared DVC remote")
+    b = tmp_path / "b"
+    run(tmp_path, "git", "clone", "-q", str(a), str(b))
+    whole = reference_sha(tmp_path, a)
+    url = server.start(free_port(), root=a)
+    workers = []
+    try:
+        run(a, "tunedeck", "deploy", PREFECT_API_URL=url)
+
+        def worker(clone, host):
+            proc = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=clone,
+                                    env=env(PREFECT_API_URL=url, TUNEDECK_HOST=host), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            workers.append(proc)
+            return proc
+
+        host_a = worker(a, "host-a")
+        first = start(url, "pipeline", overrides=OVERRIDES, pull=False, push=False)
+        deadline = time.monotonic() + 300  # a hang guard; the kill waits on the event, the second pushed epoch
+        while pushed_epoch(store) < 2:
+            assert time.monotonic() < deadline, ("no checkpoint reached the remote", wait(url, first, timeout=1)["state"])
+            time.sleep(0.05)
+        kill_tree(host_a.pid)
+        killed_at = pushed_epoch(store)
+        assert killed_at < 60, "the run finished before host A died"
+
+        worker(b, "host-b")
+        again = wait(url, start(url, "pipeline", overrides=OVERRIDES, pull=False, push=False), timeout=400)
+        text = logs(url, again["id"])
+        assert again["state_type"] == "COMPLETED", text[-2000:]
+        assert again["labels"]["tunedeck.host"] == "host-b", again["labels"]
+        assert "fetched the checkpoint of epoch" in text and "from the DVC remote 'shared'" in text, text[-3000:]
+        resumed = int(text.split("fetched the checkpoint of epoch ")[1].split()[0])
+        assert resumed >= killed_at and f"(epoch {resumed + 1}, batch 0)" in text, text[-3000:]
+        versions = next(x["data"] for x in api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [again["id"]]}}})
+                        if x["key"] == "versions")
+        assert f"| model_sha256 | {whole} |" in versions, (whole, versions)
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+        server.stop(root=a)
