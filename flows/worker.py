@@ -34,6 +34,7 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
           flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, **env})
     publisher = start_publisher(pool, env)
+    Reconciler(proc.pid).start()
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -117,3 +118,78 @@ def mark_crashed(run_ids: list[str]) -> None:
     except Exception as exc:  # noqa: BLE001 - the server may be down too: say so, the zombie check catches them later
         print(f"tunedeck worker: could not mark runs {', '.join(run_ids)} Crashed ({type(exc).__name__}); "
               "the server will show them Running until it notices.", file=sys.stderr, flush=True)
+
+
+class Reconciler:
+    """Marks Crashed a run this worker started whose process is gone while the server still says it runs.
+
+    Normally a run ends its own flow run, or the Prefect worker marks it Crashed when its process
+    fails. Neither can when the server is down at that moment (an outage, a restart): the run
+    would show Running forever. Every POLL_S this looks at the runs below the Prefect worker;
+    GRACE_S after one's process has gone, a run that is still not final on the server is marked
+    Crashed, retried until the server answers again.
+    """
+
+    POLL_S = 2.0
+    GRACE_S = 5.0  # the Prefect worker's own report comes first when the server is up
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self.alive: set[str] = set()
+        self.gone: dict[str, float] = {}  # run id -> when its process was last seen
+
+    def start(self) -> Reconciler:
+        import threading
+
+        threading.Thread(target=self._loop, name="tunedeck-reconcile", daemon=True).start()
+        return self
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            time.sleep(self.POLL_S)
+            with contextlib.suppress(Exception):  # never let bookkeeping stop the worker
+                self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """One look: which runs are still here, and which that went are not final on the server."""
+        try:
+            family = psutil.Process(self.worker_pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        current = {run for run in map(flow_run_of, family) if run}
+        for run in self.alive - current:
+            self.gone.setdefault(run, now)
+        self.alive = current
+        due = [run for run, since in self.gone.items() if now - since >= self.GRACE_S and run not in current]
+        if due:
+            for run in settle_crashed(due):
+                self.gone.pop(run, None)
+
+
+def settle_crashed(run_ids: list[str]) -> list[str]:
+    """Mark those of run_ids that are not final Crashed; the ids settled (all, unless the server is down)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from flows.server import api_url, healthy
+
+    url = api_url()
+    if not url or not healthy(url, timeout=1.0):  # not the client's minute of retries: look again in 2 s
+        return []
+    settled = []
+    try:
+        with get_client(sync_client=True) as client:
+            for run_id in run_ids:
+                state = client.read_flow_run(run_id).state
+                if state is None or not state.is_final():
+                    client.set_flow_run_state(run_id, Crashed(
+                        message="its process ended while its end could not be recorded (the Prefect server was "
+                                "unreachable); run it again to resume from its checkpoint"), force=True)
+                    print(f"tunedeck worker: flow run {run_id} had no process left; marked Crashed", file=sys.stderr,
+                          flush=True)
+                settled.append(run_id)
+    except Exception:  # noqa: BLE001 - the server is still down: try again next time
+        pass
+    return settled
