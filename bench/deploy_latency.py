@@ -1,7 +1,9 @@
 """Deployments, measured side by side in one run on a temporary copy with tiny data (medians).
 
   latency   from creating a pipeline flow run (as `prefect deployment run` does) to the first
-            stage's code starting (its first log line), with a warm worker; goal <= 3 s
+            stage's code starting (its first log line), with a warm worker; goal <= 3 s. Each round
+            also prints when the worker picked the run up, its process started, Prefect's engine
+            ran (pull steps) and the flow began, in seconds after the run was created
   overhead  the pipeline flow run's wall time against a plain `dvc repro` of the same change
             (base.seed bumped so every stage reruns); goal <= 10 %
   isolation what the run's own workspace costs: setting up the git worktree, checking the data
@@ -56,7 +58,7 @@ def main() -> None:
             worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url, PREFECT_LOGGING_LEVEL="INFO"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             wait(url, start(url, "pipeline", pull=False, push=False))  # warm the worker
-            latency, flow_s, repro_s, isolation_s = [], [], [], []
+            latency, flow_s, repro_s, isolation_s, phases = [], [], [], [], []
             for i in range(rounds):
                 bump_seed(project)
                 run(project, "git", "commit", "-qam", f"seed {i}")
@@ -68,6 +70,10 @@ def main() -> None:
                 entries.sort(key=lambda e: e["timestamp"])
                 first_stage = next(e for e in entries if "Running stage" in e["message"] or "python -m flows.stages" in e["message"])
                 latency.append(when(first_stage["timestamp"]) - created)
+                marks = {label: next((when(e["timestamp"]) - created for e in entries if text in e["message"]), float("nan"))
+                         for label, text in (("picked", "submitting flow run"), ("process", "submitted to infrastructure"),
+                                             ("engine", "deployment pull step"), ("flow", "Beginning flow run"))}
+                phases.append(marks)
                 steps = {e["message"].removeprefix("isolation: ").rsplit(" in ", 1)[0][:40]: float(e["message"].rsplit(" in ", 1)[1].removesuffix(" s"))
                          for e in entries if e["message"].startswith("isolation: ")}
                 isolation_s.append(sum(steps.values()))
@@ -76,7 +82,8 @@ def main() -> None:
                 tic = time.perf_counter()
                 run(project, "dvc", "repro", TUNEDECK_PREFECT="off")
                 repro_s.append(time.perf_counter() - tic)
-                print(f"round {i + 1}: latency {latency[-1]:.2f}s  pipeline flow {flow_s[-1]:.2f}s  dvc repro {repro_s[-1]:.2f}s"
+                print(f"round {i + 1}: latency {latency[-1]:.2f}s ({', '.join(f'{k} {v:.2f}' for k, v in marks.items())})"
+                      f"  pipeline flow {flow_s[-1]:.2f}s  dvc repro {repro_s[-1]:.2f}s"
                       f"  isolation {isolation_s[-1]:.2f}s ({', '.join(f'{k.split()[0]} {v:.2f}' for k, v in steps.items())})",
                       flush=True)
             assert "Running stage" in logs(url, run_id)

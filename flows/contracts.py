@@ -2,6 +2,11 @@
 
 Every message one process writes and another reads is defined here, once:
 
+- the files stages hand each other: the prepare manifest (``data/prepared/manifest.json``),
+  the model card (``models/model.json``), and the run file a stage writes for the dashboard
+  (``.tunedeck/runs/<pid>.json``);
+- the lines a stage and its reporter exchange (flows.orchestration ↔ flows.reporter), and the
+  lines of the DVC helper's protocol (flows.dvc_session);
 - a training stage's progress (``StageProgress``): printed as a marked line to the pipeline
   run that started the stage, or sent to the stage's reporter, and stored on the flow run as
   Prefect labels, so the dashboard of any host reads it from the server alone;
@@ -14,9 +19,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flows.core.errors import TunedeckError
 
 PROGRESS_MARK = "\x1etunedeck-progress "
 """A stage's stdout line carrying a StageProgress (the pipeline flow turns it into labels)."""
@@ -148,3 +156,129 @@ class HostTelemetry(BaseModel):
 def dumps(model: BaseModel) -> str:
     """A model as one JSON line."""
     return json.dumps(model.model_dump(mode="json"), separators=(",", ":"))
+
+
+# --- files stages hand each other ------------------------------------------------------------------
+
+
+class BadFile(TunedeckError):
+    """A file another stage wrote is missing or not what it should be; its text is one sentence."""
+
+
+def _read(cls: type[BaseModel], path: Path, remedy: str):
+    try:
+        return cls.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        raise BadFile(f"{path} not found: {remedy}") from None
+    except (OSError, ValidationError, ValueError) as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else type(exc).__name__
+        raise BadFile(f"{path} is not a valid {cls.__name__} ({why}): {remedy}") from None
+
+
+class PrepareManifest(BaseModel):
+    """data/prepared/manifest.json: what the prepare stage decoded, for train and evaluate."""
+
+    source: str
+    data_version: str = Field(description="DVC's md5 of data.source")
+    classes: list[str]
+    image_size: int
+    counts: dict[str, int] = Field(description="images per split")
+    per_class: dict[str, dict[str, int]] = Field(default_factory=dict, description="split → class → images")
+
+    @classmethod
+    def read(cls, folder: Path) -> PrepareManifest:
+        """The manifest in folder; BadFile (one sentence) when it is missing or broken."""
+        return _read(cls, folder / "manifest.json", "run the prepare stage first (`dvc repro prepare`).")
+
+    def write(self, folder: Path) -> None:
+        (folder / "manifest.json").write_text(self.model_dump_json(indent=2))
+
+
+class ModelCard(BaseModel):
+    """models/model.json: how to rebuild, feed and trust the trained model beside it."""
+
+    model_name: str
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str
+    weights_from: str
+    data_version: str
+    best_epoch: int
+    val_accuracy: float | None
+    weights: str = Field(description="raw or ema: which weights were best")
+    micro_batch: int
+    accum_steps: int
+    oom_events: int = 0
+    sha256: str = Field(description="of model.safetensors")
+    train_seconds: float
+
+    @classmethod
+    def read(cls, folder: Path) -> ModelCard:
+        """The card in folder; BadFile (one sentence) when it is missing or broken."""
+        return _read(cls, folder / "model.json", "run the train stage first (`dvc repro train`).")
+
+    def write(self, folder: Path) -> None:
+        (folder / "model.json").write_text(self.model_dump_json(indent=2))
+
+
+class RunFile(BaseModel):
+    """.tunedeck/runs/<pid>.json: the flow run a stage process (not started by a worker) belongs to."""
+
+    flow_run_id: str
+    name: str = ""
+    stage: str = ""
+
+
+# --- a stage and its reporter (flows.orchestration -> flows.reporter, JSON lines on stdin) -------------
+
+
+class ReporterOpen(BaseModel):
+    """The first line: which flow run to open."""
+
+    name: str
+    api_url: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+
+
+def reporter_message(line: str) -> dict[str, Any]:
+    """One later line, checked: exactly one of log, progress, done, failed."""
+    message = json.loads(line)
+    kinds = [k for k in ("log", "progress", "done", "failed") if k in message]
+    if len(kinds) != 1:
+        raise ValueError(f"a reporter message has one of log, progress, done, failed; this one has {kinds or 'none'}")
+    if kinds[0] == "progress":
+        StageProgress.model_validate(message["progress"])
+    return message
+
+
+class ReporterAnswer(BaseModel):
+    """What the reporter answers on stdout: the run it opened, then its final state."""
+
+    flow_run_id: str | None = None
+    url: str | None = None
+    name: str | None = None
+    final: str | None = None
+
+
+# --- the DVC helper (flows.dvc_session: JSON lines in, output lines then a marked answer out) ----------
+
+
+class DvcRequest(BaseModel):
+    """A question to the DVC helper: a stage's up-to-date key, or a `dvc` command."""
+
+    op: Literal["key", "dvc"]
+    cwd: str | None = Field(default=None, description="the folder to answer in (the helper starts before it exists)")
+    stage: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class DvcAnswer(BaseModel):
+    """The helper's answer: the stage's key (None: it must run), or the command's exit status."""
+
+    key: str | None = None
+    rc: int | None = None

@@ -88,12 +88,14 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
         raise TunedeckError(f"work pool '{pool}' does not exist on the server: run `tunedeck deploy` (it creates '{DEFAULT_POOL}') or name another with --pool.")
     env = {
         "PREFECT_API_URL": os.environ["PREFECT_API_URL"],
-        # poll for scheduled runs every second (Prefect's default is 10 s) so a run starts promptly
-        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
+        # poll for scheduled runs twice a second (Prefect's default is every 10 s) so a run starts promptly
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "0.5"),
         "PREFECT_WORKER_PREFETCH_SECONDS": os.environ.get("PREFECT_WORKER_PREFETCH_SECONDS", "1"),
         # runs use this host's clone (flows.steps.checkout), and import its code before any other copy
         "TUNEDECK_PROJECT": str(root),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        # the deployments' command is `python -m prefect.engine`: this environment's python
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
     if git_pull:
         env["TUNEDECK_GIT_PULL"] = "1"

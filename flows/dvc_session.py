@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from flows.contracts import DvcAnswer, DvcRequest
 from flows.core.errors import TunedeckError
 from flows.dvc_cli import output_tail
 
@@ -31,6 +32,7 @@ class DvcSession:
 
     def __init__(self, cwd: Path | None = None) -> None:
         self.cwd = cwd
+        self.workdir: Path | None = None  # where questions are answered, when not where the helper started
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -44,31 +46,31 @@ class DvcSession:
             )
         return self
 
-    def _ask(self, request: dict, on_line: Callable[[str], None] | None, lines: list[str]) -> dict:
+    def _ask(self, request: DvcRequest, on_line: Callable[[str], None] | None, lines: list[str]) -> DvcAnswer:
         with self._lock:
             proc = self.start()._proc
             assert proc is not None and proc.stdin is not None and proc.stdout is not None
             try:
-                proc.stdin.write(json.dumps(request) + "\n")
+                proc.stdin.write(request.model_dump_json() + "\n")
                 proc.stdin.flush()
             except BrokenPipeError:
                 pass  # it died: reading below says so
             for raw in proc.stdout:
                 line = raw.rstrip("\n")
                 if line.startswith(MARK):
-                    return json.loads(line[len(MARK):])
+                    return DvcAnswer.model_validate_json(line[len(MARK):])
                 lines.append(line)
                 if on_line is not None:
                     on_line(line)
             proc.wait()
             self._proc = None
-            what = f"`dvc {' '.join(request['args'])}`" if "args" in request else f"whether stage '{request['stage']}' is up to date"
+            what = f"`dvc {' '.join(request.args)}`" if request.op == "dvc" else f"whether stage '{request.stage}' is up to date"
             raise TunedeckError(f"the DVC helper process exited (status {proc.returncode}) while asked {what}: "
                                 f"{' | '.join(lines[-3:])[-300:]}")
 
     def up_to_date_key(self, stage: str) -> str | None:
         """A key made of the stage's dvc.lock entry when DVC says the stage is up to date, else None."""
-        return self._ask({"op": "key", "stage": stage}, None, [])["key"]
+        return self._ask(DvcRequest(op="key", stage=stage, cwd=self._where()), None, []).key
 
     def repro(self, stage: str, env: dict[str, str] | None = None,
               on_line: Callable[[str], None] | None = None) -> None:
@@ -79,9 +81,12 @@ class DvcSession:
             on_line: Callable[[str], None] | None = None) -> None:
         """`dvc args` in the helper (DVC already imported: no second of start-up); a failure is one sentence."""
         lines: list[str] = []
-        answer = self._ask({"op": "dvc", "args": args, "env": env or {}}, on_line, lines)
-        if answer["rc"] != 0:
-            raise TunedeckError(f"`dvc {' '.join(args)}` failed (exit {answer['rc']}): {output_tail(lines)}")
+        answer = self._ask(DvcRequest(op="dvc", args=args, env=env or {}, cwd=self._where()), on_line, lines)
+        if answer.rc != 0:
+            raise TunedeckError(f"`dvc {' '.join(args)}` failed (exit {answer.rc}): {output_tail(lines)}")
+
+    def _where(self) -> str | None:
+        return str(self.workdir) if self.workdir is not None else None
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -129,15 +134,17 @@ def serve() -> None:
 
     base = dict(os.environ)
     for line in sys.stdin:
-        request = json.loads(line)
-        if request["op"] == "key":
-            answer: dict = {"key": stage_key(request["stage"])}
+        request = DvcRequest.model_validate_json(line)
+        if request.cwd:
+            os.chdir(request.cwd)
+        if request.op == "key":
+            answer = DvcAnswer(key=stage_key(request.stage or ""))
         else:
             os.environ.clear()
-            os.environ.update({**base, **request.get("env", {})})
-            answer = {"rc": dvc_main(request["args"])}
+            os.environ.update({**base, **request.env})
+            answer = DvcAnswer(rc=dvc_main(request.args))
         sys.stderr.flush()
-        sys.stdout.write(MARK + json.dumps(answer) + "\n")
+        sys.stdout.write(MARK + answer.model_dump_json() + "\n")
         sys.stdout.flush()
 
 

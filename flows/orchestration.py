@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import server
-from flows.contracts import StageProgress
+from flows.contracts import ReporterAnswer, ReporterOpen, RunFile, StageProgress
 from flows.core.errors import TunedeckError
 
 SWITCH = "TUNEDECK_PREFECT"
@@ -102,12 +102,12 @@ class Reporter:
         self.name = name
         self.finishing = False
         self.pid_file: Path | None = None
-        self.send({"name": name, "api_url": url, "parameters": parameters, "tags": tags})
+        self.send(ReporterOpen(name=name, api_url=url, parameters=parameters, tags=tags).model_dump(mode="json"))
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                message = json.loads(line)
+                message = ReporterAnswer.model_validate_json(line).model_dump(exclude_unset=True)
             except ValueError:
                 continue
             if "url" in message:
@@ -122,7 +122,7 @@ class Reporter:
             return
         self.pid_file = run_file(os.getpid())
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        self.pid_file.write_text(json.dumps({"flow_run_id": message["flow_run_id"], "name": message["name"], "stage": self.name}))
+        self.pid_file.write_text(RunFile(flow_run_id=message["flow_run_id"], name=message["name"], stage=self.name).model_dump_json())
 
     def send(self, message: dict[str, Any]) -> None:
         """One JSON line to the reporter; a reporter that has gone is not the stage's problem."""

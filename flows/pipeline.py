@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from flows import workspace
-from flows.contracts import LABEL, StageProgress, stage_labels
+from flows.contracts import LABEL, ModelCard, StageProgress, stage_labels
 from flows.core.errors import TunedeckError
 from flows.dag import stage_order
 from flows.dvc_cli import dvc, sync
@@ -47,7 +47,10 @@ def dvc_session() -> DvcSession:
 
 @contextlib.contextmanager
 def open_session(cwd: Path) -> Iterator[DvcSession]:
-    """Start the DVC helper in cwd now (it imports DVC while the run gets its slot) and stop it at the end."""
+    """Start the DVC helper now (it imports DVC while the run sets up its workspace and gets its slot); stop it at the end.
+
+    It answers in cwd, or in the session's workdir once set (the run's workspace, made meanwhile).
+    """
     global _SESSION
     _SESSION = DvcSession(cwd).start()
     try:
@@ -87,7 +90,6 @@ class StageWatch:
 
     def __init__(self, stage: str, logger) -> None:
         self.stage, self.logger = stage, logger
-        self.artifact = None
         label_run(stage_labels(stage))
 
     def line(self, text: str) -> None:
@@ -97,30 +99,86 @@ class StageWatch:
                 return  # DVC's advice to a person at a shell (git add dvc.lock, dvc push): the run does both
             self.logger.info(text)
             return
-        label_run(progress.labels())
-        with contextlib.suppress(Exception):  # the artifact is a nicety for Prefect's UI; the labels matter
-            from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-            percent = 100.0 * progress.epoch / progress.epochs
-            if self.artifact is None:
-                self.artifact = create_progress_artifact(percent, key=f"{self.stage}-progress",
-                                                         description=f"{self.stage}: epochs done")
-            else:
-                update_progress_artifact(self.artifact, percent)
+        label_run(progress.labels(), (f"{self.stage}-progress", 100.0 * progress.epoch / progress.epochs))
 
 
-def label_run(labels: dict) -> None:
-    """Merge labels into this flow run's (best effort: a server hiccup loses one update, not the run)."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
+class Labeller:
+    """Publishes this flow run's labels (and a progress artifact for Prefect's UI) from a thread of its own,
+    in order: the stages never wait on the server.
+
+    One client for the run's life; flush() at the end sends what is queued. A server hiccup
+    loses an update (the log has every epoch), never the run.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        import queue
+        import threading
+
+        self.run_id = run_id
+        self.queue: queue.Queue[tuple | None] = queue.Queue()
+        self.failed = 0
+        self.artifacts: dict[str, object] = {}  # progress artifact key -> its id
+        self.thread = threading.Thread(target=self._send, name="tunedeck-labels", daemon=True)
+        self.thread.start()
+
+    def _send(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            while (item := self.queue.get()) is not None:
+                try:
+                    self._one(client, *item)
+                except Exception:  # noqa: BLE001
+                    self.failed += 1
+
+    def _one(self, client, labels: dict, progress: tuple[str, float] | None, task_run_id) -> None:
+        client.update_flow_run_labels(self.run_id, labels)
+        if progress is None:
+            return
+        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+        key, percent = progress
+        if key in self.artifacts:
+            client.update_artifact(self.artifacts[key], ArtifactUpdate(data=percent))
+        else:
+            self.artifacts[key] = client.create_artifact(ArtifactCreate(
+                type="progress", key=key, data=percent, description="epochs done", flow_run_id=self.run_id,
+                task_run_id=task_run_id)).id
+
+    def put(self, labels: dict, progress: tuple[str, float] | None, task_run_id) -> None:
+        self.queue.put((labels, progress, task_run_id))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
+_LABELLER: Labeller | None = None
+
+
+def label_run(labels: dict, progress: tuple[str, float] | None = None) -> None:
+    """Merge labels into this flow run's soon, in the background (outside a flow run: nothing).
+
+    progress: (artifact key, percent done) for a progress artifact in Prefect's UI.
+    """
+    global _LABELLER
+    from prefect.runtime import flow_run, task_run
 
     if not flow_run.id:
         return
-    try:
-        with get_client(sync_client=True) as client:
-            client.update_flow_run_labels(flow_run.id, labels)
-    except Exception as exc:  # noqa: BLE001
-        get_run_logger().warning(f"progress not published ({type(exc).__name__}); the log has it")
+    if _LABELLER is None or _LABELLER.run_id != flow_run.id or not _LABELLER.thread.is_alive():
+        _LABELLER = Labeller(flow_run.id)
+    _LABELLER.put(labels, progress, task_run.id)
+
+
+def flush_labels() -> None:
+    """Send the labels still queued (the run is ending)."""
+    global _LABELLER
+    if _LABELLER is not None:
+        _LABELLER.flush()
+        if _LABELLER.failed:
+            get_run_logger().warning(f"{_LABELLER.failed} progress update(s) did not reach the server; the log has them")
+        _LABELLER = None
 
 
 @contextlib.contextmanager
@@ -170,7 +228,8 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str) -> dic
     code = code_version()
     logger.info(f"code: {code}")
     clone = Path.cwd()
-    with run_workspace(clone, overrides) as ws, open_session(ws), device_slot() as env:
+    with open_session(clone) as session, run_workspace(clone, overrides) as ws, device_slot() as env:
+        session.workdir = ws
         env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
         if pull:  # --allow-missing: a first run finds nothing on the remote yet
             sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
@@ -181,8 +240,10 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str) -> dic
         if push:
             sync("push", cwd=ws, on_line=logger.info)
         timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name))
+        session.close()  # before its folder, the workspace, goes
         versions = attach_versions(code, ws)
         tag_versions(versions)
+        flush_labels()
         return versions
 
 
@@ -263,9 +324,9 @@ def code_version() -> str:
 def attach_versions(code: str, root: Path) -> dict:
     """The code, data and model versions (and test metrics) of the finished run in root, as an artifact."""
     summary: dict = {"code": code}
-    with contextlib.suppress(OSError, ValueError):
-        config = json.loads((root / "models/model.json").read_text())
-        summary.update(data_version=config["data_version"], model_sha256=config["sha256"])
+    with contextlib.suppress(TunedeckError):
+        card = ModelCard.read(root / "models")
+        summary.update(data_version=card.data_version, model_sha256=card.sha256)
     with contextlib.suppress(OSError, ValueError):
         summary.update(json.loads((root / "eval/metrics.json").read_text()))
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())

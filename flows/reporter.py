@@ -52,7 +52,9 @@ def markdown(name: str, summary: dict[str, Any]) -> str:
 def main() -> int:
     """Open the flow run, relay the stage's lines into it, close it with the stage's outcome."""
     stage_pid = os.getppid()  # the stage process that started this reporter
-    spec = json.loads(sys.stdin.readline())
+    from flows.contracts import ReporterOpen, reporter_message
+
+    spec = ReporterOpen.model_validate_json(sys.stdin.readline()).model_dump()
     os.environ["PREFECT_API_URL"] = spec["api_url"]
     # a server that is down answers nothing for a while: give up on it in seconds (the stage waits
     # for the run's end), then settle() keeps trying behind the stage
@@ -105,7 +107,7 @@ def main() -> int:
                     opened["end"] = Crashed(message=f"the {name} stage process ended before finishing (killed?)")
                 server_down()
                 return opened["end"]
-            message = json.loads(line)
+            message = reporter_message(line)
             if "log" in message:
                 logger.log(message.get("level", 20), message["log"])
             elif "progress" in message:

@@ -9,10 +9,11 @@ children of the stage process).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import psutil
+
+from flows.contracts import RunFile
 
 ENV_KEY = "PREFECT__FLOW_RUN_ID"
 
@@ -52,8 +53,8 @@ class RunJoiner:
     def _from_file(self, pid: int) -> str | None:
         path = self.runs_dir / f"{pid}.json"
         try:
-            return json.loads(path.read_text()).get("flow_run_id") if psutil.pid_exists(pid) else None
-        except (OSError, ValueError, AttributeError):
+            return RunFile.model_validate_json(path.read_text()).flow_run_id if psutil.pid_exists(pid) else None
+        except (OSError, ValueError):
             return None
 
 
@@ -70,8 +71,8 @@ def live_run_files(runs_dir: Path) -> dict[int, str]:
     for path in runs_dir.glob("*.json") if runs_dir.is_dir() else ():
         try:
             pid = int(path.stem)
-            run_id = json.loads(path.read_text())["flow_run_id"]
-        except (OSError, ValueError, KeyError, TypeError):
+            run_id = RunFile.model_validate_json(path.read_text()).flow_run_id
+        except (OSError, ValueError):
             continue
         if psutil.pid_exists(pid):
             found[pid] = run_id

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.contracts import ModelCard
 from flows.core.devices import resolve_device
-from flows.core.errors import TunedeckError
 from flows.core.params import Params, save_resolved
 from flows.core.prepare import load_split
 
@@ -18,11 +18,8 @@ def load_trained(models: Path, device):
     import timm
     from safetensors.torch import load_file
 
-    config_path = models / "model.json"
-    if not config_path.is_file():
-        raise TunedeckError(f"{config_path} not found: run the train stage first (`dvc repro train`).")
-    config = json.loads(config_path.read_text())
-    model = timm.create_model(config["model_name"], pretrained=False, num_classes=len(config["classes"]))
+    config = ModelCard.read(models)
+    model = timm.create_model(config.model_name, pretrained=False, num_classes=len(config.classes))
     model.load_state_dict(load_file(str(models / "model.safetensors")))
     return model.to(device).eval(), config
 
@@ -51,9 +48,9 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
     device = resolve_device(params.base.device)
     model, config = load_trained(models, device)
     test_x, test_y = load_split(prepared, "test")
-    norm = Normalizer(config["mean"], config["std"], device)
+    norm = Normalizer(config.mean, config.std, device)
     loss, accuracy, pred = score(model, norm, test_x, test_y, params.evaluate.batch_size)
-    classes = config["classes"]
+    classes = config.classes
     per_class = per_class_scores(test_y, pred, classes)
     metrics = {
         "accuracy": accuracy,

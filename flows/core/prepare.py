@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.contracts import PrepareManifest
 from flows.core.errors import TunedeckError
 from flows.core.images import decode_folder
 from flows.core.params import Params, save_resolved
@@ -40,18 +41,13 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
         np.save(out / f"{name}_x.npy", decoded.images[idx])
         np.save(out / f"{name}_y.npy", decoded.labels[idx])
     counts = {name: int(len(idx)) for name, idx in split.items()}
-    manifest = {
-        "source": data.source,
-        "data_version": decoded.version,
-        "classes": list(decoded.classes),
-        "image_size": data.image_size,
-        "counts": counts,
-        "per_class": {
+    PrepareManifest(
+        source=data.source, data_version=decoded.version, classes=list(decoded.classes), image_size=data.image_size,
+        counts=counts, per_class={
             name: {cls: int((decoded.labels[idx] == i).sum()) for i, cls in enumerate(decoded.classes)}
             for name, idx in split.items()
         },
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    ).write(out)
     report = [{"path": r.path, "reason": r.reason} for r in decoded.rejected]
     (out / "rejected.json").write_text(json.dumps(report, indent=2))
     save_resolved(params, out)
@@ -64,6 +60,6 @@ def load_split(folder: Path, name: str, mmap: bool = True) -> tuple[np.ndarray, 
     return np.load(folder / f"{name}_x.npy", mmap_mode=mode), np.load(folder / f"{name}_y.npy")
 
 
-def load_manifest(folder: Path) -> dict:
-    """The manifest prepare wrote: classes, counts, image size and data version."""
-    return json.loads((folder / "manifest.json").read_text())
+def load_manifest(folder: Path) -> PrepareManifest:
+    """The manifest prepare wrote: classes, counts, image size and data version (one sentence if broken)."""
+    return PrepareManifest.read(folder)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from flows.contracts import PrepareManifest
 from flows.core.devices import resolve_device
 from flows.core.distributed import World, current_world, init, shutdown
 from flows.core.model import check_model_name
@@ -50,12 +51,12 @@ class TrainResult:
     oom_events: int
 
 
-def run_key(params: Params, manifest: dict) -> str:
+def run_key(params: Params, manifest: PrepareManifest) -> str:
     """What defines a run: every param but evaluate's, the data version, the starting weights."""
     spec = params.to_dict()
     spec.pop("evaluate", None)
     spec["checkpoint_format"] = CHECKPOINT_FORMAT
-    spec["data_version"] = manifest["data_version"]
+    spec["data_version"] = manifest.data_version
     pretrained = params.model.pretrained
     if isinstance(pretrained, str) and Path(pretrained).is_file():
         spec["pretrained_sha256"] = hashlib.sha256(Path(pretrained).read_bytes()).hexdigest()

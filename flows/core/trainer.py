@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ class Trainer:
         from timm.optim import create_optimizer_v2
 
         self.params, self.cfg, self.device, self.world, self.tracker = params, params.train, device, world, tracker
-        self.classes = manifest["classes"]
-        self.image_size = manifest["image_size"]
-        self.data_version = manifest["data_version"]
+        self.classes = manifest.classes
+        self.image_size = manifest.image_size
+        self.data_version = manifest.data_version
         self.dtype = autocast_dtype(self.cfg.precision, device)
         torch.manual_seed(params.base.seed)
         self.model, self.weights_from = build_model(params.model, len(self.classes))
@@ -288,20 +287,22 @@ class Trainer:
     def _export(self, out: Path, seconds: float) -> dict:
         from safetensors.torch import save_file
 
+        from flows.contracts import ModelCard
         from flows.core.train import sha256
 
         out.mkdir(parents=True, exist_ok=True)
         weights = out / "model.safetensors"
         save_file(self.best["state"], str(weights))
-        config = {
-            "model_name": self.params.model.name, "classes": self.classes, "image_size": self.image_size,
-            "mean": self.prep.mean, "std": self.prep.std, "interpolation": self.prep.interpolation,
-            "weights_from": self.weights_from, "data_version": self.data_version,
-            "best_epoch": self.best["epoch"] + 1, "val_accuracy": self.best["val_acc"], "weights": self.best["weights"],
-            "micro_batch": self.micro, "accum_steps": self.accum, "oom_events": self.oom_events,
-            "sha256": sha256(weights), "train_seconds": round(seconds, 1),
-        }
-        (out / "model.json").write_text(json.dumps(config, indent=2))
+        card = ModelCard(
+            model_name=self.params.model.name, classes=self.classes, image_size=self.image_size,
+            mean=list(self.prep.mean), std=list(self.prep.std), interpolation=self.prep.interpolation,
+            weights_from=self.weights_from, data_version=self.data_version,
+            best_epoch=self.best["epoch"] + 1, val_accuracy=self.best["val_acc"], weights=self.best["weights"],
+            micro_batch=self.micro, accum_steps=self.accum, oom_events=self.oom_events,
+            sha256=sha256(weights), train_seconds=round(seconds, 1),
+        )
+        card.write(out)
+        config = card.model_dump()
         save_resolved(self.params, out)
         return config
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
+from flows.contracts import ModelCard
+from flows.core.errors import TunedeckError
 from flows.core.params import Params
-from flows.core.paths import EVAL, MODEL_CONFIG, MODELS, PREPARED
+from flows.core.paths import EVAL, MODELS, PREPARED
 from flows.stages.entry import run_main
 
 
@@ -15,22 +16,22 @@ def work(params: Params) -> dict:
     from flows.core.evaluate import evaluate
 
     metrics = evaluate(params, PREPARED, MODELS, EVAL)
-    config = json.loads(MODEL_CONFIG.read_text())
+    card = ModelCard.read(MODELS)
     return {
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
-        "data_version": config["data_version"],
-        "model_sha256": config["sha256"],
+        "data_version": card.data_version,
+        "model_sha256": card.sha256,
     }
 
 
 def tags() -> list[str]:
     """The data and model versions this run scores, as tags."""
     try:
-        config = json.loads(MODEL_CONFIG.read_text())
-        return [f"data:{config['data_version'][:12]}", f"model:{config['sha256'][:12]}"]
-    except (OSError, KeyError, ValueError):
+        card = ModelCard.read(MODELS)
+    except TunedeckError:
         return []
+    return [f"data:{card.data_version[:12]}", f"model:{card.sha256[:12]}"]
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from flows.contracts import ModelCard
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
-from flows.core.paths import MODEL_CONFIG, MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
+from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
 from flows.stages.entry import run_main
 
 DIE_WITH_PARENT = """
@@ -128,7 +129,7 @@ def checkpoint_mirror(params: Params):
 
     try:
         key = run_key(params, load_manifest(PREPARED))
-    except (OSError, KeyError, ValueError):
+    except TunedeckError:
         return None  # no prepared data: train() says so in one sentence
     mirror = CheckpointMirror(Path.cwd(), key[:16])
     if "RANK" in os.environ:
@@ -146,7 +147,6 @@ WATCHED = ("train/loss", "val/acc", "val/loss", "val/acc_ema", "samples_per_s")
 
 def launch_ddp(params: Params) -> dict:
     """Run this stage under torchrun on base.devices processes; its summary comes from model.json."""
-    import json
     import subprocess
 
     import torch
@@ -171,8 +171,8 @@ def launch_ddp(params: Params) -> dict:
     logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun", n)
     if subprocess.run(cmd, env=env).returncode != 0:
         raise TunedeckError(f"the {n} DDP training processes failed: see their output above.")
-    config = json.loads(MODEL_CONFIG.read_text())
-    return {"model_sha256": config["sha256"], "best_epoch": config["best_epoch"], "val_accuracy": config["val_accuracy"], "devices": n}
+    card = ModelCard.read(MODELS)
+    return {"model_sha256": card.sha256, "best_epoch": card.best_epoch, "val_accuracy": card.val_accuracy, "devices": n}
 
 
 def warn_if_untracked_weights(params: Params) -> None:
@@ -189,8 +189,8 @@ def tags() -> list[str]:
     from flows.core.prepare import load_manifest
 
     try:
-        return [f"data:{load_manifest(PREPARED)['data_version'][:12]}"]
-    except (OSError, KeyError, ValueError):
+        return [f"data:{load_manifest(PREPARED).data_version[:12]}"]
+    except TunedeckError:
         return []
 
 

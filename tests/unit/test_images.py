@@ -88,7 +88,7 @@ def test_prepare_stores_decoded_splits(tiny_params, tmp_path, image_folder):
     x, y = load_split(tmp_path / "prepared", "train")
     assert x.dtype == np.uint8 and x.shape[1:] == (16, 16, 3) and len(x) == len(y) == result.counts["train"]
     manifest = load_manifest(tmp_path / "prepared")
-    assert manifest["classes"] == ["cat", "dog", "fox"] and sum(manifest["counts"].values()) == 36
+    assert manifest.classes == ["cat", "dog", "fox"] and sum(manifest.counts.values()) == 36
     assert json.loads((tmp_path / "prepared" / "rejected.json").read_text()) == []
     assert (tmp_path / "prepared" / "params.yaml").is_file()
     assert result.data_version == folder_version(image_folder)
