@@ -268,9 +268,9 @@ class ReporterAnswer(BaseModel):
 
 
 class DvcRequest(BaseModel):
-    """A question to the DVC helper: a stage's up-to-date key, or a `dvc` command."""
+    """A question to the DVC helper: a stage's up-to-date key, the stages in order, or a `dvc` command."""
 
-    op: Literal["key", "dvc"]
+    op: Literal["key", "stages", "dvc"]
     cwd: str | None = Field(default=None, description="the folder to answer in (the helper starts before it exists)")
     stage: str | None = None
     args: list[str] = Field(default_factory=list)
@@ -278,7 +278,8 @@ class DvcRequest(BaseModel):
 
 
 class DvcAnswer(BaseModel):
-    """The helper's answer: the stage's key (None: it must run), or the command's exit status."""
+    """The helper's answer: the stage's key (None: it must run), the stages, or the command's exit status."""
 
     key: str | None = None
+    stages: list[str] = Field(default_factory=list)
     rc: int | None = None

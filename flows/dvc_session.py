@@ -72,6 +72,10 @@ class DvcSession:
         """A key made of the stage's dvc.lock entry when DVC says the stage is up to date, else None."""
         return self._ask(DvcRequest(op="key", stage=stage, cwd=self._where()), None, []).key
 
+    def stage_order(self) -> list[str]:
+        """The pipeline's stages, each after those it depends on: DVC's own stage graph (dvc.repo.Index.graph)."""
+        return self._ask(DvcRequest(op="stages", cwd=self._where()), None, []).stages
+
     def repro(self, stage: str, env: dict[str, str] | None = None,
               on_line: Callable[[str], None] | None = None) -> None:
         """`dvc repro --single-item stage` with env added; its output goes to on_line."""
@@ -129,6 +133,17 @@ def stage_key(stage: str) -> str | None:
     return f"dvc-{stage}-" + hashlib.sha256(json.dumps(lock, sort_keys=True).encode()).hexdigest()
 
 
+def stage_order() -> list[str]:
+    """In the helper: the pipeline stages of the repo here, dependencies first (DVC's graph, .dvc files left out)."""
+    import networkx as nx
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with Repo(".") as repo:
+        graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
+        return [s.addressing for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+
+
 def serve() -> None:
     from dvc.cli import main as dvc_main  # the one DVC import, done before the first question arrives
 
@@ -139,6 +154,8 @@ def serve() -> None:
             os.chdir(request.cwd)
         if request.op == "key":
             answer = DvcAnswer(key=stage_key(request.stage or ""))
+        elif request.op == "stages":
+            answer = DvcAnswer(stages=stage_order())
         else:
             os.environ.clear()
             os.environ.update({**base, **request.env})

@@ -26,7 +26,6 @@ from prefect.concurrency.sync import concurrency
 from flows import workspace
 from flows.contracts import LABEL, ModelCard, StageProgress, stage_labels
 from flows.core.errors import TunedeckError
-from flows.dag import stage_order
 from flows.dvc_cli import dvc, sync
 from flows.dvc_session import DvcSession
 from flows.gpus import gpu_states, host, slot_name
@@ -235,7 +234,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str) -> dic
             sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
         elif workspace.tracks_dvc_data(ws):  # .dvc-tracked data (or a committed dvc.lock), linked from the shared cache
             timed("data checked out", lambda: dvc_session().run(["checkout", "--allow-missing"], on_line=logger.info))
-        for stage in stage_order(ws / "dvc.yaml"):
+        for stage in dvc_session().stage_order():
             run_stage(stage, env)
         if push:
             sync("push", cwd=ws, on_line=logger.info)

@@ -39,3 +39,19 @@ def test_keys_repro_and_failures(tmp_path):
         with pytest.raises(TunedeckError, match=r"the DVC helper process exited \(status -9\) while asked `dvc repro --single-item"):
             dvc.repro("kill-helper")
         assert dvc.up_to_date_key("hello") == key, "a dead helper is replaced on the next question"
+
+
+def test_stage_order_is_dvcs_own_graph_dependencies_first(tmp_path):
+    """Stages written in dvc.yaml in another order, and a .dvc-tracked file: DVC's graph orders them."""
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env(), check=True, capture_output=True)
+    (tmp_path / "raw.txt").write_text("raw\n")
+    subprocess.run(["dvc", "add", "-q", "raw.txt"], cwd=tmp_path, env=env(), check=True, capture_output=True)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  report:\n    cmd: cat model.txt > report.txt\n    deps: [model.txt]\n    outs: [report.txt]\n"
+        "  train:\n    cmd: cat clean/a.txt > model.txt\n    deps: [clean]\n    outs: [model.txt]\n"
+        "  clean:\n    cmd: mkdir -p clean && cp raw.txt clean/a.txt\n    deps: [raw.txt]\n    outs: [clean]\n"
+    )
+    with DvcSession(tmp_path) as dvc:
+        assert dvc.stage_order() == ["clean", "train", "report"]

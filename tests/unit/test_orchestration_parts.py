@@ -1,18 +1,13 @@
-"""Pure parts of the deployment layer: stage order from dvc.yaml, overrides, GPU slots."""
+"""Pure parts of the deployment layer: overrides, GPU slots."""
 
 from __future__ import annotations
 
 import pytest
 
 from flows.core.errors import TunedeckError
-from flows.dag import stage_order
 from flows.gpus import GpuState, gpu_states, slot_name
 from flows.overrides import apply_overrides, parse_overrides
 from tests.conftest import ROOT
-
-
-def test_stage_order_comes_from_dvc_yaml():
-    assert stage_order(ROOT / "dvc.yaml") == ["prepare", "train", "evaluate"]
 
 
 def test_overrides_are_checked_and_keep_comments(tmp_path):
