@@ -23,6 +23,7 @@ The reporter answers on stdout: {"flow_run_id", "url"} once the run is open, {"f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -96,6 +97,10 @@ def main() -> int:
             return await relay(logger, cancelled)
         finally:
             watcher.cancel()
+            if progress.get("task") is not None and not progress["task"].done():
+                progress.pop("next", None)  # the last one in flight may finish; the run's end comes next
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(progress["task"]), timeout=2)
 
     async def relay(logger, cancelled: asyncio.Event) -> Any:
         while True:
@@ -111,7 +116,7 @@ def main() -> int:
             if "log" in message:
                 logger.log(message.get("level", 20), message["log"])
             elif "progress" in message:
-                await publish_progress(message["progress"])
+                publish_progress(message["progress"])
             elif "failed" in message:
                 opened["end"] = Failed(message=message["failed"])
                 server_down()
@@ -127,16 +132,29 @@ def main() -> int:
                     server_down()
                 return summary
 
-    async def publish_progress(raw: dict[str, Any]) -> None:
-        """A training epoch's progress as the run's labels (any host's dashboard reads them)."""
+    progress: dict[str, Any] = {}  # the newest epoch not yet published, and the task publishing
+
+    def publish_progress(raw: dict[str, Any]) -> None:
+        """A training epoch's progress as the run's labels, in the background: the relay never waits on it.
+
+        Only the newest epoch matters, so one waiting replaces another; a server that is down
+        loses these updates (the stage's log has every epoch), never the run's end.
+        """
+        progress["next"] = raw
+        task = progress.get("task")
+        if task is None or task.done():
+            progress["task"] = asyncio.create_task(send_progress())
+
+    async def send_progress() -> None:
         from flows.contracts import StageProgress
 
-        try:
-            labels = StageProgress.model_validate(raw).labels()
-            async with get_client() as client:
-                await client.update_flow_run_labels(opened["id"], labels)
-        except Exception:  # noqa: BLE001 - progress is best effort: the stage's log has every epoch too
-            pass
+        async with get_client() as client:
+            while (raw := progress.pop("next", None)) is not None:
+                try:
+                    labels = StageProgress.model_validate(raw).labels()
+                    await asyncio.wait_for(client.update_flow_run_labels(opened["id"], labels), timeout=5)
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
 
     def server_down() -> bool:
         """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""
