@@ -11,7 +11,7 @@ from tui.providers.models import Progress, Run
 from tui.widgets.keyed_table import KeyedTable
 
 COLUMNS = [("STATE", "state", 9), ("NAME", "name", 18), ("STAGE", "stage", 8), ("DEPLOYMENT", "deployment", 23),
-           ("DURATION", "duration", 8), ("EPOCH", "epoch", 5), ("ETA", "eta", 6), ("VAL ACC", "acc", 7),
+           ("DURATION", "duration", 8), ("EPOCH", "epoch", 7), ("ETA", "eta", 6), ("VAL ACC", "acc", 7),
            ("GPUS", "gpus", 5), ("DATA", "data", 8), ("MODEL", "model", 8)]
 
 
