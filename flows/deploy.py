@@ -61,11 +61,49 @@ async def _ensure_limits(names: list[str]) -> None:
                 await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
+ZOMBIE_AUTOMATION = "tunedeck: crash runs whose host went silent"
+HEARTBEAT_S = 30  # a run's heartbeat period (Prefect's shortest); ZOMBIE_AFTER_S without one: Crashed
+ZOMBIE_AFTER_S = 90
+
+
+async def _ensure_zombie_automation() -> None:
+    """Prefect's zombie detection: a running flow run whose heartbeats stop for ZOMBIE_AFTER_S is marked Crashed.
+
+    For a host that dies whole (power, kernel, SIGKILL of its worker): nothing on it is left to
+    report the run's end. Created once, by name.
+    """
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    async with get_client() as client:
+        if await client.read_automations_by_name(ZOMBIE_AUTOMATION):
+            return
+        ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+        await client.create_automation(AutomationCore(
+            name=ZOMBIE_AUTOMATION,
+            description="A run whose process stopped sending heartbeats (its host died) is marked Crashed; run it "
+                        "again to resume from its checkpoint on the DVC remote.",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                within=timedelta(seconds=ZOMBIE_AFTER_S)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=(
+                f"no heartbeat for {ZOMBIE_AFTER_S} s: its host or worker died; run it again to resume"))],
+        ))
+
+
 def deploy(root: Path | None = None) -> list[str]:
-    """Create the work pool and apply prefect.yaml's deployments; return their names."""
+    """Create the work pool, the zombie detection and prefect.yaml's deployments; return their names."""
     root = root or Path.cwd()
     reachable()
     asyncio.run(_ensure_pool(DEFAULT_POOL, create=True))
+    asyncio.run(_ensure_zombie_automation())
     proc = prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())})
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
@@ -91,6 +129,8 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
         # poll for scheduled runs twice a second (Prefect's default is every 10 s) so a run starts promptly
         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "0.5"),
         "PREFECT_WORKER_PREFETCH_SECONDS": os.environ.get("PREFECT_WORKER_PREFETCH_SECONDS", "1"),
+        # runs send a heartbeat every 30 s (Prefect's default: 180): a dead host's run is Crashed 90 s after
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S)),
         # runs use this host's clone (flows.steps.checkout), and import its code before any other copy
         "TUNEDECK_PROJECT": str(root),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),

@@ -4,7 +4,8 @@ Host A's worker runs a pipeline run that pushes each epoch's checkpoint to the p
 remote; once the remote holds a checkpoint, A's worker and everything below it get SIGKILL. The
 same run started again (same overrides) is taken by host B's worker, in a clone of its own with
 no checkpoint: it fetches the pushed one, resumes from its epoch, and ends with the weights of
-a run that was never interrupted.
+a run that was never interrupted. The dead host's run, which nothing was left to end, is marked
+Crashed by Prefect's zombie detection (no heartbeat for 90 s).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
             assert time.monotonic() < deadline, ("no checkpoint reached the remote", wait(url, first, timeout=1)["state"])
             time.sleep(0.05)
         kill_tree(host_a.pid)
+        died = time.monotonic()
         killed_at = pushed_epoch(store)
         assert killed_at < 60, "the run finished before host A died"
 
@@ -99,6 +101,13 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
         versions = next(x["data"] for x in api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [again["id"]]}}})
                         if x["key"] == "versions")
         assert f"| model_sha256 | {whole} |" in versions, (whole, versions)
+        # nothing on host A could report the first run's end: Prefect's zombie detection (`tunedeck deploy`
+        # sets it up, workers send a heartbeat every 30 s) marks it Crashed once 90 s pass without one
+        while (zombie := api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [first]}}})[0])["state_type"] != "CRASHED":
+            assert time.monotonic() - died < 240, ("the dead host's run is still", zombie["state_type"])
+            time.sleep(2)
+        assert "no heartbeat" in zombie["state"]["message"], zombie["state"]
+        print(f"the dead host's run was Crashed {time.monotonic() - died:.0f} s after its host died")
     finally:
         for proc in workers:
             if proc.poll() is None:

@@ -92,7 +92,7 @@ def test_demo_in_a_real_terminal(tmp_path):
     try:
         # wait for the whole first screen: panels fill in one by one, so waiting for their titles alone
         # and then asserting their rows raced the runs' total and the deployments' rows (failed 1 in 3)
-        expected = ("GPUs · 8 × NVIDIA H100", "runs 1–100 of 1000", "deployments", "weekly-retrain")
+        expected = ("GPUs · 12 on 3 hosts", "runs 1–100 of 1000", "deployments", "(train · pipeline)")
         screen = ""
         deadline = time.monotonic() + 60  # a hang guard
         while not all(w in screen for w in expected):
