@@ -1,4 +1,4 @@
-"""Dashboard performance, headless, on the demo's fakes (8 GPUs, 1,000 runs), printed as figures.
+"""Dashboard performance, headless, on the demo's fakes (8 GPUs here, 4 on a second host, 1,000 runs), printed as figures.
 
   first full frame   a fresh ``python`` process, imports included, until GPUs, runs and deployments are drawn
   CPU at 1 Hz        share of one core used by the whole process (all threads) at the default refresh
@@ -42,7 +42,7 @@ async def main():
             gpus = screen.query_one("#gpu-table").row_count
             runs = screen.query_one("#runs").row_count
             deps = screen.query_one("#deployments").row_count
-            if gpus == 8 and runs == 100 and deps == 3:
+            if gpus == 14 and runs == 100 and deps == 3:  # 8 GPUs here, then gpu-box-2 (a line, 4 GPUs), a laptop
                 break
             await asyncio.sleep(0.002)
         await pilot.pause()
