@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -165,19 +165,34 @@ class BadFile(TunedeckError):
     """A file another stage wrote is missing or not what it should be; its text is one sentence."""
 
 
-def _read(cls: type[BaseModel], path: Path, remedy: str):
-    try:
-        return cls.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        raise BadFile(f"{path} not found: {remedy}") from None
-    except (OSError, ValidationError, ValueError) as exc:
-        first = exc.errors()[0] if isinstance(exc, ValidationError) else None
-        why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else type(exc).__name__
-        raise BadFile(f"{path} is not a valid {cls.__name__} ({why}): {remedy}") from None
+class StageFile(BaseModel):
+    """A JSON file one stage writes into its output folder and later stages read back."""
+
+    FILE: ClassVar[str]
+    REMEDY: ClassVar[str]  # what to do when it is missing or broken
+
+    @classmethod
+    def read(cls, folder: Path) -> Self:
+        """The file in folder; BadFile (one sentence naming it and what to do) when it is missing or broken."""
+        path = folder / cls.FILE
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise BadFile(f"{path} not found: {cls.REMEDY}") from None
+        except (OSError, ValidationError, ValueError) as exc:
+            first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+            why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else type(exc).__name__
+            raise BadFile(f"{path} is not a valid {cls.__name__} ({why}): {cls.REMEDY}") from None
+
+    def write(self, folder: Path) -> None:
+        (folder / self.FILE).write_text(self.model_dump_json(indent=2))
 
 
-class PrepareManifest(BaseModel):
+class PrepareManifest(StageFile):
     """data/prepared/manifest.json: what the prepare stage decoded, for train and evaluate."""
+
+    FILE: ClassVar[str] = "manifest.json"
+    REMEDY: ClassVar[str] = "run the prepare stage first (`dvc repro prepare`)."
 
     source: str
     data_version: str = Field(description="DVC's md5 of data.source")
@@ -186,17 +201,12 @@ class PrepareManifest(BaseModel):
     counts: dict[str, int] = Field(description="images per split")
     per_class: dict[str, dict[str, int]] = Field(default_factory=dict, description="split → class → images")
 
-    @classmethod
-    def read(cls, folder: Path) -> PrepareManifest:
-        """The manifest in folder; BadFile (one sentence) when it is missing or broken."""
-        return _read(cls, folder / "manifest.json", "run the prepare stage first (`dvc repro prepare`).")
 
-    def write(self, folder: Path) -> None:
-        (folder / "manifest.json").write_text(self.model_dump_json(indent=2))
-
-
-class ModelCard(BaseModel):
+class ModelCard(StageFile):
     """models/model.json: how to rebuild, feed and trust the trained model beside it."""
+
+    FILE: ClassVar[str] = "model.json"
+    REMEDY: ClassVar[str] = "run the train stage first (`dvc repro train`)."
 
     model_name: str
     classes: list[str]
@@ -214,14 +224,6 @@ class ModelCard(BaseModel):
     oom_events: int = 0
     sha256: str = Field(description="of model.safetensors")
     train_seconds: float
-
-    @classmethod
-    def read(cls, folder: Path) -> ModelCard:
-        """The card in folder; BadFile (one sentence) when it is missing or broken."""
-        return _read(cls, folder / "model.json", "run the train stage first (`dvc repro train`).")
-
-    def write(self, folder: Path) -> None:
-        (folder / "model.json").write_text(self.model_dump_json(indent=2))
 
 
 class RunFile(BaseModel):
