@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,41 +103,68 @@ def too_many_pixels(message: str) -> str:
     return f"too large to decode safely ({size}: Pillow's decompression-bomb guard); downscale it to use it"
 
 
-def decode_folder(source: Path, size: int, workers: int | None = None, progress=None) -> Decoded:
-    """Validate and decode every file under source's class folders; broken ones are rejected.
+@dataclass(frozen=True)
+class Streamed:
+    """What decode_stream() wrote: the images went to a file, in row order; the labels stay here."""
 
-    Classes left with no images are rejected too; fewer than two classes is an error.
+    classes: tuple[str, ...]
+    labels: np.ndarray  # (N,) int64, one per row written
+    rejected: tuple[Rejected, ...]
+    version: str
+
+
+def decode_stream(source: Path, size: int, write, workers: int | None = None, progress=None) -> Streamed:
+    """Validate and decode every file under source's class folders, handing each image to write() in order.
+
+    Broken files and classes left with no images are rejected; fewer than two classes is an
+    error. Only the images being decoded are in memory (a bounded window of them), never the
+    data set: write() stores each one (prepare appends it to a file).
     """
     folders = list_class_folders(source)
-    files = [(f, p) for f in folders for p in sorted(f.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    files = [(i, p) for i, f in enumerate(folders) for p in sorted(f.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     rejected: list[Rejected] = []
+    rows: list[int] = []  # the class folder of each image written
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)
 
-    def work(item: tuple[Path, Path]) -> tuple[Path, Path, np.ndarray | str]:
-        folder, path = item
+    def work(item: tuple[int, Path]) -> np.ndarray | str:
         try:
-            return folder, path, decode_image(path, size)
+            return decode_image(item[1], size)
         except ValueError as exc:
-            return folder, path, str(exc)
+            return str(exc)
 
-    by_class: dict[str, list[np.ndarray]] = {f.name: [] for f in folders}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for folder, path, result in pool.map(work, files):
-            if isinstance(result, str):
-                rejected.append(Rejected(str(path), result))
-            else:
-                by_class[folder.name].append(result)
-            if progress is not None:
-                progress(1)
-    for name, images in by_class.items():
-        if not images:
-            rejected.append(Rejected(str(source / name), "class folder has no usable images; class left out"))
-    classes = tuple(name for name, images in by_class.items() if images)
+        pending: deque = deque()
+        for item in files:  # at most 4 images per thread in flight: memory does not grow with the data
+            pending.append((item, pool.submit(work, item)))
+            while len(pending) >= 4 * workers or (item is files[-1] and pending):
+                (folder, path), future = pending.popleft()
+                result = future.result()
+                if isinstance(result, str):
+                    rejected.append(Rejected(str(path), result))
+                else:
+                    write(result)
+                    rows.append(folder)
+                if progress is not None:
+                    progress(1)
+    counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(folders))
+    for folder, n in zip(folders, counts, strict=True):
+        if not n:
+            rejected.append(Rejected(str(folder), "class folder has no usable images; class left out"))
+    kept = [i for i, n in enumerate(counts) if n]
+    classes = tuple(folders[i].name for i in kept)
     if len(classes) < 2:
         found = f"only '{classes[0]}'" if classes else "none"
         raise TunedeckError(
             f"data.source '{source}' needs at least 2 classes with usable images (found {found}): "
             "add a sub-folder of images for each class."
         )
-    images = np.stack([img for name in classes for img in by_class[name]])
-    labels = np.concatenate([np.full(len(by_class[name]), i, dtype=np.int64) for i, name in enumerate(classes)])
-    return Decoded(classes, images, labels, tuple(rejected), folder_version(source))
+    label_of = {folder: label for label, folder in enumerate(kept)}
+    labels = np.array([label_of[f] for f in rows], dtype=np.int64)
+    return Streamed(classes, labels, tuple(rejected), folder_version(source))
+
+
+def decode_folder(source: Path, size: int, workers: int | None = None, progress=None) -> Decoded:
+    """decode_stream() into one in-memory array (for small folders and tests; prepare streams to disk)."""
+    images: list[np.ndarray] = []
+    streamed = decode_stream(source, size, images.append, workers, progress)
+    return Decoded(streamed.classes, np.stack(images), streamed.labels, streamed.rejected, streamed.version)

@@ -10,7 +10,7 @@ import numpy as np
 
 from flows.contracts import PrepareManifest
 from flows.core.errors import TunedeckError
-from flows.core.images import decode_folder
+from flows.core.images import decode_stream
 from flows.core.params import Params, save_resolved
 from flows.core.split import stratified_split
 
@@ -25,21 +25,33 @@ class PrepareResult:
     rejected: int
 
 
+CHUNK_ROWS = 256  # images copied at a time from the decoded file into the splits' files
+
+
 def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
-    """Decode params.data.source into out/{split}_x.npy (uint8 NHWC) and {split}_y.npy."""
+    """Decode params.data.source into out/{split}_x.npy (uint8 NHWC) and {split}_y.npy.
+
+    Memory does not grow with the data set: images are decoded in a bounded window and appended
+    to a file, then copied into the splits' .npy files a chunk at a time (no array of all the
+    images is ever built; a million images need the disk, not the RAM).
+    """
     data = params.data
-    decoded = decode_folder(Path(data.source), data.image_size, progress=progress)
-    split = stratified_split(
-        decoded.labels, data.val_fraction, data.test_fraction, params.base.seed, data.limit_per_class
-    )
-    if not len(split["test"]):
-        raise TunedeckError(
-            f"data.test_fraction {data.test_fraction} leaves no test image ({len(decoded.labels)} images in all): raise it."
-        )
     out.mkdir(parents=True, exist_ok=True)
-    for name, idx in split.items():
-        np.save(out / f"{name}_x.npy", decoded.images[idx])
-        np.save(out / f"{name}_y.npy", decoded.labels[idx])
+    staged = out / ".decoded.tmp"
+    try:
+        with open(staged, "wb") as sink:
+            decoded = decode_stream(Path(data.source), data.image_size, lambda img: sink.write(img.tobytes()),
+                                    progress=progress)
+        split = stratified_split(
+            decoded.labels, data.val_fraction, data.test_fraction, params.base.seed, data.limit_per_class
+        )
+        if not len(split["test"]):
+            raise TunedeckError(
+                f"data.test_fraction {data.test_fraction} leaves no test image ({len(decoded.labels)} images in all): raise it."
+            )
+        write_splits(staged, split, decoded.labels, data.image_size, out)
+    finally:
+        staged.unlink(missing_ok=True)
     counts = {name: int(len(idx)) for name, idx in split.items()}
     PrepareManifest(
         source=data.source, data_version=decoded.version, classes=list(decoded.classes), image_size=data.image_size,
@@ -52,6 +64,33 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
     (out / "rejected.json").write_text(json.dumps(report, indent=2))
     save_resolved(params, out)
     return PrepareResult(decoded.classes, counts, decoded.version, len(report))
+
+
+def write_splits(staged: Path, split: dict[str, np.ndarray], labels: np.ndarray, size: int, out: Path) -> None:
+    """Copy each row of the staged images (raw uint8, size x size x 3 each) into its split's .npy, in order."""
+    row_bytes = size * size * 3
+    which = np.full(len(labels), -1, dtype=np.int64)  # the split of each row (-1: left out by limit_per_class)
+    names = list(split)
+    for i, name in enumerate(names):
+        which[split[name]] = i
+    files = []
+    try:
+        for name in names:
+            f = open(out / f"{name}_x.npy", "wb")
+            files.append(f)
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (len(split[name]), size, size, 3)})
+        with open(staged, "rb") as source:
+            for start in range(0, len(labels), CHUNK_ROWS):
+                chunk = np.frombuffer(source.read(row_bytes * CHUNK_ROWS), dtype=np.uint8).reshape(-1, row_bytes)
+                owners = which[start:start + len(chunk)]
+                for i, f in enumerate(files):
+                    f.write(chunk[owners == i].tobytes())
+    finally:
+        for f in files:
+            f.close()
+    for name, idx in split.items():
+        np.save(out / f"{name}_y.npy", labels[idx])
 
 
 def load_split(folder: Path, name: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,7 @@ class LiveTracker:
     def start(self, resumed: bool, first_epoch: int = 0) -> None:
         """Open dvclive afresh: on resume the trainer logs the finished epochs again first."""
         from dvclive import Live
+
         from flows import gpus
 
         self.live = Live(

@@ -112,3 +112,38 @@ def test_an_image_over_pillows_pixel_limit_is_rejected_and_prepare_goes_on(tmp_p
     assert [r["path"] for r in rejected] == [str(bomb)]
     assert rejected[0]["reason"].startswith("too large to decode safely (256 megapixels, over the limit of 179")
     assert result.rejected == 1 and sum(result.counts.values()) == 36
+
+
+PEAK_RSS = """
+import resource, sys
+from pathlib import Path
+from flows.core.params import parse_params
+from flows.core.prepare import prepare
+from tests.conftest import tiny_params_dict
+raw = tiny_params_dict(sys.argv[1])
+raw["data"]["image_size"] = 64
+prepare(parse_params(raw), Path(sys.argv[2]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+"""
+
+
+@pytest.mark.slow
+def test_prepares_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """2,000 against 8,000 images at 64 px (74 MB more pixels): the peak RSS of a fresh process stays flat.
+
+    Measured once against the previous prepare (an in-memory stack, then a copy per split): 107 → 263 MiB;
+    this one: 70 → 77 MiB."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    peaks = {}
+    for n in (2000, 8000):
+        source = write_images(tmp_path / f"src{n}", {"a": n // 2, "b": n - n // 2}, size=8, seed=n)
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(source), str(tmp_path / f"out{n}")], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        peaks[n] = int(out.stdout.split()[-1]) / 1024
+    pixels_mb = (8000 - 2000) * 64 * 64 * 3 / 1e6
+    assert peaks[8000] - peaks[2000] <= 100, f"peak RSS {peaks} MiB: it grew with the data ({pixels_mb:.0f} MB more pixels)"
+    print(f"peak RSS {peaks[2000]:.0f} MiB for 2,000 images, {peaks[8000]:.0f} MiB for 8,000")
