@@ -31,6 +31,9 @@ def child_env(**extra: str) -> dict[str, str]:
     """Environment for dvc and the stages: this venv first on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # the demo's experiments live on this host and in DVC's temporary queue workspaces: copying each
+    # epoch's checkpoint to a DVC remote would only cost them time
+    env.setdefault("TUNEDECK_CHECKPOINT_REMOTE", "off")
     env.update(extra)
     return env
 
