@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,30 @@ LAST = "last.pt"
 POINTER = "last.json"  # {"epoch": k, "bytes": n}: written after last.pt, so a reader never sees half of one
 
 
-def default_remote(root: Path) -> Any | None:
-    """The project's default DVC remote (dvc.data_cloud.Remote), or None when none is configured."""
-    from dvc.config import NoRemoteError
-    from dvc.repo import Repo
+@dataclass(frozen=True)
+class RemoteStore:
+    """A DVC remote as a filesystem: its name, DVC's filesystem object for it, and its root path there."""
 
-    with Repo(str(root)) as repo:
-        try:
-            return repo.cloud.get_remote()
-        except NoRemoteError:
-            return None
+    name: str
+    fs: Any
+    path: str
+
+
+def default_remote(root: Path) -> RemoteStore | None:
+    """The project's default DVC remote, or None when none is configured.
+
+    From DVC's config and filesystem API alone, not a Repo: this runs inside a stage that DVC is
+    executing, which holds the repo's locks (and DVC's queue runs two such stages at once).
+    """
+    from dvc.config import Config
+    from dvc.fs import get_cloud_fs
+
+    config = Config(dvc_dir=str(Path(root) / ".dvc"))
+    name = config["core"].get("remote")
+    if not name:
+        return None
+    cls, fs_config, path = get_cloud_fs(config, name=name)
+    return RemoteStore(name, cls(**fs_config), path)
 
 
 class CheckpointMirror:
@@ -86,11 +101,13 @@ class CheckpointMirror:
         self._fetcher = threading.Thread(target=self.fetch, args=(folder,), name="tunedeck-checkpoint-fetch", daemon=True)
         self._fetcher.start()
 
-    def wait_fetched(self) -> None:
-        """Until a fetch_soon() has finished (a no-op without one)."""
+    def wait_fetched(self, timeout: float = 120.0) -> None:
+        """Until a fetch_soon() has finished (a no-op without one); one that hangs is given up after timeout."""
         fetcher = getattr(self, "_fetcher", None)
         if fetcher is not None:
-            fetcher.join()
+            fetcher.join(timeout)
+            if fetcher.is_alive():
+                self._warn(f"fetching a checkpoint from the {self.where()} took over {timeout:.0f} s; starting here")
 
     def fetch(self, folder: Path) -> int | None:
         """Bring the remote's newest checkpoint of this run into folder when folder has none; its epoch, or None."""

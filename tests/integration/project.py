@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -61,9 +62,18 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
-def run(cwd: Path, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
-    """Run a command in the project; on failure show its output."""
-    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env(**extra), timeout=600)
+def run(cwd: Path, *args: str, check: bool = True, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
+    """Run a command in the project; on failure show its output. On a timeout its whole process group is killed
+    (a hung `tunedeck demo` left DVC's queue running behind it, slowing every test after it)."""
+    child = subprocess.Popen(list(args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env(**extra), start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        raise AssertionError(f"{args} did not finish in {timeout:.0f} s\n{out[-3000:]}\n{err[-3000:]}") from None
+    proc = subprocess.CompletedProcess(list(args), child.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
