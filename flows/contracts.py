@@ -247,13 +247,13 @@ class ReporterOpen(BaseModel):
 
 
 def reporter_message(line: str) -> dict[str, Any]:
-    """One later line, checked: exactly one of log, progress, done, failed."""
+    """One later line, checked: exactly one of log, progress (then a StageProgress), done, failed."""
     message = json.loads(line)
     kinds = [k for k in ("log", "progress", "done", "failed") if k in message]
     if len(kinds) != 1:
         raise ValueError(f"a reporter message has one of log, progress, done, failed; this one has {kinds or 'none'}")
     if kinds[0] == "progress":
-        StageProgress.model_validate(message["progress"])
+        message["progress"] = StageProgress.model_validate(message["progress"])
     return message
 
 

@@ -134,7 +134,7 @@ def main() -> int:
 
     progress: dict[str, Any] = {}  # the newest epoch not yet published, and the task publishing
 
-    def publish_progress(raw: dict[str, Any]) -> None:
+    def publish_progress(raw) -> None:
         """A training epoch's progress as the run's labels, in the background: the relay never waits on it.
 
         Only the newest epoch matters, so one waiting replaces another; a server that is down
@@ -146,13 +146,10 @@ def main() -> int:
             progress["task"] = asyncio.create_task(send_progress())
 
     async def send_progress() -> None:
-        from flows.contracts import StageProgress
-
         async with get_client() as client:
-            while (raw := progress.pop("next", None)) is not None:
+            while (latest := progress.pop("next", None)) is not None:  # a StageProgress (flows.contracts)
                 try:
-                    labels = StageProgress.model_validate(raw).labels()
-                    await asyncio.wait_for(client.update_flow_run_labels(opened["id"], labels), timeout=5)
+                    await asyncio.wait_for(client.update_flow_run_labels(opened["id"], latest.labels()), timeout=5)
                 except Exception:  # noqa: BLE001 - best effort
                     pass
 

@@ -28,6 +28,14 @@ from flows.runjoin import RunJoiner
 GIB = 1024**3
 
 
+def host_usage(disk_path: str) -> dict[str, float]:
+    """This host's CPU (% since the last call), RAM and disk of disk_path's filesystem (psutil), in GiB."""
+    mem, disk = psutil.virtual_memory(), psutil.disk_usage(disk_path)
+    return {"cpu_percent": psutil.cpu_percent(interval=None), "cpu_count": psutil.cpu_count() or 1,
+            "ram_used_gib": (mem.total - mem.available) / GIB, "ram_total_gib": mem.total / GIB,
+            "disk_used_gib": disk.used / GIB, "disk_total_gib": disk.total / GIB}
+
+
 def auth() -> tuple[str, str] | None:
     """The API's basic auth (PREFECT_API_AUTH_STRING, user:password), if set."""
     user, sep, password = os.environ.get("PREFECT_API_AUTH_STRING", "").partition(":")
@@ -56,15 +64,9 @@ class HostPublisher:
         readings = []
         for index in range(gpus.count(nvml) if nvml is not None else 0):
             readings.append(gpus.read_gpu(nvml, index, gpus.gpu_processes(nvml, index, self.joiner)))
-        mem, disk = psutil.virtual_memory(), psutil.disk_usage(self.disk)
-        return HostTelemetry(
-            host=self.host, cpu_percent=psutil.cpu_percent(interval=None), cpu_count=psutil.cpu_count() or 1,
-            ram_used_gib=(mem.total - mem.available) / GIB, ram_total_gib=mem.total / GIB,
-            disk_used_gib=disk.used / GIB, disk_total_gib=disk.total / GIB, gpus=readings, no_gpu=no_gpu,
-            worker=self.worker,
-        )
+        return HostTelemetry(host=self.host, **host_usage(self.disk), gpus=readings, no_gpu=no_gpu, worker=self.worker)
 
-    def publish(self, sample: HostTelemetry) -> bool:
+    def publish(self, sample: HostTelemetry, timeout: float | None = None) -> bool:
         """Post one sample as an event; False (and nothing raised) when the server does not take it."""
         event = {
             "id": str(uuid.uuid4()), "occurred": datetime.fromtimestamp(sample.at, tz=UTC).isoformat(),
@@ -73,7 +75,8 @@ class HostPublisher:
             "payload": sample.model_dump(mode="json"), "related": [],
         }
         try:
-            ok = self.http.post(f"{self.api_url}/events", json=[event]).status_code < 300
+            post = self.http.post(f"{self.api_url}/events", json=[event], **({"timeout": timeout} if timeout else {}))
+            ok = post.status_code < 300
         except httpx.HTTPError:
             ok = False
         self.sent += ok
@@ -93,6 +96,6 @@ class HostPublisher:
     def stop(self) -> None:
         """Stop sampling and tell the dashboards this host is offline (its last event)."""
         self.stopped.set()
-        self.thread.join(timeout=self.every + 3)
+        self.thread.join(timeout=1.0)  # the worker's stop has a 10 s budget: never wait long on telemetry
         with contextlib.suppress(Exception):
-            self.publish(self.sample().model_copy(update={"offline": True}))
+            self.publish(self.sample().model_copy(update={"offline": True}), timeout=1.0)

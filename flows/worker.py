@@ -39,9 +39,9 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
     def stop(signum: int, _frame: FrameType | None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stopped = stop_family(proc.pid)
-        if publisher is not None:
+        if publisher is not None:  # first: dashboards show this host offline now, not after the runs' grace period
             publisher.stop()
+        stopped = stop_family(proc.pid)
         print(f"tunedeck worker: stopped by {signal.Signals(signum).name}: the Prefect worker and "
               f"{len(stopped)} run(s) it had started" + (f" ({', '.join(stopped)}: marked Crashed)" if stopped else ""),
               file=sys.stderr, flush=True)
@@ -101,23 +101,17 @@ def stop_family(worker_pid: int, grace: float = GRACE_SECONDS) -> list[str]:
     return runs
 
 
-def mark_crashed(run_ids: list[str]) -> None:
-    """Set the runs that are not final yet to Crashed (their processes are gone); a server that is down is skipped."""
-    if not run_ids:
-        return
-    try:
-        from prefect.client.orchestration import get_client
-        from prefect.states import Crashed
+STOPPED = "its worker was stopped (tunedeck worker got a stop signal); run it again to resume"
+GONE = ("its process ended while its end could not be recorded (the Prefect server was unreachable); "
+        "run it again to resume from its checkpoint")
 
-        with get_client(sync_client=True) as client:
-            for run_id in run_ids:
-                state = client.read_flow_run(run_id).state
-                if state is None or not state.is_final():
-                    client.set_flow_run_state(run_id, Crashed(message="its worker was stopped (tunedeck worker got a "
-                                                                       "stop signal); run it again to resume"), force=True)
-    except Exception as exc:  # noqa: BLE001 - the server may be down too: say so, the zombie check catches them later
-        print(f"tunedeck worker: could not mark runs {', '.join(run_ids)} Crashed ({type(exc).__name__}); "
-              "the server will show them Running until it notices.", file=sys.stderr, flush=True)
+
+def mark_crashed(run_ids: list[str]) -> None:
+    """At the worker's stop: its runs that are not final yet are Crashed; a server that is down is said."""
+    missed = sorted(set(run_ids) - set(crash_unfinished(run_ids, STOPPED)))
+    if missed:
+        print(f"tunedeck worker: could not mark runs {', '.join(missed)} Crashed (the server does not answer); "
+              "they show Running until its zombie detection marks them.", file=sys.stderr, flush=True)
 
 
 class Reconciler:
@@ -164,19 +158,24 @@ class Reconciler:
         self.alive = current
         due = [run for run, since in self.gone.items() if now - since >= self.GRACE_S and run not in current]
         if due:
-            for run in settle_crashed(due):
+            for run in crash_unfinished(due, GONE):
                 self.gone.pop(run, None)
 
 
-def settle_crashed(run_ids: list[str]) -> list[str]:
-    """Mark those of run_ids that are not final Crashed; the ids settled (all, unless the server is down)."""
+def crash_unfinished(run_ids: list[str], why: str) -> list[str]:
+    """Mark those of run_ids that are not final Crashed (their processes are gone); the ids settled.
+
+    A server that does not answer at once settles none (not the client's minute of retries).
+    """
+    if not run_ids:
+        return []
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
     from flows.server import api_url, healthy
 
     url = api_url()
-    if not url or not healthy(url, timeout=1.0):  # not the client's minute of retries: look again in 2 s
+    if not url or not healthy(url, timeout=1.0):
         return []
     settled = []
     try:
@@ -184,12 +183,10 @@ def settle_crashed(run_ids: list[str]) -> list[str]:
             for run_id in run_ids:
                 state = client.read_flow_run(run_id).state
                 if state is None or not state.is_final():
-                    client.set_flow_run_state(run_id, Crashed(
-                        message="its process ended while its end could not be recorded (the Prefect server was "
-                                "unreachable); run it again to resume from its checkpoint"), force=True)
+                    client.set_flow_run_state(run_id, Crashed(message=why), force=True)
                     print(f"tunedeck worker: flow run {run_id} had no process left; marked Crashed", file=sys.stderr,
                           flush=True)
                 settled.append(run_id)
-    except Exception:  # noqa: BLE001 - the server is still down: try again next time
+    except Exception:  # noqa: BLE001 - the server went away meanwhile: the rest next time
         pass
     return settled

@@ -6,6 +6,7 @@ of the same run (same params, data and starting weights) and writes the best mod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -59,8 +60,15 @@ def run_key(params: Params, manifest: PrepareManifest) -> str:
     spec["data_version"] = manifest.data_version
     pretrained = params.model.pretrained
     if isinstance(pretrained, str) and Path(pretrained).is_file():
-        spec["pretrained_sha256"] = hashlib.sha256(Path(pretrained).read_bytes()).hexdigest()
+        stat = Path(pretrained).stat()
+        spec["pretrained_sha256"] = _file_sha256(str(Path(pretrained).resolve()), stat.st_size, stat.st_mtime_ns)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, once per process for the same file, size and time (the stage and train() both ask)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_folder(base: Path, key: str) -> Path:

@@ -15,10 +15,8 @@ import psutil
 
 from flows import gpus
 from flows.contracts import GpuReading
+from flows.telemetry import host_usage
 from tui.providers.models import GpuProcess, GpuSample, HostSample, Telemetry
-
-GIB = 1024**3
-MIB = 1024**2
 
 
 class PsutilHost:
@@ -31,12 +29,9 @@ class PsutilHost:
 
     def sample(self) -> HostSample:
         """One reading; CPU % is since the previous reading."""
-        mem = psutil.virtual_memory()
-        disk = psutil.disk_usage(self.disk_path)
-        return HostSample(
-            self.hostname, psutil.cpu_percent(interval=None), psutil.cpu_count() or 1,
-            (mem.total - mem.available) / GIB, mem.total / GIB, disk.used / GIB, disk.total / GIB,
-        )
+        usage = host_usage(self.disk_path)
+        return HostSample(self.hostname, usage["cpu_percent"], int(usage["cpu_count"]), usage["ram_used_gib"],
+                          usage["ram_total_gib"], usage["disk_used_gib"], usage["disk_total_gib"])
 
 
 class NvmlTelemetry:
