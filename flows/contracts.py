@@ -202,11 +202,9 @@ class PrepareManifest(StageFile):
     per_class: dict[str, dict[str, int]] = Field(default_factory=dict, description="split → class → images")
 
 
-class ModelCard(StageFile):
-    """models/model.json: how to rebuild, feed and trust the trained model beside it."""
-
-    FILE: ClassVar[str] = "model.json"
-    REMEDY: ClassVar[str] = "run the train stage first (`dvc repro train`)."
+class ModelMeta(BaseModel):
+    """What it takes to rebuild and feed a trained model: stored in the model's .safetensors file itself
+    (its metadata, key ``tunedeck.model``), so one file from the registry is enough to predict."""
 
     model_name: str
     classes: list[str]
@@ -214,8 +212,17 @@ class ModelCard(StageFile):
     mean: list[float]
     std: list[float]
     interpolation: str
-    weights_from: str
     data_version: str
+    temperature: float = Field(default=1.0, gt=0, description="fitted on validation; predict divides logits by it")
+
+
+class ModelCard(StageFile, ModelMeta):
+    """models/model.json: how to rebuild, feed and trust the trained model beside it."""
+
+    FILE: ClassVar[str] = "model.json"
+    REMEDY: ClassVar[str] = "run the train stage first (`dvc repro train`)."
+
+    weights_from: str
     best_epoch: int
     val_accuracy: float | None
     weights: str = Field(description="raw or ema: which weights were best")
@@ -224,6 +231,10 @@ class ModelCard(StageFile):
     oom_events: int = 0
     sha256: str = Field(description="of model.safetensors")
     train_seconds: float
+
+    def meta(self) -> ModelMeta:
+        """The part of the card the model file carries."""
+        return ModelMeta.model_validate(self.model_dump(include=set(ModelMeta.model_fields)))
 
 
 class RunFile(BaseModel):

@@ -14,14 +14,11 @@ from flows.core.prepare import load_split
 
 
 def load_trained(models: Path, device):
-    """The trained model from models/model.json + model.safetensors, and its config."""
-    import timm
-    from safetensors.torch import load_file
+    """The trained model from models/model.safetensors (its metadata says how to rebuild it), and models/model.json."""
+    from flows.core.model_file import load_model
 
-    config = ModelCard.read(models)
-    model = timm.create_model(config.model_name, pretrained=False, num_classes=len(config.classes))
-    model.load_state_dict(load_file(str(models / "model.safetensors")))
-    return model.to(device).eval(), config
+    model, _ = load_model(models / "model.safetensors", device)
+    return model, ModelCard.read(models)
 
 
 def per_class_scores(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
@@ -38,30 +35,38 @@ def per_class_scores(labels: np.ndarray, pred: np.ndarray, classes: list[str]) -
 
 
 def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
-    """Score the trained model on the test split.
+    """Score the trained model on the test split, with its calibration.
 
-    Writes out/metrics.json (headline), out/per_class.json and out/confusion.json (a DVC plot).
+    Writes out/metrics.json (headline), out/per_class.json, and two DVC plots: out/confusion.json
+    and out/reliability.json (accuracy against confidence in 15 bins, temperature applied).
     """
+    import torch
+
     from flows.core.augment import Normalizer
-    from flows.core.scoring import score
+    from flows.core.calibration import calibration_metrics, reliability, softmax
+    from flows.core.scoring import logits_of
 
     device = resolve_device(params.base.device)
     model, config = load_trained(models, device)
     test_x, test_y = load_split(prepared, "test")
     norm = Normalizer(config.mean, config.std, device)
-    loss, accuracy, pred = score(model, norm, test_x, test_y, params.evaluate.batch_size)
+    logits = logits_of(model, norm, test_x, params.evaluate.batch_size)
+    pred = logits.argmax(1) if len(test_y) else np.empty(0, dtype=np.int64)
     classes = config.classes
     per_class = per_class_scores(test_y, pred, classes)
+    loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(test_y.astype(np.int64))).item() if len(test_y) else 0.0
     metrics = {
-        "accuracy": accuracy,
+        "accuracy": float((pred == test_y).mean()) if len(test_y) else 0.0,
         "loss": loss,
         "macro_f1": float(np.mean([s["f1"] for s in per_class.values()])),
         "n_test": int(len(test_y)),
+        **calibration_metrics(logits, test_y, config.temperature),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "per_class.json").write_text(json.dumps(per_class, indent=2))
     confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(test_y.tolist(), pred.tolist(), strict=True)]
     (out / "confusion.json").write_text(json.dumps(confusion))
+    (out / "reliability.json").write_text(json.dumps(reliability(softmax(logits, config.temperature), test_y)))
     save_resolved(params, out)
     return metrics

@@ -146,6 +146,28 @@ class EvaluateParams(_Group):
     batch_size: int = Field(256, ge=1, le=65_536)
 
 
+class PromoteParams(_Group):
+    """The promotion gate: when a candidate model may replace prod (both scored on the candidate's test split)."""
+
+    tolerance: float = Field(0.01, ge=0.0, le=1.0, description="test accuracy may be at most this much below prod's")
+    max_class_drop: float = Field(0.05, ge=0.0, le=1.0, description="no class's recall may drop more than this")
+
+
+class PredictParams(_Group):
+    """Batch prediction on new images (tunedeck predict)."""
+
+    batch_size: int = Field(64, ge=1, le=65_536)
+    top_k: int = Field(3, ge=1, le=100, description="classes listed per image, best first")
+    workers: int = Field(0, ge=0, le=256, description="decoding threads (0: one per core)")
+
+
+class ExportParams(_Group):
+    """The ONNX export and its parity check against the torch model."""
+
+    opset: int = Field(18, ge=13, le=23)
+    max_prob_diff: float = Field(1e-4, gt=0.0, le=1.0, description="largest |p_torch - p_onnx| allowed")
+
+
 class Params(_Group):
     """Everything in params.yaml."""
 
@@ -154,6 +176,9 @@ class Params(_Group):
     model: ModelParams
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
+    predict: PredictParams = PredictParams()
+    export: ExportParams = ExportParams()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved params, defaults filled in, as plain data."""

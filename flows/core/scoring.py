@@ -1,7 +1,8 @@
-"""Scoring a model on a stored split (used by validation during training and by evaluate)."""
+"""Scoring a model on a stored split (used by validation during training, by evaluate and by promote)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,20 +19,26 @@ def ordered_batches(images: np.ndarray, labels: np.ndarray, size: int) -> Iterat
 
 
 @torch.no_grad()
-def score(model: nn.Module, norm: Normalizer, images: np.ndarray, labels: np.ndarray, batch_size: int, autocast=None) -> tuple[float, float, np.ndarray]:
-    """(mean loss, accuracy, predictions) of model on one split."""
-    import contextlib
-
+def logits_of(model: nn.Module, norm: Normalizer, images: np.ndarray, batch_size: int, autocast=None) -> np.ndarray:
+    """The model's float32 logits for every image of a split, in storage order (N × classes)."""
     was_training = model.training
     model.eval()
     device = norm.mean.device
-    losses, preds = [], []
-    for x, y in ordered_batches(images, labels, batch_size):
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[start:start + batch_size]))
         with autocast() if autocast else contextlib.nullcontext():
-            logits = model(norm(x.to(device))).float()
-        losses.append(nn.functional.cross_entropy(logits, y.to(device), reduction="sum").item())
-        preds.append(logits.argmax(1).cpu().numpy())
+            out.append(model(norm(x.to(device))).float().cpu().numpy())
     model.train(was_training)
-    pred = np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
-    n = max(len(labels), 1)
-    return sum(losses) / n, float((pred == labels).mean()) if len(labels) else 0.0, pred
+    return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
+
+
+def score(model: nn.Module, norm: Normalizer, images: np.ndarray, labels: np.ndarray, batch_size: int, autocast=None) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, predictions) of model on one split."""
+    if not len(labels):
+        return 0.0, 0.0, np.empty(0, dtype=np.int64)
+    logits = torch.from_numpy(logits_of(model, norm, images, batch_size, autocast))
+    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    loss = nn.functional.cross_entropy(logits, target).item()
+    pred = logits.argmax(1).numpy()
+    return loss, float((pred == labels).mean()), pred

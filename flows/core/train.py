@@ -108,8 +108,3 @@ def train(
         return trainer.run(out, run_folder(checkpoints, key) if checkpoints is not None else None, key)
     finally:
         shutdown(world)
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -285,24 +285,34 @@ class Trainer:
         return state["epoch"], state["batch"], state["partial"]
 
     def _export(self, out: Path, seconds: float) -> dict:
-        from safetensors.torch import save_file
-
         from flows.contracts import ModelCard
-        from flows.core.train import sha256
+        from flows.core.model_file import save_model, sha256
 
         out.mkdir(parents=True, exist_ok=True)
         weights = out / "model.safetensors"
-        save_file(self.best["state"], str(weights))
         card = ModelCard(
             model_name=self.params.model.name, classes=self.classes, image_size=self.image_size,
             mean=list(self.prep.mean), std=list(self.prep.std), interpolation=self.prep.interpolation,
-            weights_from=self.weights_from, data_version=self.data_version,
-            best_epoch=self.best["epoch"] + 1, val_accuracy=self.best["val_acc"], weights=self.best["weights"],
-            micro_batch=self.micro, accum_steps=self.accum, oom_events=self.oom_events,
-            sha256=sha256(weights), train_seconds=round(seconds, 1),
+            data_version=self.data_version, temperature=self._temperature(),
+            weights_from=self.weights_from, best_epoch=self.best["epoch"] + 1, val_accuracy=self.best["val_acc"],
+            weights=self.best["weights"], micro_batch=self.micro, accum_steps=self.accum, oom_events=self.oom_events,
+            sha256="", train_seconds=round(seconds, 1),
         )
+        save_model(weights, self.best["state"], card.meta())
+        card = card.model_copy(update={"sha256": sha256(weights)})
         card.write(out)
         config = card.model_dump()
         save_resolved(self.params, out)
         return config
+
+    def _temperature(self) -> float:
+        """Temperature scaling of the best weights, fitted on the validation split (1.0 without one)."""
+        from flows.core.calibration import fit_temperature
+        from flows.core.scoring import logits_of
+
+        if not len(self.val_y):
+            return 1.0
+        self.model.load_state_dict(self.best["state"])  # training is over: the model becomes the best weights
+        logits = logits_of(self.model, self.norm, self.val_x, self.params.evaluate.batch_size)
+        return fit_temperature(logits, self.val_y)
 
