@@ -213,15 +213,17 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True) -> dict:
-    """dvc pull, every stage of dvc.yaml in order, dvc push, in the run's own workspace; overrides as key=value.
+def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True, promote: bool = True) -> dict:
+    """dvc pull, every stage of dvc.yaml in order, dvc push, the promotion gate, in the run's own workspace;
+    overrides as key=value.
 
-    The run ends as a DVC experiment named after the flow run (`dvc exp show` in the clone lists it).
+    The run ends as a DVC experiment named after the flow run (`dvc exp show` in the clone lists it);
+    when the gate promotes its model, that experiment's commit is the new prod version (GTO tags).
     """
-    return run_pipeline(overrides or [], pull, push, run_name())
+    return run_pipeline(overrides or [], pull, push, run_name(), promote)
 
 
-def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str) -> dict:
+def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promote: bool = False) -> dict:
     """The stages in the run's own workspace, each a task; the results saved as DVC experiment `name`."""
     logger = get_run_logger()
     code = code_version()
@@ -238,9 +240,17 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str) -> dic
             run_stage(stage, env)
         if push:
             sync("push", cwd=ws, on_line=logger.info)
+        judgement = promotion_gate(ws) if promote else None
         timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name))
+        if judgement is not None and judgement.decision.promote:
+            from flows.ship import exp_commit, register
+
+            with workspace.host_lock(clone, "registry"):
+                logger.info(f"registry: {' '.join(register(ws, judgement, exp_commit(ws, name)))} (prod)")
         session.close()  # before its folder, the workspace, goes
         versions = attach_versions(code, ws)
+        if judgement is not None:
+            versions.update(promoted=judgement.decision.promote, version=judgement.version or judgement.prod_version or "")
         tag_versions(versions)
         flush_labels()
         return versions
@@ -265,6 +275,17 @@ def run_workspace(clone: Path, overrides: list[str]) -> Iterator[Path]:
         yield ws
     finally:
         timed("workspace removed", lambda: workspace.remove(clone, ws))
+
+
+@task(name="promote", persist_result=False)
+def promotion_gate(ws: Path):
+    """The promotion gate on the run's model (flows.ship.judge), its verdict as a Prefect artifact."""
+    from flows.core.params import load_params
+    from flows.ship import judge, markdown
+
+    judgement = judge(ws, load_params(ws / "params.yaml"), log=get_run_logger().info)
+    create_markdown_artifact(markdown=markdown(judgement), key="promotion", description=judgement.decision.summary())
+    return judgement
 
 
 def timed(what: str, work) -> None:

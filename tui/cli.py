@@ -1,4 +1,4 @@
-"""The ``tunedeck`` command: demo, the local Prefect server, and the dashboard."""
+"""The ``tunedeck`` command: demo, the local Prefect server, workers, shipping models, and the dashboard."""
 
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", help="GPU indices this worker hands out, e.g. 0,1 (default: CPU only)")
     worker.add_argument("--git-pull", action="store_true",
                         help="git pull --ff-only this clone before each run (for remote GPU hosts)")
+    promote = sub.add_parser("promote", help="the promotion gate: this clone's trained model becomes prod if no worse than prod")
+    promote.add_argument("--force", action="store_true", help="promote even when the gate rejects it (recorded as forced)")
+    rollback = sub.add_parser("rollback", help="make an earlier registered model version prod again")
+    rollback.add_argument("--to", required=True, metavar="VERSION", help="a registered version, e.g. v0.2.0")
+    sub.add_parser("registry", help="the registered model versions, which is prod, and the history")
+    predict = sub.add_parser("predict", help="label a folder of images with a model: one row per image")
+    predict.add_argument("--model", default="prod", help="prod (default), a registry version vX.Y.Z, or a .safetensors file")
+    predict.add_argument("--input", required=True, type=Path, metavar="DIR", help="folder of images (searched recursively)")
+    predict.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.parquet or FILE.csv")
+    predict.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (the export stage's model)")
+    predict.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
     dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
     dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
     dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
@@ -77,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             from flows.worker import run_worker
 
             return run_worker(args.pool, args.gpus, args.git_pull)
+        if args.command in ("promote", "rollback", "registry", "predict"):
+            from tui.ship_commands import run_ship_command
+
+            return run_ship_command(args)
         from tui.app import run_dashboard
 
         return run_dashboard(args.demo, args.readonly, args.refresh, args.replay, args.record)

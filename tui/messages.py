@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from tui.providers.models import Curves, Experiment, Orchestration, Progress, RunDetail, Telemetry
+from tui.providers.models import Curves, Experiment, Orchestration, Progress, Registry, RunDetail, Telemetry
 
 
 @dataclass
@@ -58,3 +58,4 @@ class ExperimentsFetched(Message):
     experiments: tuple[Experiment, ...]
     curves: Curves
     error: str | None = None
+    registry: Registry = Registry()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from tui.providers.models import Curves, Experiment, Orchestration, Progress, RunDetail, RunQuery, Telemetry
+from tui.providers.models import Curves, Experiment, Orchestration, Progress, Registry, RunDetail, RunQuery, Telemetry
 
 
 class ActionError(Exception):
@@ -61,6 +61,10 @@ class ExperimentSource(Protocol):
 
     def curves(self) -> Curves:
         """The training curves of the workspace."""
+        ...
+
+    def registry(self) -> Registry:
+        """The model registry: prod, versions, history."""
         ...
 
 

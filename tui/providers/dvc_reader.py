@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from flows.contracts import metric_name
-from tui.providers.models import Curves, Experiment, Progress
+from tui.providers.models import Curves, Experiment, Progress, Registry, RegistryEvent
 
 CURVES = ("train/loss", "val/loss", "val/acc")
 
@@ -90,6 +90,15 @@ class DvcReader:
             values = tuple(float(r[key]) for r in rows if r.get(key))
             series.append((name, steps, values))
         return Curves(tuple(series))
+
+    def registry(self) -> Registry:
+        """The model registry of this clone (git tags; flows.registry reads them)."""
+        from flows import registry
+
+        prod = registry.prod(self.root)
+        history = tuple(RegistryEvent(e.at.timestamp(), e.version, "-> prod" if e.event == "assignment" else "registered", e.message)
+                        for e in registry.history(self.root)[:20])
+        return Registry(prod.version if prod else None, tuple((v.version, v.commit) for v in registry.versions(self.root)), history)
 
     def experiments(self) -> tuple[Experiment, ...]:
         """``dvc exp show --json``; raises RuntimeError with one sentence when DVC fails."""

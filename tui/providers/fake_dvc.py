@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from tui.providers.fake_prefect import NOW
-from tui.providers.models import Curves, Experiment, Progress
+from tui.providers.models import Curves, Experiment, Progress, Registry, RegistryEvent
 
 
 class FakeDvc:
@@ -23,6 +23,15 @@ class FakeDvc:
         return tuple(Experiment(name, rev, (("model.name", model), ("train.lr", lr), ("train.epochs", "12")),
                                 (("accuracy", acc), ("macro_f1", round(acc - 0.004, 3))))
                      for name, rev, model, lr, acc in rows)
+
+    def registry(self) -> Registry:
+        """Two versions; the second was promoted, then rolled back to the first."""
+        return Registry("v0.1.0", (("v0.2.0", "c7d2e11" + "0" * 33), ("v0.1.0", "2ca95a1" + "0" * 33)), (
+            RegistryEvent(NOW - 600, "v0.1.0", "-> prod", "rollback from v0.2.0 to v0.1.0"),
+            RegistryEvent(NOW - 7200, "v0.2.0", "-> prod", "promoted: test accuracy 0.9020 against prod's 0.8660"),
+            RegistryEvent(NOW - 7200, "v0.2.0", "registered", "promoted: test accuracy 0.9020 against prod's 0.8660"),
+            RegistryEvent(NOW - 86400, "v0.1.0", "-> prod", "promoted: there is no prod model yet."),
+        ))
 
     def curves(self) -> Curves:
         """Twelve epochs of falling loss and rising accuracy."""

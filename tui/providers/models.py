@@ -197,6 +197,31 @@ class Experiment:
 
 
 @dataclass(frozen=True)
+class RegistryEvent:
+    """One line of the model registry's history: a version registered, or made prod."""
+
+    at: float  # unix time
+    version: str
+    what: str  # "registered" or "-> prod"
+    message: str
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The model registry (GTO tags): the prod version, every version with its commit, the history newest first."""
+
+    prod: str | None = None
+    versions: tuple[tuple[str, str], ...] = ()  # (version, commit)
+    history: tuple[RegistryEvent, ...] = ()
+
+    def version_of(self, rev: str) -> str | None:
+        """The registered version of a commit (a full or short hash), if any."""
+        if not rev:
+            return None
+        return next((version for version, commit in self.versions if commit.startswith(rev) or rev.startswith(commit)), None)
+
+
+@dataclass(frozen=True)
 class Curves:
     """Training curves from dvclive plots: metric name → (steps, values)."""
 

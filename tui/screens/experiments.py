@@ -12,7 +12,7 @@ from textual_plotext import PlotextPlot
 
 from tui.experiment_table import diff, table_columns, table_rows
 from tui.messages import ExperimentsFetched
-from tui.providers.models import Curves, Experiment
+from tui.providers.models import Curves, Experiment, Registry
 from tui.screens.diff import DiffScreen
 
 
@@ -30,10 +30,13 @@ class ExperimentsScreen(Screen[None]):
         """Indices of the (at most two) experiments marked for a diff (names repeat across baselines)."""
         self.sort_column: str | None = None
         self.sort_reverse = False
+        self.registry = Registry()
+        """The model registry: which version is prod, and its history."""
 
     def compose(self) -> ComposeResult:
         """Table, curves, footer."""
         yield Static("reading experiments (dvc exp show) ...", id="exp-status")
+        yield Static("", id="registry")
         yield DataTable(id="exp-table", cursor_type="cell")
         with Horizontal(id="curves"):
             yield PlotextPlot(id="curves-loss")
@@ -53,13 +56,19 @@ class ExperimentsScreen(Screen[None]):
         source = self.app.providers.experiments
         curves = source.curves()
         try:
-            self.post_message(ExperimentsFetched(source.experiments(), curves))
+            registry = source.registry()
+        except (RuntimeError, OSError, ValueError):
+            registry = Registry()
+        try:
+            self.post_message(ExperimentsFetched(source.experiments(), curves, registry=registry))
         except (RuntimeError, OSError, ValueError) as exc:
-            self.post_message(ExperimentsFetched((), curves, str(exc)))
+            self.post_message(ExperimentsFetched((), curves, str(exc), registry))
 
     def on_experiments_fetched(self, message: ExperimentsFetched) -> None:
         """Fill the table and draw the curves."""
         self.experiments = message.experiments
+        self.registry = message.registry
+        self.query_one("#registry", Static).update(registry_line(message.registry))
         status = self.query_one("#exp-status", Static)
         status.update(message.error or f"{len(self.experiments)} experiments · s sorts by the cursor's column · space marks · d diffs two")
         self._fill()
@@ -73,6 +82,9 @@ class ExperimentsScreen(Screen[None]):
         for col in ["", "experiment", "rev", *columns]:
             table.add_column(col, key=col or "mark")
         for index, cells in table_rows(self.experiments, columns, self.sort_column, self.sort_reverse):
+            version = self.registry.version_of(self.experiments[index].rev)
+            if version:  # the experiment a registry version was tagged on: its version, and prod marked
+                cells = [f"{cells[0]} ({version}{', prod' if version == self.registry.prod else ''})", *cells[1:]]
             table.add_row("●" if index in self.marked else "", *cells, key=str(index))
         table.move_cursor(row=cursor.row, column=cursor.column, animate=False)
 
@@ -114,3 +126,15 @@ class ExperimentsScreen(Screen[None]):
             return
         a, b = (self.experiments[i] for i in self.marked)
         self.app.push_screen(DiffScreen(f"{a.name} {a.rev}".strip(), f"{b.name} {b.rev}".strip(), diff(a, b)))
+
+
+def registry_line(registry: Registry) -> str:
+    """The registry in two lines: prod and the versions, then the latest events."""
+    if not registry.versions:
+        return "model registry: no version yet (`tunedeck promote` registers the first)"
+    import time
+
+    versions = ", ".join(v for v, _ in registry.versions)
+    events = " · ".join(f"{time.strftime('%m-%d %H:%M', time.localtime(e.at))} {e.version} {e.what}"
+                        for e in registry.history[:3])
+    return f"model registry: prod [b]{registry.prod or 'none'}[/b] · versions {versions}\nhistory: {events}"

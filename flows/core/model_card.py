@@ -1,0 +1,131 @@
+"""MODEL_CARD.md, written at each promotion, in the Hugging Face model-card format: YAML front
+matter with `model-index` results, then what a reader needs to trust and use the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+from flows.contracts import ModelCard
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the card states, gathered by the promotion."""
+
+    card: ModelCard
+    params: dict
+    metrics: dict  # eval/metrics.json
+    per_class: dict  # eval/per_class.json
+    version: str  # the registry version this promotion creates
+    code_commit: str
+    gate: str  # the gate's one-sentence verdict
+
+
+def front_matter(facts: CardFacts) -> dict:
+    """The card's YAML header: library, task, base model and the model-index results."""
+    m = facts.metrics
+    results = [{"type": "accuracy", "value": round(m.get("accuracy", 0.0), 4), "name": "Test accuracy"},
+               {"type": "f1", "value": round(m.get("macro_f1", 0.0), 4), "name": "Macro F1", "args": {"average": "macro"}}]
+    for key, name in (("ece", "ECE (15 bins, temperature applied)"), ("nll", "NLL"), ("brier", "Brier score")):
+        if key in m:
+            results.append({"type": key, "value": round(m[key], 4), "name": name})
+    header = {
+        "library_name": "timm",
+        "pipeline_tag": "image-classification",
+        "tags": ["image-classification", "timm", "tunedeck", "transfer-learning"],
+        "model-index": [{
+            "name": f"{facts.card.model_name}-tunedeck-{facts.version}",
+            "results": [{"task": {"type": "image-classification", "name": "Image Classification"},
+                         "dataset": {"name": str(facts.params.get("data", {}).get("source", "")), "type": "imagefolder",
+                                     "split": "test", "revision": facts.card.data_version},
+                         "metrics": results}],
+        }],
+    }
+    if not facts.card.weights_from.endswith((".safetensors", ".pth", ".pt", ".bin")) and facts.card.weights_from != "random":
+        header["base_model"] = facts.card.weights_from
+    return header
+
+
+def render(facts: CardFacts) -> str:
+    """The whole MODEL_CARD.md."""
+    card, m, p = facts.card, facts.metrics, facts.params
+    rows = "\n".join(f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
+                     for name, s in facts.per_class.items())
+    train = p.get("train", {})
+    return f"""---
+{yaml.safe_dump(front_matter(facts), sort_keys=False).strip()}
+---
+
+# {card.model_name} fine-tuned by tunedeck — {facts.version}
+
+A {card.model_name} image classifier over {len(card.classes)} classes ({", ".join(card.classes)}),
+fine-tuned from `{card.weights_from}` at {card.image_size} px.
+
+## Use
+
+```
+tunedeck predict --model {facts.version} --input DIR --out predictions.parquet
+dvc artifacts get . model --rev {facts.version} -o model.safetensors
+```
+
+The `.safetensors` file's metadata holds the classes, input size, normalisation
+(mean {[round(x, 4) for x in card.mean]}, std {[round(x, 4) for x in card.std]}, {card.interpolation}) and the
+temperature {card.temperature}; predict divides the logits by it before the softmax.
+
+## Intended use and limitations
+
+- Intended for images like those of the training folder (`{p.get("data", {}).get("source", "")}`): same
+  kind of subject, framing and classes. It always answers one of its {len(card.classes)} classes; an image of
+  none of them still gets one, with a confidence that is only as good as the calibration below.
+- Measured on {m.get("n_test", 0)} test images; a class with few test images has a wide uncertainty on its
+  figures. Watch new data for drift before trusting it on another source.
+- Not evaluated for fairness, robustness to adversarial inputs, or any safety-critical use.
+
+## Training
+
+| param | value |
+|---|---|
+| base weights | `{card.weights_from}` |
+| epochs (best) | {train.get("epochs")} ({card.best_epoch}, {card.weights} weights) |
+| batch | {card.micro_batch} x {card.accum_steps} |
+| lr / weight decay | {train.get("lr")} / {train.get("weight_decay")} |
+| optimizer / scheduler | {train.get("optimizer")} / {train.get("scheduler")} |
+| frozen epochs | {train.get("freeze_epochs")} |
+| seed | {p.get("base", {}).get("seed")} |
+| train time | {card.train_seconds} s |
+
+## Test metrics
+
+| metric | value |
+|---|---|
+| accuracy | {m.get("accuracy", 0):.4f} |
+| macro F1 | {m.get("macro_f1", 0):.4f} |
+| val accuracy (best epoch) | {card.val_accuracy} |
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+## Calibration
+
+| | raw | with temperature {card.temperature} |
+|---|---|---|
+| ECE (15 bins) | {m.get("ece_raw", float("nan")):.4f} | {m.get("ece", float("nan")):.4f} |
+| NLL | {m.get("nll_raw", float("nan")):.4f} | {m.get("nll", float("nan")):.4f} |
+| Brier | | {m.get("brier", float("nan")):.4f} |
+
+The reliability diagram is the DVC plot `eval/reliability.json` (`dvc plots show`).
+
+## Lineage
+
+| | |
+|---|---|
+| registry version | {facts.version} (`model@{facts.version}`, GTO tag) |
+| data version (DVC md5 of the source) | {card.data_version} |
+| model sha256 | {card.sha256} |
+| code commit | {facts.code_commit} |
+| promotion gate | {facts.gate} |
+"""

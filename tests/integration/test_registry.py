@@ -1,0 +1,98 @@
+"""The model registry in a real git + DVC project with a local DVC remote: the promotion gate,
+rejection with its reason and no tag, `dvc artifacts get --stage prod`, and rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.project import make_project, run
+
+pytestmark = pytest.mark.slow
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tags(project: Path) -> set[str]:
+    return set(run(project, "git", "tag", "--list").stdout.split())
+
+
+def prod_file_sha(project: Path, tmp_path: Path) -> str:
+    """sha256 of what DVC itself hands out as the prod model."""
+    out = tmp_path / "prod.safetensors"
+    run(project, "dvc", "artifacts", "get", ".", "model", "--stage", "prod", "-o", str(out), "--force")
+    return sha256(out)
+
+
+def set_params(project: Path, **groups: dict) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    for group, values in groups.items():
+        raw.setdefault(group, {}).update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def zero_the_head(project: Path) -> None:
+    """Make the trained model predict one class for every image: a candidate certainly worse than any trained prod."""
+    script = (
+        "from pathlib import Path\n"
+        "from safetensors.torch import load_file\n"
+        "from flows.contracts import ModelCard\n"
+        "from flows.core.model_file import read_meta, save_model, sha256\n"
+        "p = Path('models/model.safetensors'); meta = read_meta(p); state = load_file(str(p))\n"
+        "state = {k: v * 0 if k.startswith('fc.') else v for k, v in state.items()}\n"
+        "save_model(p, state, meta)\n"
+        "card = ModelCard.read(Path('models')); card.model_copy(update={'sha256': sha256(p)}).write(Path('models'))\n"
+    )
+    run(project, "python", "-c", script)
+
+
+def test_promote_reject_promote_within_tolerance_and_roll_back(tmp_path):
+    project = make_project(tmp_path / "clone")  # its DVC remote is a local folder (.dvc/config)
+    set_params(project, train={"epochs": 4, "lr": 0.01})
+    run(project, "git", "commit", "-qam", "train longer")
+    run(project, "dvc", "repro", "evaluate")
+    first = sha256(project / "models" / "model.safetensors")
+
+    # 1. the first model: no prod yet, so it is promoted
+    run(project, "tunedeck", "promote")
+    assert {"model@v0.1.0", "model#prod#1"} <= tags(project)
+    assert prod_file_sha(project, tmp_path) == first
+    card = (project / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\n") and "model-index:" in card and "v0.1.0" in card and "ECE" in card
+
+    # 2. a candidate worse than prod beyond the tolerance: rejected, no new tag, the reason written down
+    before = tags(project)
+    zero_the_head(project)
+    rejected = run(project, "tunedeck", "promote", check=False)
+    assert rejected.returncode == 1, rejected.stderr
+    assert tags(project) == before
+    verdict = json.loads((project / "promotion.json").read_text())
+    assert verdict["promoted"] is False and verdict["prod_version"] == "v0.1.0"
+    assert any("below prod's" in r or "recall drops" in r for r in verdict["reasons"]), verdict
+    assert verdict["prod"]["accuracy"] > verdict["candidate"]["accuracy"]
+    assert "rejected:" in rejected.stdout
+
+    # 3. a candidate within the tolerance: promoted, and DVC hands out exactly its file as prod
+    set_params(project, base={"seed": 7}, promote={"tolerance": 1.0, "max_class_drop": 1.0})
+    run(project, "dvc", "repro", "evaluate")
+    second = sha256(project / "models" / "model.safetensors")
+    run(project, "tunedeck", "promote")
+    assert {"model@v0.2.0", "model#prod#2"} <= tags(project)
+    assert prod_file_sha(project, tmp_path) == second != first
+
+    # 4. rollback: the earlier version is prod again, and no tag is ever deleted
+    run(project, "tunedeck", "rollback", "--to", "v0.1.0")
+    assert prod_file_sha(project, tmp_path) == first
+    assert {"model@v0.1.0", "model@v0.2.0", "model#prod#1", "model#prod#2", "model#prod#3"} <= tags(project)
+    shown = run(project, "tunedeck", "registry").stdout
+    assert "v0.1.0" in shown.splitlines()[1] and "<- prod" in shown.splitlines()[1], shown
+
+    # bad input: an unknown version is one sentence and exit 2
+    bad = run(project, "tunedeck", "rollback", "--to", "v9.9.9", check=False)
+    assert bad.returncode == 2 and "not in the registry" in bad.stderr and "Traceback" not in bad.stderr
