@@ -44,7 +44,7 @@ def test_disconnected_banner(app, providers, snap_compare):
 
 
 def test_experiments_view(app, snap_compare):
-    """`e`: five experiments with the varying params (model.name, train.lr) and metrics; the two losses in the left chart, val/acc in the right."""
+    """`e`: the model registry (prod v0.1.0 after a rollback, its history), five experiments with the varying params (model.name, train.lr) and metrics, main marked (v0.1.0, prod) and lr-3e-4 (v0.2.0); the two losses in the left chart, val/acc in the right."""
     async def run_before(pilot) -> None:
         await settle(pilot)
         await pilot.press("e")
