@@ -1,0 +1,209 @@
+"""ONNX export: parity with the torch model, a dynamic batch, self-describing files, one-sentence failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+from flows.contracts import ModelMeta
+from flows.core import export
+from flows.core.errors import TunedeckError
+from flows.core.export import OnnxClassifier, check_parity, export_onnx, parity_images
+from flows.core.model_file import save_model
+
+SIZE, CLASSES = 32, ["zero", "one", "two", "three", "four"]
+
+
+def tiny_model_file(path: Path, seed: int) -> ModelMeta:
+    """A random test_resnet saved as the train stage saves it; batch-norm statistics away from
+    their defaults so every layer matters (a fresh timm resnet zeroes its last norm per block)."""
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=len(CLASSES))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    meta = ModelMeta(model_name="test_resnet", classes=CLASSES, image_size=SIZE, mean=[0.485, 0.456, 0.406],
+                     std=[0.229, 0.224, 0.225], interpolation="bicubic", data_version="d" * 32, temperature=1.5)
+    save_model(path, model.state_dict(), meta)
+    return meta
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    """n synthetic uint8 NHWC images, as prepare stores them."""
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def one_sentence(message: str) -> bool:
+    return "\n" not in message and message.endswith(".") and message.count(". ") == 0
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path, ModelMeta]:
+    """(model file, its export, its meta), exported once for the module."""
+    folder = tmp_path_factory.mktemp("export")
+    meta = tiny_model_file(folder / "model.safetensors", seed=0)
+    return folder / "model.safetensors", export_onnx(folder / "model.safetensors", folder / "out" / "model.onnx", 18), meta
+
+
+def test_export_matches_torch_at_batch_1_and_7(exported):
+    model_path, onnx_path, _ = exported
+    report = check_parity(model_path, onnx_path, images(10), batch_sizes=(1, 7), max_prob_diff=1e-4)
+    assert report["top1_agreement"] == 1.0
+    assert report["max_prob_diff"] <= 1e-4
+    assert report["images"] == 10 and report["batch_sizes"] == [1, 7]
+    assert report["opset"] == 18 and report["exporter"] in export.EXPORTERS
+    assert [p.name for p in onnx_path.parent.iterdir()] == ["model.onnx"]  # no temp or external-data file left
+
+
+def test_batch_dimension_is_dynamic(exported):
+    model_path, onnx_path, meta = exported
+    from flows.core.augment import Normalizer
+    from flows.core.calibration import softmax
+    from flows.core.model_file import load_model
+
+    model, _ = load_model(model_path, "cpu")
+    classifier = OnnxClassifier(onnx_path, threads=1)
+    assert isinstance(classifier.session.get_inputs()[0].shape[0], str)  # symbolic, not a number
+    norm = Normalizer(meta.mean, meta.std, torch.device("cpu"))
+    for n in (3, 11):
+        with torch.no_grad():
+            x = norm(torch.from_numpy(images(n, seed=n)))
+            expected = model(x).numpy()
+        logits = classifier.logits(x.numpy())
+        assert logits.shape == (n, len(CLASSES)) and logits.dtype == np.float32
+        assert np.abs(softmax(logits, meta.temperature) - softmax(expected, meta.temperature)).max() <= 1e-4
+
+
+def test_classifier_reads_the_meta_back(exported):
+    _, onnx_path, meta = exported
+    assert OnnxClassifier(onnx_path).meta == meta
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert ModelMeta.model_validate_json(props["tunedeck.model"]) == meta
+
+
+def test_export_prints_nothing(tmp_path, capfd):
+    tiny_model_file(tmp_path / "model.safetensors", seed=2)
+    export_onnx(tmp_path / "model.safetensors", tmp_path / "model.onnx", 17)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert export.onnx_opset(tmp_path / "model.onnx") == 17
+
+
+def test_an_export_of_other_weights_fails_parity_in_one_sentence(exported, tmp_path):
+    model_path, _, _ = exported
+    tiny_model_file(tmp_path / "other.safetensors", seed=1)
+    other = export_onnx(tmp_path / "other.safetensors", tmp_path / "other.onnx", 18)
+    with pytest.raises(TunedeckError, match=r"disagrees with the torch model .* on \d of the 8 images checked") as err:
+        check_parity(model_path, other, images(8))
+    assert one_sentence(str(err.value))
+
+
+def test_missing_garbage_and_foreign_onnx_files(tmp_path):
+    with pytest.raises(TunedeckError, match="not found") as missing:
+        OnnxClassifier(tmp_path / "absent.onnx")
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00not a model" * 50)
+    with pytest.raises(TunedeckError, match="is not a readable ONNX model") as garbage:
+        OnnxClassifier(tmp_path / "garbage.onnx")
+    node = onnx.helper.make_node("Identity", ["images"], ["logits"])
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph([node], "g", [value("images", onnx.TensorProto.FLOAT, [1])],
+                                   [value("logits", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), tmp_path / "plain.onnx")
+    with pytest.raises(TunedeckError, match="has no tunedeck metadata") as foreign:
+        OnnxClassifier(tmp_path / "plain.onnx")
+    assert all(one_sentence(str(e.value)) for e in (missing, garbage, foreign))
+
+
+def test_when_every_exporter_fails_one_sentence_names_them(exported, tmp_path, monkeypatch):
+    model_path, _, _ = exported
+
+    def broken(*_):
+        raise RuntimeError("Exporting the operator 'aten::magic' is not supported\n" + "graph dump\n" * 1000)
+
+    monkeypatch.setattr(export, "EXPORTERS", {"torchscript": broken, "dynamo": broken})
+    with pytest.raises(TunedeckError, match=r"could not be exported to ONNX opset 18 \(torchscript: .*aten::magic") as err:
+        export_onnx(model_path, tmp_path / "model.onnx", 18)
+    assert one_sentence(str(err.value)) and len(str(err.value)) < 600
+    assert list(tmp_path.iterdir()) == []  # no partial file
+
+
+def test_torch_export_takes_over_when_tracing_fails(exported, tmp_path, monkeypatch, capfd):
+    model_path, _, _ = exported
+
+    def tracing_fails(*_):
+        raise RuntimeError("Exporting the operator 'aten::rms_norm' to ONNX opset version 18 is not supported")
+
+    monkeypatch.setattr(export, "EXPORTERS", {"torchscript": tracing_fails, "dynamo": export._dynamo})
+    onnx_path = export_onnx(model_path, tmp_path / "model.onnx", 18)
+    assert capfd.readouterr() == ("", "")  # torch.export's progress lines stay quiet too
+    report = check_parity(model_path, onnx_path, images(8), batch_sizes=(1, 3))
+    assert report["exporter"] == "dynamo" and report["top1_agreement"] == 1.0 and report["max_prob_diff"] <= 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # its external data folded into the one file
+
+
+def test_parity_images_fall_back_to_test_then_fail(tmp_path):
+    np.save(tmp_path / "val_x.npy", np.zeros((0, SIZE, SIZE, 3), np.uint8))
+    np.save(tmp_path / "val_y.npy", np.zeros(0, np.int64))
+    np.save(tmp_path / "test_x.npy", images(3))
+    np.save(tmp_path / "test_y.npy", np.zeros(3, np.int64))
+    assert parity_images(tmp_path).shape == (3, SIZE, SIZE, 3)
+    with pytest.raises(TunedeckError, match="has no validation or test images") as err:
+        parity_images(tmp_path / "nothing")
+    assert one_sentence(str(err.value))
+
+
+def test_images_of_another_size_are_refused_in_one_sentence(exported):
+    model_path, onnx_path, _ = exported
+    small = np.zeros((2, 16, 16, 3), np.uint8)
+    with pytest.raises(TunedeckError, match="are 16x16x3, but .* takes 32x32x3") as err:
+        check_parity(model_path, onnx_path, small)
+    assert one_sentence(str(err.value))
+
+
+@pytest.fixture
+def stage_project(tmp_path, monkeypatch):
+    """A project folder with a trained model and prepared validation images; the stage's params."""
+    from flows.core.params import parse_params
+    from tests.conftest import tiny_params_dict
+
+    monkeypatch.chdir(tmp_path)
+    Path("models").mkdir()
+    tiny_model_file(Path("models/model.safetensors"), seed=3)
+    Path("data/prepared").mkdir(parents=True)
+    np.save("data/prepared/val_x.npy", images(9))
+    np.save("data/prepared/val_y.npy", np.zeros(9, np.int64))
+    return parse_params(tiny_params_dict("data/demo"))
+
+
+def test_stage_writes_the_export_and_its_parity(stage_project):
+    from flows.stages import export as stage
+
+    summary = stage.work(stage_project)
+    parity = json.loads(Path("export/parity.json").read_text())
+    assert summary["top1_agreement"] == parity["top1_agreement"] == 1.0
+    assert parity["images"] == 9 and parity["max_prob_diff"] <= parity["max_prob_diff_allowed"]
+    assert OnnxClassifier(Path("export/model.onnx")).meta.classes == CLASSES
+
+
+def test_stage_removes_an_export_that_fails_its_check(stage_project, monkeypatch):
+    from flows.stages import export as stage
+
+    def disagrees(*_, **__):
+        raise TunedeckError("the ONNX export disagrees.")
+
+    monkeypatch.setattr(export, "check_parity", disagrees)
+    Path("export").mkdir()
+    Path("export/parity.json").write_text("{}")  # an earlier run's
+    with pytest.raises(TunedeckError, match="disagrees"):
+        stage.work(stage_project)
+    assert not Path("export/model.onnx").exists() and not Path("export/parity.json").exists()
