@@ -240,12 +240,14 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
             run_stage(stage, env)
         if push:
             sync("push", cwd=ws, on_line=logger.info)
-        judgement = promotion_gate(ws) if promote else None
-        timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name))
-        if judgement is not None and judgement.decision.promote:
-            from flows.ship import exp_commit, register
+        # one gate at a time on this clone: two runs ending together would both judge against the same
+        # prod and claim the same next version
+        with workspace.host_lock(clone, "registry") if promote else contextlib.nullcontext():
+            judgement = promotion_gate(ws) if promote else None
+            timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name))
+            if judgement is not None and judgement.decision.promote:
+                from flows.ship import exp_commit, register
 
-            with workspace.host_lock(clone, "registry"):
                 logger.info(f"registry: {' '.join(register(ws, judgement, exp_commit(ws, name)))} (prod)")
         session.close()  # before its folder, the workspace, goes
         versions = attach_versions(code, ws)

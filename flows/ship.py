@@ -192,6 +192,13 @@ def save_results(root: Path, name: str) -> str:
 def promote_clone(root: Path, params: Params, force: bool = False) -> dict:
     """`tunedeck promote`: the gate on root's model; when it passes, its results saved as a DVC experiment,
     tagged as the next version and made prod, and the model pushed to the default DVC remote."""
+    from flows.workspace import host_lock
+
+    with host_lock(root, "registry"):  # the pipeline runs of this clone take the same turn
+        return _promote_clone(root, params, force)
+
+
+def _promote_clone(root: Path, params: Params, force: bool) -> dict:
     from flows.dvc_cli import default_remote, sync
 
     judgement = judge(root, params, force)

@@ -63,7 +63,8 @@ def queue(experiments: list[Queued]) -> None:
     with Repo(".") as repo:
         for exp in experiments:
             try:
-                repo.experiments.run(queue=True, name=exp.name, params=exp.overrides, copy_paths=exp.copy_paths)
+                repo.experiments.run(targets=["evaluate"], queue=True, name=exp.name, params=exp.overrides,
+                                         copy_paths=exp.copy_paths)  # up to evaluate: the demo compares test accuracy; export is for shipping
             except Exception as exc:  # noqa: BLE001 - DVC's errors vary; say which experiment
                 raise TunedeckError(f"DVC could not queue the experiment {exp.name}: {exc}") from None
 

@@ -76,7 +76,7 @@ def source_backbone() -> float:
     import json
 
     params_text = Path("params.yaml").read_text()
-    args = ["exp", "run", "-n", SOURCE.name]
+    args = ["exp", "run", "-n", SOURCE.name, "evaluate"]  # up to evaluate: no export of the source model
     for item in SOURCE.overrides:
         args += ["-S", item]
     try:

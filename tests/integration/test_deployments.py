@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from flows import server
+from tests.conftest import write_images
 from tests.integration.project import api, checkpoint_written, env, free_port, make_project, run
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,7 @@ def test_deploy_lists_deployments_and_a_paused_schedule(cluster):
     deployment = next(d for d in api(url, "deployments/filter") if d["name"] == "pipeline")
     assert deployment["schedules"] and deployment["schedules"][0]["active"] is False
     again = run(project, "tunedeck", "deploy", PREFECT_API_URL=url)  # idempotent
-    assert again.returncode == 0 and len(api(url, "deployments/filter")) == 3
+    assert again.returncode == 0 and len(api(url, "deployments/filter")) == 4
 
 
 def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
@@ -98,6 +99,23 @@ def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
     versions = next(a["data"] for a in artifacts if a["key"] == "versions")
     for field in ("code", "data_version", "model_sha256", "accuracy"):
         assert f"| {field} |" in versions, versions
+    verdict = next(a for a in artifacts if a["key"] == "promotion")  # the gate: the pipeline's last step
+    assert "promoted" in verdict["description"] or "rejected" in verdict["description"], verdict
+    assert run(project, "git", "tag", "--list", "model@*").stdout.strip(), "the first run's model is registered"
+
+
+def test_predict_deployment_labels_a_folder_with_the_prod_model(cluster, tmp_path):
+    project, url = cluster
+    if not run(project, "git", "tag", "--list", "model#prod#*").stdout.strip():
+        assert wait(url, start(url, "pipeline"), timeout=400)["state_type"] == "COMPLETED"
+    images = write_images(tmp_path / "new", {"red": 3, "green": 3, "blue": 3})
+    (images / "red" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "labels.csv"
+    flow_run = wait(url, start(url, "predict", input=str(images), out=str(out)))
+    assert flow_run["state_type"] == "COMPLETED", logs(url, flow_run["id"])[-2000:]
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 + 9 and rows[0].startswith("path,label,confidence"), rows[:3]
+    assert "broken.png" in out.with_name("labels.errors.csv").read_text()
 
 
 def test_two_runs_on_one_gpu_slot_never_overlap(cluster):
