@@ -168,6 +168,19 @@ class ExportParams(_Group):
     max_prob_diff: float = Field(1e-4, gt=0.0, le=1.0, description="largest |p_torch - p_onnx| allowed")
 
 
+class MonitorParams(_Group):
+    """Drift monitoring of new images against the prod model's reference (tunedeck monitor)."""
+
+    mmd_p: float = Field(0.005, gt=0.0, lt=1.0, description="MMD permutation p-value below this: the features drifted")
+    domain_auc: float = Field(0.8, gt=0.5, le=1.0, description="a classifier telling new from reference above this AUC: drift")
+    psi: float = Field(0.25, gt=0.0, description="population stability index of the predicted classes above this: drift")
+    chi2_p: float = Field(0.005, gt=0.0, lt=1.0, description="chi-square p-value of the predicted classes below this: drift")
+    confidence_drop: float = Field(0.15, gt=0.0, le=1.0, description="mean confidence lower than the reference's by more: drift")
+    accuracy_drop: float = Field(0.1, gt=0.0, le=1.0, description="with labels: accuracy lower than the reference's by more: drift")
+    permutations: int = Field(500, ge=19, le=100_000, description="MMD permutations (the p-value's resolution is 1/(n+1))")
+    consecutive: int = Field(3, ge=1, le=100, description="batches in a row with drift before a retrain is triggered")
+
+
 class Params(_Group):
     """Everything in params.yaml."""
 
@@ -179,6 +192,7 @@ class Params(_Group):
     promote: PromoteParams = PromoteParams()
     predict: PredictParams = PredictParams()
     export: ExportParams = ExportParams()
+    monitor: MonitorParams = MonitorParams()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved params, defaults filled in, as plain data."""
