@@ -237,6 +237,38 @@ class ModelCard(StageFile, ModelMeta):
         return ModelMeta.model_validate(self.model_dump(include=set(ModelMeta.model_fields)))
 
 
+class DriftStatistic(BaseModel):
+    """One drift statistic of a monitored batch, against its threshold."""
+
+    name: str
+    value: float
+    threshold: float
+    flagged: bool
+    direction: Literal["above", "below"] = Field(description="flagged when the value is above / below the threshold")
+
+
+class MonitorBatch(BaseModel):
+    """One batch the monitor scored (monitor/history.jsonl, and the payload of the `tunedeck.monitor.batch` event)."""
+
+    at: float = Field(default_factory=time.time)
+    host: str = ""
+    folder: str
+    model_version: str
+    n_images: int
+    failures: int = 0
+    drifted: bool
+    statistics: list[DriftStatistic]
+    streak: int = Field(description="batches in a row with drift, this one included")
+    triggered: bool = Field(default=False, description="this batch emitted tunedeck.drift.detected")
+
+
+MONITOR_EVENT = "tunedeck.monitor.batch"
+"""The event the monitor emits for every batch (the dashboard reads them back)."""
+
+DRIFT_EVENT = "tunedeck.drift.detected"
+"""The event that starts a retrain (prefect.yaml: the pipeline deployment's trigger)."""
+
+
 class RunFile(BaseModel):
     """.tunedeck/runs/<pid>.json: the flow run a stage process (not started by a worker) belongs to."""
 

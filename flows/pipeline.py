@@ -213,13 +213,17 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True, promote: bool = True) -> dict:
+def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool = True, promote: bool = True,
+             reason: str = "") -> dict:
     """dvc pull, every stage of dvc.yaml in order, dvc push, the promotion gate, in the run's own workspace;
     overrides as key=value.
 
     The run ends as a DVC experiment named after the flow run (`dvc exp show` in the clone lists it);
     when the gate promotes its model, that experiment's commit is the new prod version (GTO tags).
     """
+    if reason:  # what started it (the drift trigger says which batch), on the run for the dashboard
+        get_run_logger().info(f"started by {reason}")
+        label_run({f"{LABEL}reason": reason[:200]})
     return run_pipeline(overrides or [], pull, push, run_name(), promote)
 
 

@@ -14,6 +14,7 @@ from tui.providers import Providers, demo_providers, live_providers
 from tui.screens.dashboard import DashboardScreen
 from tui.screens.experiments import ExperimentsScreen
 from tui.screens.help import HelpScreen
+from tui.screens.monitor import MonitorScreen
 
 
 class TunedeckApp(App[int]):
@@ -48,6 +49,11 @@ class TunedeckApp(App[int]):
         """e or :experiments opens the experiments view."""
         if not isinstance(self.screen, ExperimentsScreen):
             self.push_screen(ExperimentsScreen())
+
+    def action_monitor(self) -> None:
+        """m opens the drift monitor."""
+        if not isinstance(self.screen, MonitorScreen):
+            self.push_screen(MonitorScreen())
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The command palette (ctrl+p): Textual's own commands and the dashboard's views and filters."""

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.parquet or FILE.csv")
     predict.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (the export stage's model)")
     predict.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
+    monitor = sub.add_parser("monitor", help="drift of a folder of new images against the prod model's reference")
+    monitor.add_argument("folder", type=Path, metavar="DIR", help="one batch of new images (sub-folders named as classes: labelled)")
+    monitor.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
     dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
     dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
     dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.worker import run_worker
 
             return run_worker(args.pool, args.gpus, args.git_pull)
-        if args.command in ("promote", "rollback", "registry", "predict"):
+        if args.command in ("promote", "rollback", "registry", "predict", "monitor"):
             from tui.ship_commands import run_ship_command
 
             return run_ship_command(args)

@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from tui.providers.models import Curves, Experiment, Orchestration, Progress, Registry, RunDetail, Telemetry
+from tui.providers.models import (
+    Curves,
+    Experiment,
+    MonitorView,
+    Orchestration,
+    Progress,
+    Registry,
+    RunDetail,
+    Telemetry,
+)
 
 
 @dataclass
@@ -49,6 +58,13 @@ class DetailFetched(Message):
     def can_replace(self, message: Message) -> bool:
         """Only the newest log page matters."""
         return isinstance(message, DetailFetched)
+
+
+@dataclass
+class MonitorFetched(Message):
+    """The drift monitor's batches and retrains (or the view's error)."""
+
+    view: MonitorView
 
 
 @dataclass

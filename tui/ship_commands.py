@@ -31,6 +31,8 @@ def run_ship_command(args: argparse.Namespace) -> int:
         summary = run_stage("rollback", lambda: ship.rollback(root, args.to), {"to": args.to}, ["stage:rollback"])
         print(f"{summary['prod']} is prod again (was {summary['was']}; tag {summary['tag']}).")
         return 0
+    if args.command == "monitor":
+        return monitor_command(root, params, args.folder, args.device)
     from flows.predict_command import predict_command
 
     parameters = {"model": args.model, "input": str(args.input), "out": str(args.out), "backend": args.backend}
@@ -55,4 +57,22 @@ def show_registry(root: Path) -> int:
     for e in registry.history(root)[:20]:
         what = f"{e.version} -> {e.stage}" if e.event == "assignment" else f"{e.version} registered"
         print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {what:<22} {e.message[:70]}")
+    return 0
+
+
+def monitor_command(root: Path, params, folder: Path, device: str | None) -> int:
+    """`tunedeck monitor DIR`: one batch, recorded in monitor/ and (with a server) as Prefect events."""
+    from flows import server
+    from flows.monitor import monitor_batch, summary
+    from flows.orchestration import run_stage
+
+    def work() -> dict:
+        url = server.api_url()
+        batch = monitor_batch(root, params, folder, device, api_url=url if url and server.healthy(url, timeout=1.0) else None)
+        flagged = {s.name: round(s.value, 4) for s in batch.statistics}
+        return {"summary": summary(batch), "drifted": batch.drifted, "streak": batch.streak, "triggered": batch.triggered,
+                "model_version": batch.model_version, **flagged}
+
+    result = run_stage("monitor", work, {"folder": str(folder)}, ["stage:monitor"])
+    print(result["summary"])
     return 0

@@ -140,3 +140,24 @@ def test_exp_show_rows_and_diff():
 
 def test_fake_experiments_have_curves():
     assert [name for name, _, _ in FakeDvc().curves().series] == ["train/loss", "val/loss", "val/acc"]
+
+
+def test_monitor_view_reads_the_monitors_events_and_the_runs_drift_started():
+    """What flows.monitor emits (the MonitorBatch contract) comes back as the screen's dataclasses."""
+    from flows.contracts import DriftStatistic, MonitorBatch
+    from tui.providers.fake_prefect import fake_monitor
+    from tui.providers.monitor_api import read_monitor
+
+    batch = MonitorBatch(folder="new/1", model_version="v0.1.0", n_images=40, drifted=True, streak=2, triggered=True,
+                         statistics=[DriftStatistic(name="psi", value=0.4, threshold=0.25, flagged=True, direction="above")])
+    runs = [{"name": "calm-fox", "state_type": "SCHEDULED", "start_time": None, "labels": {"tunedeck.reason": "drift: psi"}},
+            {"name": "other", "state_type": "COMPLETED", "start_time": None, "labels": {}}]
+
+    def call(method, path, body):
+        return {"events": [{"payload": batch.model_dump(mode="json")}, {"payload": {"not": "ours"}}]} if path == "events/filter" else runs
+
+    view = read_monitor(call)
+    assert len(view.batches) == 1 and view.batches[0].triggered and view.batches[0].statistics[0].name == "psi"
+    assert [r.name for r in view.retrains] == ["calm-fox"] and view.retrains[0].state == "Scheduled"
+    fake = fake_monitor()  # the demo's fake has the same shape
+    assert {s.name for s in fake.batches[-1].statistics} <= {"mmd_p", "domain_auc", "psi", "chi2_p", "confidence_drop", "accuracy_drop"}

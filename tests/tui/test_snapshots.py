@@ -61,3 +61,14 @@ def test_run_detail(app, snap_compare):
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_monitor_view(app, snap_compare):
+    """`m`: the last batch drifted 3 in a row against v0.2.0 (DRIFT on each statistic, sparklines rising at the end),
+    twelve batches newest first with the third drifted one marked '→ retrain', and the retrain run it started."""
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("m")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from tui.providers.models import Curves, Experiment, Orchestration, Progress, Registry, RunDetail, RunQuery, Telemetry
+from tui.providers.models import (
+    Curves,
+    Experiment,
+    MonitorView,
+    Orchestration,
+    Progress,
+    Registry,
+    RunDetail,
+    RunQuery,
+    Telemetry,
+)
 
 
 class ActionError(Exception):
@@ -41,6 +51,10 @@ class Orchestrator(Protocol):
 
     def set_paused(self, deployment_id: str, paused: bool) -> str:
         """Pause or resume a deployment's schedule."""
+        ...
+
+    def monitor(self) -> MonitorView:
+        """The drift monitor's last batches and the retrains they started."""
         ...
 
     def run_now(self, deployment_id: str, parameters: dict) -> str:

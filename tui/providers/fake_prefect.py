@@ -6,7 +6,19 @@ import random
 from dataclasses import replace
 
 from tui.providers.base import ActionError
-from tui.providers.models import Deployment, Orchestration, Progress, Run, RunDetail, RunQuery, WorkPool
+from tui.providers.models import (
+    Deployment,
+    DriftPoint,
+    MonitoredBatch,
+    MonitorView,
+    Orchestration,
+    Progress,
+    Retrain,
+    Run,
+    RunDetail,
+    RunQuery,
+    WorkPool,
+)
 from tui.providers.shapes import recorded, templates
 
 NOW = 1_767_225_600.0  # 2026-01-01 00:00 UTC: fixed, so screens are the same on every run
@@ -150,6 +162,10 @@ class FakePrefect:
         self.deployments = [replace(d, paused=paused) if d.id == deployment_id else d for d in self.deployments]
         return "Schedule paused." if paused else "Schedule resumed."
 
+    def monitor(self) -> MonitorView:
+        """Twelve daily batches: nine in distribution, then three blurred ones, the third starting a retrain."""
+        return fake_monitor()
+
     def run_now(self, deployment_id: str, parameters: dict) -> str:
         """Adds a Scheduled run of the deployment at the top of the list."""
         dep = next(d for d in self.deployments if d.id == deployment_id)
@@ -158,3 +174,28 @@ class FakePrefect:
                   None, None, dep.name, dep.id, (), parameters)
         self.runs.insert(0, run)
         return f"Flow run {run.name} created."
+
+
+def fake_monitor() -> MonitorView:
+    """The shape flows.monitor records: statistics against the monitor params' default thresholds."""
+    rng = random.Random(3)
+    batches = []
+    for day in range(12):
+        shifted = day >= 9
+        stats = (
+            DriftPoint("mmd_p", 0.002 if shifted else round(rng.uniform(0.05, 0.9), 3), 0.005, shifted, "below"),
+            DriftPoint("domain_auc", round(rng.uniform(0.9, 0.97) if shifted else rng.uniform(0.45, 0.6), 3), 0.8, shifted, "above"),
+            DriftPoint("psi", round(rng.uniform(0.3, 0.5) if shifted else rng.uniform(0.01, 0.08), 3), 0.25, shifted, "above"),
+            DriftPoint("chi2_p", round(rng.uniform(0.0, 0.004) if shifted else rng.uniform(0.1, 0.9), 3), 0.005, shifted, "below"),
+            DriftPoint("confidence_drop", round(rng.uniform(0.12, 0.2) if shifted else rng.uniform(-0.02, 0.03), 3), 0.15,
+                       False, "above"),
+        )
+        stats = tuple(DriftPoint(s.name, s.value, s.threshold, (s.value > s.threshold) if s.direction == "above"
+                                 else (s.value < s.threshold), s.direction) for s in stats)
+        drifted = any(s.flagged for s in stats)
+        streak = day - 8 if shifted else 0
+        batches.append(MonitoredBatch(NOW - (11 - day) * 86400, f"data/incoming/2026-11-{day + 18:02d}", "v0.2.0", 400,
+                                      drifted, streak, streak == 3, stats))
+    retrain = Retrain("brave-lynx-1001", "Running", "drift: 400 images vs v0.2.0's reference: drift (mmd_p 0.002 (below 0.005), "
+                      "domain_auc 0.93 (above 0.8)); 3 in a row; retrain event emitted", NOW - 300)
+    return MonitorView(tuple(batches), (retrain,))

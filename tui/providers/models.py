@@ -226,3 +226,47 @@ class Curves:
     """Training curves from dvclive plots: metric name → (steps, values)."""
 
     series: tuple[tuple[str, tuple[float, ...], tuple[float, ...]], ...]
+
+
+@dataclass(frozen=True)
+class DriftPoint:
+    """One drift statistic of a batch against its threshold."""
+
+    name: str
+    value: float
+    threshold: float
+    flagged: bool
+    direction: str  # "above" or "below": where the value must be to flag drift
+
+
+@dataclass(frozen=True)
+class MonitoredBatch:
+    """One batch the monitor scored."""
+
+    at: float
+    folder: str
+    model_version: str
+    n_images: int
+    drifted: bool
+    streak: int
+    triggered: bool
+    statistics: tuple[DriftPoint, ...]
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """A pipeline run the drift trigger started."""
+
+    name: str
+    state: str
+    reason: str
+    started: float | None
+
+
+@dataclass(frozen=True)
+class MonitorView:
+    """The monitor's last batches (oldest first) and the retrains drift started (newest first)."""
+
+    batches: tuple[MonitoredBatch, ...] = ()
+    retrains: tuple[Retrain, ...] = ()
+    error: str | None = None

@@ -15,7 +15,7 @@ import httpx
 
 from flows.telemetry import auth
 from tui.providers.base import ActionError
-from tui.providers.models import Orchestration, Run, RunDetail, RunQuery
+from tui.providers.models import MonitorView, Orchestration, Run, RunDetail, RunQuery
 from tui.providers.prefect_parse import deployment, gpus_label, host_label, pool, run_filter, run_progress, stage_label
 
 RETRIES = 2  # extra tries on 429/502/503, 0.25 s then 0.5 s apart
@@ -118,6 +118,15 @@ class PrefectApi:
             return self._call("POST", f"work_pools/{pool_name}/workers/filter", {})
         except ActionError:
             return []
+
+    def monitor(self) -> MonitorView:
+        """The monitor's last batches and the retrains drift started; a failure is the view's error."""
+        from tui.providers.monitor_api import read_monitor
+
+        try:
+            return read_monitor(self._call)
+        except (httpx.HTTPError, ConnectionError, ActionError, ValueError) as exc:
+            return MonitorView(error=_why(exc, self.url))
 
     def detail(self, run_id: str) -> RunDetail:
         """The run's log lines (oldest first) and the markdown of its artifacts."""

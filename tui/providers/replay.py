@@ -19,6 +19,7 @@ from tui.providers.models import (
     GpuProcess,
     GpuSample,
     HostSample,
+    MonitorView,
     Orchestration,
     Progress,
     RemoteHost,
@@ -106,6 +107,10 @@ class Replay:
     def detail(self, run_id: str) -> RunDetail:
         """Logs are not recorded."""
         return RunDetail(("(a replay has no logs)",))
+
+    def monitor(self) -> MonitorView:
+        """A replay records no monitor batches."""
+        return MonitorView(error="a replay has no monitor batches")
 
     def _refuse(self, *args: Any) -> str:
         raise ActionError("This is a replay: actions are off.")

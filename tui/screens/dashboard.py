@@ -38,6 +38,7 @@ class DashboardScreen(Screen[None]):
     BINDINGS = [
         Binding("colon", "prompt('command')", "command"), Binding("slash", "prompt('filter')", "filter"),
         Binding("question_mark", "app.help", "help"), Binding("e", "app.experiments", "experiments"),
+        Binding("m", "app.monitor", "monitor"),
         Binding("left_square_bracket", "page(-1)", "prev page", show=False),
         Binding("right_square_bracket", "page(1)", "next page", show=False),
         Binding("c", "cancel_run", "cancel"), Binding("R", "retry_run", "retry"),
