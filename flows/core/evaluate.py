@@ -68,5 +68,22 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
     confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(test_y.tolist(), pred.tolist(), strict=True)]
     (out / "confusion.json").write_text(json.dumps(confusion))
     (out / "reliability.json").write_text(json.dumps(reliability(softmax(logits, config.temperature), test_y)))
+    save_reference(model, norm, prepared, params, config, out / "reference")
     save_resolved(params, out)
     return metrics
+
+
+REFERENCE_MIN = 100  # fewer validation images than this: the test images join them (both are held out)
+
+
+def save_reference(model, norm, prepared: Path, params: Params, config: ModelCard, folder: Path) -> None:
+    """What drift monitoring compares new images with: the held-out images' pooled backbone features,
+    predicted-class histogram, mean confidence and accuracy (flows.core.drift.Reference)."""
+    from flows.core.drift import Reference, features_and_probs
+
+    images, labels = load_split(prepared, "val")
+    if len(labels) < REFERENCE_MIN:
+        test_x, test_y = load_split(prepared, "test")
+        images, labels = np.concatenate([np.asarray(images), np.asarray(test_x)]), np.concatenate([labels, test_y])
+    features, probs = features_and_probs(model, norm, images, params.evaluate.batch_size, config.temperature)
+    Reference.of(features, probs, labels, config.classes).save(folder)

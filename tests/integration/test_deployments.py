@@ -83,7 +83,7 @@ def test_deploy_lists_deployments_and_a_paused_schedule(cluster):
     deployment = next(d for d in api(url, "deployments/filter") if d["name"] == "pipeline")
     assert deployment["schedules"] and deployment["schedules"][0]["active"] is False
     again = run(project, "tunedeck", "deploy", PREFECT_API_URL=url)  # idempotent
-    assert again.returncode == 0 and len(api(url, "deployments/filter")) == 4
+    assert again.returncode == 0 and len(api(url, "deployments/filter")) == 5
 
 
 def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
