@@ -1,0 +1,87 @@
+"""Drift → event → retrain, with a live Prefect server, the deployments' trigger and a worker.
+
+The prod model (promoted from a first `dvc repro`) is monitored batch by batch with
+`tunedeck monitor`: a one-batch blip (colour-inverted images between batches of the training
+images) starts nothing; a shift that lasts monitor.consecutive (2 here) batches starts exactly one
+pipeline run through the trigger on `tunedeck.drift.detected`, and that retrain passes the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image, ImageOps
+
+from flows import server
+from tests.integration.project import api, env, free_port, make_project, run
+from tests.integration.test_deployments import logs, wait
+
+pytestmark = pytest.mark.slow
+
+
+def inverted(source: Path, dest: Path) -> Path:
+    """The same images with their colours inverted: a shift the model has never seen."""
+    for path in source.rglob("*.png"):
+        target = dest / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.invert(Image.open(path).convert("RGB")).save(target)
+    return dest
+
+
+def retrains(url: str) -> list[dict]:
+    runs = api(url, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC", "limit": 200})
+    return [r for r in runs if (r.get("parameters") or {}).get("reason", "").startswith("drift")]
+
+
+def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
+    project = make_project(tmp_path / "clone")
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["monitor"]["consecutive"] = 2
+    raw["data"].update(val_fraction=0.3, test_fraction=0.4)  # 21 held-out images: the reference needs at least 20
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(project, "git", "commit", "-qam", "retrain after two drifted batches")
+    url = server.start(free_port(), root=project)
+    worker = None
+    try:
+        run(project, "dvc", "repro", "evaluate", PREFECT_API_URL=url)
+        run(project, "tunedeck", "promote", PREFECT_API_URL=url)
+        assert (project / "eval" / "reference" / "features.npy").is_file()
+        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
+        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        normal = shutil.copytree(project / "data" / "tiny", tmp_path / "normal")  # the training images: no drift
+        shifted = inverted(normal, tmp_path / "shifted")
+
+        def monitor(folder: Path) -> dict:
+            run(project, "tunedeck", "monitor", str(folder), PREFECT_API_URL=url)
+            return json.loads((project / "monitor" / "last.json").read_text())
+
+        # a blip: drift, then none, then drift again — never two in a row
+        assert [monitor(f)["drifted"] for f in (shifted, normal, shifted)] == [True, False, True]
+        # a lasting shift: the second drifted batch in a row emits the event
+        last = monitor(shifted)
+        assert last["drifted"] and last["streak"] == 2 and last["triggered"]
+        deadline = time.monotonic() + 60
+        while not retrains(url) and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(10)  # long enough for a second, wrong, retrain to show up
+        started = retrains(url)
+        assert len(started) == 1, [r["name"] for r in started]
+        done = wait(url, started[0]["id"], timeout=600)
+        assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-3000:]
+        assert "promotion gate:" in logs(url, done["id"]), "the retrain must pass through the promotion gate"
+        batches = api(url, "events/filter", {"filter": {"event": {"name": ["tunedeck.monitor.batch"]}}, "limit": 50})
+        assert len(batches["events"]) == 4, "every batch is an event the dashboard reads"
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        server.stop(root=project)
