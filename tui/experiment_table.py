@@ -1,4 +1,4 @@
-"""Pure helpers for the experiments view: which columns, sorted rows, the diff of two."""
+"""Pure helpers for the experiments view: which columns (metrics, then changed params), sorted rows, the diff of two."""
 
 from __future__ import annotations
 
@@ -8,14 +8,29 @@ MAX_PARAMS = 6
 
 
 def table_columns(experiments: tuple[Experiment, ...]) -> list[str]:
-    """Params whose value varies between experiments (at most MAX_PARAMS), then every metric."""
-    params: dict[str, set[str]] = {}
-    for e in experiments:
-        for k, v in e.params:
-            params.setdefault(k, set()).add(v)
-    varying = [k for k, values in params.items() if len(values) > 1][:MAX_PARAMS]
-    metrics = sorted({k for e in experiments for k, _ in e.metrics})
-    return varying + metrics
+    """The older params-first order: params that vary (at most MAX_PARAMS), then every metric. The view uses columns()."""
+    return changed_params(experiments)[:MAX_PARAMS] + metric_keys(experiments)
+
+
+def columns(experiments: tuple[Experiment, ...], all_params: bool = False) -> list[str]:
+    """Every metric first, then params: only those that differ between rows (``--only-changed``) unless all_params."""
+    return metric_keys(experiments) + (param_keys(experiments) if all_params else changed_params(experiments))
+
+
+def metric_keys(experiments: tuple[Experiment, ...]) -> list[str]:
+    """Every metric any row has, sorted."""
+    return sorted({k for e in experiments for k, _ in e.metrics})
+
+
+def param_keys(experiments: tuple[Experiment, ...]) -> list[str]:
+    """Every param any row has, in the order DVC lists them."""
+    return list(dict.fromkeys(k for e in experiments for k, _ in e.params))
+
+
+def changed_params(experiments: tuple[Experiment, ...]) -> list[str]:
+    """Params whose value differs between rows (a row without the param counts as a different value)."""
+    rows = [dict(e.params) for e in experiments]
+    return [k for k in param_keys(experiments) if len({row.get(k) for row in rows}) > 1]
 
 
 def _cell(e: Experiment, column: str) -> str | float | None:
@@ -57,3 +72,10 @@ def diff(a: Experiment, b: Experiment) -> list[tuple[str, str, str]]:
             if kind_a.get(key) != kind_b.get(key):
                 rows.append((key, _fmt(kind_a.get(key)), _fmt(kind_b.get(key))))
     return rows
+
+
+def pick_metric(available: tuple[str, ...], wanted: str | None) -> str | None:
+    """The metric to overlay: the one asked for if the experiments have it, else val/acc, else the first."""
+    if wanted in available:
+        return wanted
+    return "val/acc" if "val/acc" in available else (available[0] if available else None)

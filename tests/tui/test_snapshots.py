@@ -44,7 +44,9 @@ def test_disconnected_banner(app, providers, snap_compare):
 
 
 def test_experiments_view(app, snap_compare):
-    """`e`: the model registry (prod v0.1.0 after a rollback, its history), five experiments with the varying params (model.name, train.lr) and metrics, main marked (v0.1.0, prod) and lr-3e-4 (v0.2.0); the two losses in the left chart, val/acc in the right."""
+    """`e`: the model registry (prod v0.1.0 after a rollback, its history), five experiments with the metrics first
+    (accuracy, macro_f1), then only the params that differ (model.name, train.lr; '1 equal params hidden'), main marked
+    (v0.1.0, prod) and lr-3e-4 (v0.2.0); the two losses in the left chart, val/acc in the right."""
     async def run_before(pilot) -> None:
         await settle(pilot)
         await pilot.press("e")
@@ -72,3 +74,16 @@ def test_monitor_view(app, snap_compare):
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_experiments_overlay_at_80_columns(app, snap_compare):
+    """80 columns, `e`, two experiments marked (● on workspace and demo-scratch): the accuracy and macro_f1 columns
+    right after experiment and rev, and one chart 'val/acc · 2 of 2 marked experiments' with a legend of the two."""
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        await pilot.press("e")
+        await settle(pilot)
+        await pilot.press("space", "down", "down", "space")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=(80, 30), run_before=run_before)

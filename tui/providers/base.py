@@ -81,6 +81,14 @@ class ExperimentSource(Protocol):
         """The model registry: prod, versions, history."""
         ...
 
+    def curve_metrics(self, revs: list[str]) -> tuple[str, ...]:
+        """The dvclive metrics any of these experiments has ("" is the workspace)."""
+        ...
+
+    def experiment_curves(self, revs: list[str], metric: str) -> Curves:
+        """One series per experiment for one dvclive metric (overlaid in the experiments view)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Providers:

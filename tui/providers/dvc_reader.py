@@ -16,6 +16,14 @@ from flows.contracts import metric_name
 from tui.providers.models import Curves, Experiment, Progress, Registry, RegistryEvent
 
 CURVES = ("train/loss", "val/loss", "val/acc")
+PLOTS = "dvclive/plots/metrics"
+
+
+def parse_tsv(text: str, metric: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(steps, values) of one dvclive TSV; the value column is the metric's last path part."""
+    key = metric.rsplit("/", 1)[-1]
+    rows = [r for r in csv.DictReader(text.splitlines(), delimiter="\t") if r.get(key)]
+    return tuple(float(r["step"]) for r in rows), tuple(float(r[key]) for r in rows)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -79,17 +87,40 @@ class DvcReader:
         """dvclive's per-step TSVs for the headline curves."""
         series = []
         for name in CURVES:
-            path = self.root / "dvclive" / "plots" / "metrics" / f"{name}.tsv"
             try:
-                with open(path, newline="") as handle:
-                    rows = list(csv.DictReader(handle, delimiter="\t"))
+                text = (self.root / PLOTS / f"{name}.tsv").read_text()
             except OSError:
                 continue
-            key = name.rsplit("/", 1)[-1]
-            steps = tuple(float(r["step"]) for r in rows if r.get(key))
-            values = tuple(float(r[key]) for r in rows if r.get(key))
-            series.append((name, steps, values))
+            series.append((name, *parse_tsv(text, name)))
         return Curves(tuple(series))
+
+    def curve_metrics(self, revs: list[str]) -> tuple[str, ...]:
+        """The dvclive metrics (``val/acc`` ...) any of these experiments has; "" is the workspace."""
+        names: set[str] = set()
+        for rev in revs:
+            if rev:
+                names.update(p for p in self._git("ls-tree", "-r", "--name-only", rev, "--", PLOTS).splitlines())
+            else:
+                names.update(str(p.relative_to(self.root)) for p in (self.root / PLOTS).rglob("*.tsv"))
+        return tuple(sorted(n[len(PLOTS) + 1:-4] for n in names if n.endswith(".tsv")))
+
+    def experiment_curves(self, revs: list[str], metric: str) -> Curves:
+        """One series per experiment (named by its rev): the dvclive TSV committed in its experiment commit."""
+        series = []
+        for rev in revs:
+            path = f"{PLOTS}/{metric}.tsv"
+            try:
+                text = self._git("show", f"{rev}:{path}") if rev else (self.root / path).read_text()
+            except (OSError, RuntimeError):
+                continue  # this experiment did not log that metric
+            series.append((rev, *parse_tsv(text, metric)))
+        return Curves(tuple(series))
+
+    def _git(self, *args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`git {' '.join(args)}` failed in {self.root}: {proc.stderr.strip()[:200]}")
+        return proc.stdout
 
     def registry(self) -> Registry:
         """The model registry of this clone (git tags; flows.registry reads them)."""

@@ -41,3 +41,21 @@ class FakeDvc:
             ("val/loss", steps, tuple(1.7 * math.exp(-i / 3.5) + 0.4 for i in range(12))),
             ("val/acc", steps, tuple(0.9 - 0.7 * math.exp(-i / 3) for i in range(12))),
         ))
+
+    def curve_metrics(self, revs: list[str]) -> tuple[str, ...]:
+        """The three headline dvclive metrics, for any experiment."""
+        return ("train/loss", "val/acc", "val/loss")
+
+    def experiment_curves(self, revs: list[str], metric: str) -> Curves:
+        """Each experiment's curve ends near its final accuracy (the fakes' only difference)."""
+        finals = {e.rev: dict(e.metrics).get("accuracy", 0.8) for e in self.experiments()}
+        steps = tuple(float(i) for i in range(12))
+        series = []
+        for rev in revs:
+            final = finals.get(rev, 0.8)
+            if metric == "val/acc":
+                values = tuple(0.1 + (final - 0.1) * (1 - math.exp(-i / 3)) for i in range(12))
+            else:
+                values = tuple((2.0 - final) * math.exp(-i / 3) + 0.3 * (1 - final) for i in range(12))
+            series.append((rev, steps, values))
+        return Curves(tuple(series))

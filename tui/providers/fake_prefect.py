@@ -98,10 +98,11 @@ def _progress(template: Progress, rng: random.Random, step: int, running: bool =
 
 
 def fake_deployments() -> list[Deployment]:
-    """The project's three deployments (prefect.yaml): the pipeline weekly, ad-hoc experiments, the data watch (paused)."""
+    """The project's three deployments (prefect.yaml): the pipeline weekly (schedule off until resumed, as prefect.yaml
+    ships it: Prefect then plans no run), ad-hoc experiments, the data watch (paused)."""
     return [
-        Deployment("dep-pipeline", "pipeline", "pipeline", "cron 0 3 * * 1", False, (NOW + 2 * 86400.0, NOW + 9 * 86400.0),
-                   "COMPLETED", "local", ("overrides", "pull", "push")),
+        Deployment("dep-pipeline", "pipeline", "pipeline", "cron 0 3 * * 1", False, (),
+                   "COMPLETED", "local", ("overrides", "pull", "push"), schedule_active=False),
         Deployment("dep-train", "train", "experiment", "none", False, (), "FAILED", "local", ("overrides", "name")),
         Deployment("dep-watch", "data-watch", "data-watch", "every 10m", True, (), None, "laptop", ("stage",)),
     ]

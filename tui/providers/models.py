@@ -148,6 +148,8 @@ class Deployment:
     last_state: str | None
     work_pool: str | None
     parameter_names: tuple[str, ...] = ()
+    schedule_active: bool = True
+    """False when the deployment has schedules and every one is inactive: no run starts on its own."""
 
 
 @dataclass(frozen=True)

@@ -67,10 +67,11 @@ def _interval(seconds: float) -> str:
 def deployment(d: dict, flows: dict[str, str], upcoming: dict[str, list[float]], last: dict[str, str]) -> Deployment:
     """One deployment row from the API's JSON and the runs looked up beside it."""
     schema = (d.get("parameter_openapi_schema") or {}).get("properties") or {}
+    schedules = d.get("schedules") or []
     return Deployment(
-        d["id"], d["name"], flows.get(d["flow_id"], "?"), schedule_text(d.get("schedules") or []),
+        d["id"], d["name"], flows.get(d["flow_id"], "?"), schedule_text(schedules),
         bool(d.get("paused")), tuple(upcoming.get(d["id"], ())[:3]), last.get(d["id"]), d.get("work_pool_name"),
-        tuple(schema),
+        tuple(schema), schedule_active=not schedules or any(s.get("active", True) for s in schedules),
     )
 
 

@@ -16,7 +16,8 @@ Tab          next panel          Enter   run detail (params, metrics, logs that 
 c            cancel the run (asks first)      R   retry the run (deployment runs)
 p            pause / resume the deployment's schedule (asks before pausing)
 r            run the deployment now, with overrides (train.lr=0.0003 ...)
-e            experiments: s sorts by the column, space marks, d diffs two marked
+e            experiments (metrics first, only params that differ): s sorts by the column, a shows all params,
+             space marks (curves overlaid), c next metric, d diffs two marked
 m            drift monitor: each statistic against its threshold, the batches, the retrains drift started
 ctrl+p       command palette      ?  this help      q  quit
 --readonly hides every action."""

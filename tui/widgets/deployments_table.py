@@ -27,17 +27,45 @@ class DeploymentsTable(KeyedTable):
         by_name = {p.name: p for p in pools}
         rows = []
         for d in deployments:
-            status = Text("paused", style="yellow") if d.paused else Text("active", style="green")
-            nxt = ", ".join(utc(t) for t in d.next_runs[:2]) or ("—" if d.paused or d.schedule == "none" else "none yet")
+            status = status_text(d)
+            nxt = ", ".join(utc(t) for t in d.next_runs[:2]) or ("—" if d.paused or not d.schedule_active or d.schedule == "none" else "none yet")
             last = state_text(d.last_state) if d.last_state else Text("—", style="dim")
             rows.append((d.id, (f"{d.flow}/{d.name}", d.schedule, status, nxt, last, d.work_pool or "", workers(by_name.get(d.work_pool)))))
         self.show(rows)
+        self._say_what_p_does()
+
+    def on_data_table_row_highlighted(self) -> None:
+        """The cursor moved: say what `p` does to the deployment now under it."""
+        self._say_what_p_does()
+
+    def _say_what_p_does(self) -> None:
+        dep = self.current_deployment
+        readonly = getattr(self.app, "readonly", False)  # read-only: p does nothing, so say nothing
+        self.border_subtitle = p_does(dep) if dep and not readonly else ""
 
     @property
     def current_deployment(self) -> Deployment | None:
         """The deployment under the cursor."""
         key = self.current_key
         return self.deployments.get(key) if key else None
+
+
+def status_text(d: Deployment) -> Text:
+    """paused, off (its schedules all inactive: nothing starts on its own, beside the SCHEDULE it would follow), or active."""
+    if d.paused:
+        return Text("paused", style="yellow")
+    if not d.schedule_active:
+        return Text("off", style="yellow")
+    return Text("active", style="green")
+
+
+def p_does(d: Deployment) -> str:
+    """What `p` does to this deployment (the dashboard resumes a paused one and pauses any other)."""
+    if d.paused:
+        return f"p: resume {d.name}"
+    if not d.schedule_active:
+        return f"p: pause {d.name} (its schedule stays off)"
+    return f"p: pause {d.name}" if d.schedule == "none" else f"p: pause {d.name}'s schedule"
 
 
 def workers(pool: WorkPool | None) -> Text:
