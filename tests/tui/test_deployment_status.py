@@ -27,10 +27,14 @@ async def test_schedule_off_reads_as_off_and_p_is_explained(app, providers):
         await pilot.press("tab")
         table = app.screen.query_one(DeploymentsTable)
         assert str(table.get_cell("dep-pipeline", "status")) == "off"
-        assert table.border_subtitle == "p: pause pipeline (its schedule stays off)"
+        assert table.border_subtitle == "p: resume pipeline's schedule (it is off)"
+        await pilot.press("p")  # resuming needs no confirmation
+        await settle(pilot)
+        assert str(table.get_cell("dep-pipeline", "status")) == "active", "the state the provider reports after p"
+        assert table.border_subtitle == "p: pause pipeline's schedule"
         await pilot.press("p", "y")
         await settle(pilot)
-        assert str(table.get_cell("dep-pipeline", "status")) == "paused", "the state the provider reports after p"
+        assert str(table.get_cell("dep-pipeline", "status")) == "paused"
         assert table.border_subtitle == "p: resume pipeline"
         await pilot.press("down")
         assert table.border_subtitle == "p: pause train", "train has no schedule"

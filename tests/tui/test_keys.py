@@ -81,9 +81,12 @@ async def test_pause_then_resume_a_schedule(app, providers):
         await settle(pilot)
         await pilot.press("tab")
         assert isinstance(app.focused, DeploymentsTable)
+        await pilot.press("p")  # the pipeline's weekly schedule ships off: p turns it on, no question asked
+        await settle(pilot)
+        assert providers.orchestrator.actions == [("resume", "dep-pipeline")]
         await pilot.press("p", "y")
         await settle(pilot)
-        assert providers.orchestrator.actions == [("pause", "dep-pipeline")]
+        assert providers.orchestrator.actions[-1] == ("pause", "dep-pipeline")
         assert app.screen.query_one(DeploymentsTable).deployments["dep-pipeline"].paused
         await pilot.press("p")
         await settle(pilot)

@@ -106,3 +106,34 @@ def test_demo_in_a_real_terminal(tmp_path):
         assert status.read_text().strip() == "0"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.anyio
+async def test_an_inactive_schedule_reads_off_and_p_shows_what_the_api_then_reports(prefect):
+    """A deployment shipped with its schedule off (as prefect.yaml's pipeline) reads `off`; `p` resumes the
+    schedule and the panel shows the server's state; `p` + `y` pauses it, and the panel shows that too."""
+    from tui.widgets.deployments_table import DeploymentsTable
+
+    flow_id = api(prefect, "flows/", {"name": "weekly"})["id"]
+    dep_id = api(prefect, "deployments/", {"name": "retrain", "flow_id": flow_id, "schedules": [
+        {"schedule": {"cron": "0 3 * * 1", "timezone": "UTC"}, "active": False}]})["id"]
+
+    def server_state() -> tuple[bool, bool]:
+        dep = next(d for d in api(prefect, "deployments/filter") if d["id"] == dep_id)
+        return dep["paused"], all(s["active"] for s in dep["schedules"])
+
+    providers = Providers(NvmlTelemetry(FakeNvml(), FakeHost()), PrefectApi(prefect), FakeDvc(), label="e2e")
+    app = make_app(providers=providers, refresh_s=0.25)
+    async with app.run_test(size=(140, 42)) as pilot:
+        table = app.screen.query_one(DeploymentsTable)
+        await _until(pilot, lambda: dep_id in table.rows)
+        await pilot.press("tab")
+        table.move_cursor(row=table.get_row_index(dep_id))
+        await settle(pilot)
+        assert str(table.get_cell(dep_id, "status")) == "off" and "resume" in str(table.border_subtitle)
+        await pilot.press("p")
+        await _until(pilot, lambda: str(table.get_cell(dep_id, "status")) == "active")
+        assert server_state() == (False, True), "resumed: the schedule is active on the server"
+        await pilot.press("p", "y")
+        await _until(pilot, lambda: str(table.get_cell(dep_id, "status")) == "paused")
+        assert server_state()[0] is True

@@ -160,7 +160,8 @@ class FakePrefect:
     def set_paused(self, deployment_id: str, paused: bool) -> str:
         """Flips the deployment's paused flag."""
         self.actions.append(("pause" if paused else "resume", deployment_id))
-        self.deployments = [replace(d, paused=paused) if d.id == deployment_id else d for d in self.deployments]
+        self.deployments = [replace(d, paused=paused, schedule_active=d.schedule_active or not paused) if d.id == deployment_id
+                            else d for d in self.deployments]
         return "Schedule paused." if paused else "Schedule resumed."
 
     def monitor(self) -> MonitorView:

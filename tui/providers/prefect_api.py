@@ -162,9 +162,19 @@ class PrefectApi:
         return self._act("POST", f"flow_runs/{run_id}/set_state", body, f"Run {run['name']} is scheduled to retry.")
 
     def set_paused(self, deployment_id: str, paused: bool) -> str:
-        """Pause or resume the deployment's schedules."""
-        verb = "pause_deployment" if paused else "resume_deployment"
-        return self._act("POST", f"deployments/{deployment_id}/{verb}", None, "Schedule paused." if paused else "Schedule resumed.")
+        """Pause the deployment; or resume it, with its inactive schedules made active (what
+        `prefect deployment schedule resume` does: a schedule shipped `active: false` starts only then)."""
+        if paused:
+            return self._act("POST", f"deployments/{deployment_id}/pause_deployment", None, "Schedule paused.")
+        done = self._act("POST", f"deployments/{deployment_id}/resume_deployment", None, "Schedule resumed.")
+        try:
+            schedules = self._call("GET", f"deployments/{deployment_id}/schedules") or []
+        except (httpx.HTTPError, ConnectionError) as exc:
+            raise ActionError(_why(exc, self.url)) from None
+        for schedule in schedules:
+            if not schedule.get("active", True):
+                self._act("PATCH", f"deployments/{deployment_id}/schedules/{schedule['id']}", {"active": True}, done)
+        return done
 
     def run_now(self, deployment_id: str, parameters: dict) -> str:
         """A flow run of the deployment, now, with parameters merged over its defaults."""

@@ -357,7 +357,7 @@ class DashboardScreen(Screen[None]):
         if dep is None:
             return
         set_paused = self.app.providers.orchestrator.set_paused
-        if dep.paused:
+        if dep.paused or not dep.schedule_active:  # resuming also turns on a schedule that is off
             self._act(set_paused, dep.id, False)
         else:
             question = f"Pause the schedule of [b]{dep.flow}/{dep.name}[/b] ({dep.schedule})? No new runs start until resumed."

@@ -64,7 +64,7 @@ def p_does(d: Deployment) -> str:
     if d.paused:
         return f"p: resume {d.name}"
     if not d.schedule_active:
-        return f"p: pause {d.name} (its schedule stays off)"
+        return f"p: resume {d.name}'s schedule (it is off)"
     return f"p: pause {d.name}" if d.schedule == "none" else f"p: pause {d.name}'s schedule"
 
 
