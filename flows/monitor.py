@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,23 +55,21 @@ def reference_for(root: Path, model_path: Path, version: str) -> Path:
 
 
 def decode_batch(images: list[Path], size: int, workers: int = 0) -> tuple[np.ndarray, list[Path], list[str]]:
-    """(uint8 N×size×size×3 of the images that decode, their paths, one reason per image that does not)."""
+    """(uint8 N×size×size×3 of the images that decode, their paths, one reason per image that does not):
+    predict's decoding (the prepare stage's own, in threads), with no normalising."""
     import os
 
-    from flows.core.images import decode_image
+    from flows.core.predict import decode_ahead
 
-    def one(path: Path):
-        try:
-            return decode_image(path, size)
-        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a broken file; it is listed, not fatal
-            return f"{path}: {exc}"
-
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(one, images))
-    good = [(r, p) for r, p in zip(results, images, strict=True) if not isinstance(r, str)]
-    failures = [r for r in results if isinstance(r, str)]
-    arrays = np.stack([r for r, _ in good]) if good else np.empty((0, size, size, 3), dtype=np.uint8)
-    return arrays, [p for _, p in good], failures
+    good, paths, failures = [], [], []
+    for path, item in decode_ahead(images, lambda image: image, size, workers or os.cpu_count() or 1, batch_size=64):
+        if isinstance(item, str):
+            failures.append(f"{path}: {item}")
+        else:
+            good.append(item)
+            paths.append(path)
+    arrays = np.stack(good) if good else np.empty((0, size, size, 3), dtype=np.uint8)
+    return arrays, paths, failures
 
 
 def labels_of(folder: Path, paths: list[Path], classes: list[str]) -> np.ndarray | None:

@@ -26,7 +26,6 @@ class Version:
 
     version: str
     commit: str
-    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -154,10 +154,10 @@ def exp_commit(root: Path, name: str) -> str:
 def resolve_model(spec: str, root: Path) -> tuple[Path, str]:
     """(model file, version) for predict's --model: prod, a registry version vX.Y.Z, or a .safetensors path."""
     path = Path(spec)
-    if spec != registry.PROD and not spec.startswith("v") or path.is_file():
-        if not path.is_file():
-            raise TunedeckError(f"--model {spec}: no such file; give prod, a registry version (vX.Y.Z) or a .safetensors file.")
+    if path.is_file():
         return path, "file"
+    if spec != registry.PROD and not spec.startswith("v"):
+        raise TunedeckError(f"--model {spec}: no such file; give prod, a registry version (vX.Y.Z) or a .safetensors file.")
     version = registry.prod(root) if spec == registry.PROD else next((v for v in registry.versions(root) if v.version == spec), None)
     if version is None:
         known = ", ".join(v.version for v in registry.versions(root)) or "none yet"

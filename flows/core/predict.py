@@ -121,7 +121,7 @@ def predict(images: list[Path], backend: Backend, batch_size: int = 64, top_k: i
     failures: list[Failure] = []
     batch: list[np.ndarray] = []
     names: list[str] = []
-    decoded = _decoded(images, backend.prepare, meta.image_size, workers or os.cpu_count() or 1, batch_size)
+    decoded = decode_ahead(images, backend.prepare, meta.image_size, workers or os.cpu_count() or 1, batch_size)
     with contextlib.closing(decoded):  # on an error, stop the decode threads now, not when the traceback goes
         for done, (path, item) in enumerate(decoded, 1):
             if isinstance(item, str):
@@ -139,7 +139,7 @@ def predict(images: list[Path], backend: Backend, batch_size: int = 64, top_k: i
     return Predictions(rows, failures, model_version, backend.sha256)
 
 
-def _decoded(images: list[Path], prepare, size: int, workers: int, batch_size: int) -> Iterator[tuple[Path, np.ndarray | str]]:
+def decode_ahead(images: list[Path], prepare, size: int, workers: int, batch_size: int) -> Iterator[tuple[Path, np.ndarray | str]]:
     """(path, prepared image or why it failed) for every image, in order, decoded in threads ahead of the model.
 
     The window holds the next batch and a few images per thread: the model never waits while a
