@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=40
 
 # The same suite in a random order (modules shuffled, and the tests within each): no test may
 # depend on another having run first. The seed is printed; TUNEDECK_TEST_ORDER=shuffle:SEED repeats it.

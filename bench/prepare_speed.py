@@ -39,7 +39,7 @@ def photos(folder: Path, n: int, seed: int = 0) -> Path:
 
 def rate(source: Path, size: int, workers: int) -> float:
     tic = time.perf_counter()
-    decoded = decode_stream(source, size, lambda img: None, workers=workers)
+    decoded = decode_stream(source, (size,), lambda images: None, workers=workers)
     return len(decoded.labels) / (time.perf_counter() - tic)
 
 

@@ -1,13 +1,18 @@
-"""Training throughput, measured side by side in one run (same model, batch, device; medians).
+"""Training throughput and whole-run wall time, like for like, side by side in one run (medians).
 
   synthetic  forward+backward+step on random tensors already in memory (timm benchmark.py's method)
-  ours       the Trainer on the decoded-once split (uint8 arrays, augmentation on tensors)
-  reference  a plain loop as timm's train.py runs on an image folder: torchvision ImageFolder,
-             PIL decode + timm's training transform every epoch, DataLoader with timm's default
-             4 workers
+  ours       the Trainer on the prepared split: train stored at --store px, random-resized crops
+             (timm's scale and ratio) and flips on tensors, in the precision train.precision picks
+  reference  a loop as timm's train.py runs on an image folder: PIL decode + timm's train transform
+             with the same augmentation (random-resized crop + flip; colour jitter off, as ours has
+             none) every epoch, a DataLoader with persistent workers and prefetch (kept warm across
+             rounds, as timm's loader is), fp32 as train.py without --amp (--reference-precision)
 
-Prints a final JSON line with efficiency = ours / synthetic (goal >= 0.90 on CPU) and
-speedup_vs_reference = ours / reference (goal >= 1.3 on CPU).
+Steady state: img/s of whole epochs (data loading included) after a warm-up epoch, per round.
+Whole run (--whole-runs, wall time against wall time, in this process on both sides):
+ours = prepare + train (--epochs, validation, calibration, export) + evaluate; reference = a fresh
+DataLoader and model, --epochs epochs each followed by a validation pass, as train.py does.
+Prints a final JSON line with speedup_vs_reference (steady state) and whole_run_speedup.
 Usage: python bench/train_throughput.py [--model resnet18] [--size 64] [--batch 32] [--rounds 3]
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,10 +34,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.augment_parity import Files, split_files  # noqa: E402
 from flows.core.distributed import World  # noqa: E402
 from flows.core.params import parse_params  # noqa: E402
 from flows.core.prepare import load_manifest, prepare  # noqa: E402
-from flows.core.speed import autocast  # noqa: E402
+from flows.core.speed import autocast, resolve_precision  # noqa: E402
 from flows.core.trainer import Trainer  # noqa: E402
 
 
@@ -47,13 +54,14 @@ def photos(folder: Path, n: int, classes: int = 4, width: int = 500, height: int
         Image.fromarray(img).save(folder / f"c{c}" / f"{i:04d}.jpg", quality=90)
 
 
-def params_for(source: Path, args) -> object:
+def params_for(source: Path, args, epochs: int = 1) -> object:
     return parse_params({
         "base": {"device": "cpu" if not torch.cuda.is_available() else "auto"},
-        "data": {"source": str(source), "image_size": args.size, "val_fraction": 0.0, "test_fraction": 0.05},
+        "data": {"source": str(source), "image_size": args.size, "store_size": args.store, "val_fraction": args.val,
+                 "test_fraction": 0.05},
         "model": {"name": args.model, "pretrained": False},
-        "train": {"epochs": 1, "batch_size": args.batch, "hflip": 0.5, "scheduler": "none", "precision": args.precision,
-                  "compile": args.compile},
+        "train": {"epochs": epochs, "batch_size": args.batch, "hflip": 0.5, "crop_scale": [0.08, 1.0], "scheduler": "none",
+                  "precision": args.precision, "compile": args.compile},
     })
 
 
@@ -77,34 +85,82 @@ def synthetic(trainer: Trainer, batch: int, size: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - tic)
 
 
-def ours(trainer: Trainer) -> float:
-    """images/s of one training epoch of the Trainer on the prepared split."""
-    trainer._epoch(0, 0, None, None, "")  # warm
+def ours(trainer: Trainer, epoch: int) -> float:
+    """images/s of one whole training epoch of the Trainer on the prepared split."""
     sync(trainer.device)
-    return trainer._epoch(1, 0, None, None, "")["samples_per_s"]
+    return trainer._epoch(epoch, 0, None, None, "")["samples_per_s"]
 
 
-def reference(folder: Path, trainer: Trainer, args) -> float:
-    """images/s of a plain ImageFolder + timm transform + DataLoader loop."""
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
+class Reference:
+    """timm's train.py on an image folder: a model, its optimizer and a warm DataLoader, one epoch at a time."""
 
-    data = ImageFolder(str(folder), transform=create_transform(args.size, is_training=True))
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True)
-    model, opt, loss_fn = trainer.forward, trainer.optimizer, torch.nn.CrossEntropyLoss()
-    seen, tic = 0, time.perf_counter()
-    for x, y in loader:
-        x, y = x.to(trainer.device), y.to(trainer.device)
-        if trainer.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(trainer.device, trainer.dtype):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += len(y)
-    sync(trainer.device)
-    return seen / (time.perf_counter() - tic)
+    def __init__(self, folder: Path, files: list, num_classes: int, device: torch.device, args) -> None:
+        import timm
+        from timm.data import create_transform
+
+        self.device, self.args = device, args
+        self.dtype = resolve_precision(args.reference_precision, device).dtype
+        self.model = timm.create_model(args.model, pretrained=False, num_classes=num_classes).to(device, memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
+        transform = create_transform(args.size, is_training=True, color_jitter=None)  # crop + flip, as ours
+        workers = args.workers
+        self.loader = torch.utils.data.DataLoader(
+            Files(files, transform), batch_size=args.batch, shuffle=True, drop_last=True, num_workers=workers,
+            persistent_workers=workers > 0, prefetch_factor=2 if workers else None, pin_memory=device.type == "cuda",
+        )
+
+    def epoch(self) -> float:
+        """images/s of one epoch, data loading included."""
+        self.model.train()
+        seen, tic = 0, time.perf_counter()
+        for x, y in self.loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                loss = torch.nn.functional.cross_entropy(self.model(x.contiguous(memory_format=torch.channels_last)), y)
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            seen += len(y)
+        sync(self.device)
+        return seen / (time.perf_counter() - tic)
+
+    def validate(self, files: list) -> float:
+        """Accuracy on files through timm's eval transform, as train.py validates after each epoch."""
+        from timm.data import create_transform
+
+        loader = torch.utils.data.DataLoader(Files(files, create_transform(self.args.size, is_training=False)),
+                                             batch_size=256, num_workers=self.args.workers)
+        self.model.eval()
+        right = 0
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            for x, y in loader:
+                right += int((self.model(x.to(self.device)).argmax(1).cpu() == y).sum())
+        return right / max(len(files), 1)
+
+
+def whole_ours(folder: Path, tmp: Path, args) -> float:
+    """Seconds of prepare + train (args.epochs) + evaluate, as the three stages run them."""
+    from flows.core.evaluate import evaluate
+    from flows.core.train import train
+
+    tic = time.perf_counter()
+    params = params_for(folder, args, epochs=args.epochs)
+    shutil.rmtree(tmp, ignore_errors=True)
+    prepare(params, tmp / "prepared")
+    train(params, tmp / "prepared", tmp / "models")
+    evaluate(params, tmp / "prepared", tmp / "models", tmp / "eval")
+    return time.perf_counter() - tic
+
+
+def whole_reference(folder: Path, split: dict, num_classes: int, device: torch.device, args) -> float:
+    """Seconds of the reference's run: a fresh loader and model, args.epochs epochs, each with a validation pass."""
+    tic = time.perf_counter()
+    ref = Reference(folder, split["train"], num_classes, device, args)
+    for _ in range(args.epochs):
+        ref.epoch()
+        ref.validate(split["val"])
+    del ref
+    return time.perf_counter() - tic
 
 
 PEAK_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, None: 67e12}  # H100/H200 SXM dense
@@ -170,51 +226,80 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--store", type=int, help="train images stored at this side (default: 2 x size, at most the photo's)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--val", type=float, default=0.1, help="validation fraction")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of a whole run")
+    parser.add_argument("--whole-runs", type=int, default=None, help="whole runs per side (default: 2 on the CPU, 0 on a GPU)")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--reference-precision", default="fp32", help="fp32: timm train.py without --amp")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--photo-size", default="500x375", help="source JPEG size, WxH (ImageNet's typical 500x375)")
-    parser.add_argument("--workers", type=int, default=4, help="reference DataLoader workers (timm's default 4)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reference DataLoader workers")
     parser.add_argument("--json-out", type=Path, help="also write the result JSON here")
     args = parser.parse_args()
+    width, height = (int(v) for v in args.photo_size.split("x"))
+    args.store = args.store or min(2 * args.size, min(width, height))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    whole_runs = args.whole_runs if args.whole_runs is not None else (2 if device.type == "cpu" else 0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
-        width, height = (int(v) for v in args.photo_size.split("x"))
-        photos(folder, args.images, width=width, height=height)
+        photos(folder, args.images, classes=3, width=width, height=height)
         params = params_for(folder, args)
         prepare(params, Path(tmp) / "prepared")
-        trainer = Trainer(params, load_manifest(Path(tmp) / "prepared"), Path(tmp) / "prepared", torch.device(params.base.device if params.base.device != "auto" else "cuda"), World(), None)
+        split = split_files(folder, params)
+        trainer = Trainer(params, load_manifest(Path(tmp) / "prepared"), Path(tmp) / "prepared", device, World(), None)
+        ref = Reference(folder, split["train"], len(trainer.classes), device, args)
         steps = max(4, len(trainer.train_y) // args.batch)
+        ours(trainer, 0)  # warm-up epochs: allocator, oneDNN primitives, the reference's workers
+        ref.epoch()
         results: dict[str, list[float]] = {"synthetic": [], "ours": [], "reference": []}
         utilisation = GpuUtilisation(trainer.device)
         for r in range(args.rounds):
             results["synthetic"].append(synthetic(trainer, args.batch, args.size, steps))
             with utilisation:
-                results["ours"].append(ours(trainer))
-            results["reference"].append(reference(folder, trainer, args))
+                results["ours"].append(ours(trainer, r + 1))
+            results["reference"].append(ref.epoch())
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
+        del ref
         flops = train_flops_per_image(trainer, args.size)
+        del trainer
+        whole: dict[str, list[float]] = {"ours": [], "reference": []}
+        for r in range(whole_runs):  # alternating, wall time against wall time
+            whole["ours"].append(whole_ours(folder, Path(tmp) / "run", args))
+            whole["reference"].append(whole_reference(folder, split, len(class_folders(folder)), device, args))
+            print(f"whole run {r + 1}: ours {whole['ours'][-1]:.1f} s  reference {whole['reference'][-1]:.1f} s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     efficiency = statistics.median(o / s for o, s in zip(results["ours"], results["synthetic"], strict=True))
     speedup = statistics.median(o / r for o, r in zip(results["ours"], results["reference"], strict=True))
     if efficiency > 1.05:
         print(f"warning: efficiency {efficiency:.2f} > 1.05 means the machine was busy during a round; rerun", flush=True)
+    chosen = resolve_precision(args.precision, device)
     result = {
-        "device": device_name(trainer.device), "model": args.model, "size": args.size, "photo_size": args.photo_size, "batch": args.batch,
-        "precision": str(trainer.dtype), "channels_last": trainer.channels_last, "compile": args.compile,
+        "device": device_name(device), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "model": args.model, "size": args.size, "store": args.store, "photo_size": args.photo_size, "batch": args.batch,
+        "images": args.images, "precision": chosen.name, "precision_reason": chosen.reason,
+        "reference_precision": args.reference_precision, "reference_workers": args.workers, "compile": args.compile,
         "rounds": args.rounds, "median_images_per_s": {k: round(v, 1) for k, v in med.items()},
         "train_gflops_per_image": round(flops / 1e9, 3),
-        "mfu": round(med["ours"] * flops / PEAK_FLOPS[trainer.dtype], 4) if trainer.device.type == "cuda" else None,
+        "mfu": round(med["ours"] * flops / PEAK_FLOPS[chosen.dtype], 4) if device.type == "cuda" else None,
         "nvml_utilisation_pct": utilisation.median(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "efficiency": round(efficiency, 3),  # median of per-round ratios: one busy round cannot skew it
         "speedup_vs_reference": round(speedup, 3),
+        "whole_run_s": {k: [round(x, 1) for x in v] for k, v in whole.items()},
+        "whole_run_speedup": round(statistics.median(r / o for o, r in zip(whole["ours"], whole["reference"], strict=True)), 3)
+        if whole_runs else None,
     }
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
+
+
+def class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir())
 
 
 if __name__ == "__main__":

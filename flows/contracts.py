@@ -47,6 +47,22 @@ def metric_name(name: str) -> str:
     return name.replace(".", "/")
 
 
+TEST_ACC = "test/acc"
+"""The evaluate stage's test accuracy, as a run's label carries it (eval/metrics.json's ``accuracy``)."""
+
+TEST_MACRO_F1 = "test/macro_f1"
+"""The evaluate stage's test macro-F1 (eval/metrics.json's ``macro_f1``)."""
+
+SCORE_PREFIX = "test/"
+"""Metrics under this prefix are a finished run's scores, not a training epoch's."""
+
+
+def eval_scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """eval/metrics.json's headline numbers under their label names (test/acc, test/macro_f1); missing ones left out."""
+    pairs = ((TEST_ACC, metrics.get("accuracy")), (TEST_MACRO_F1, metrics.get("macro_f1")))
+    return {name: float(value) for name, value in pairs if isinstance(value, int | float)}
+
+
 class StageProgress(BaseModel):
     """One finished epoch of a training stage: where it is, its latest metrics, the time left."""
 
@@ -58,6 +74,13 @@ class StageProgress(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="metric_name() → value")
     eta_s: float | None = Field(default=None, ge=0)
     at: float = Field(default_factory=time.time, description="unix time of the epoch's end")
+    final: bool = Field(default=False, description="a stage's final scores (evaluate's test metrics), not an epoch")
+
+    @classmethod
+    def scores(cls, stage: str, metrics: dict[str, float]) -> StageProgress:
+        """A stage's final scores: published like progress, but labels() carries the metrics alone, so a
+        pipeline run keeps the epoch k/N and the val metrics its training left."""
+        return cls(stage=stage, epoch=1, epochs=1, metrics=metrics, final=True)
 
     def line(self) -> str:
         """The marked stdout line a stage prints for the pipeline run above it."""
@@ -74,12 +97,15 @@ class StageProgress(BaseModel):
             return None
 
     def labels(self) -> dict[str, Any]:
-        """The flow run labels that carry this progress (Prefect labels are flat scalars)."""
+        """The flow run labels that carry this progress (Prefect labels are flat scalars); final scores: the metrics alone."""
+        metrics = {f"{LABEL}metric.{metric_name(k)}": round(float(v), 6) for k, v in self.metrics.items()}
+        if self.final:
+            return metrics
         out: dict[str, Any] = {
             f"{LABEL}stage": self.stage, f"{LABEL}epoch": self.epoch, f"{LABEL}epochs": self.epochs,
             f"{LABEL}eta_s": round(self.eta_s, 1) if self.eta_s is not None else -1.0, f"{LABEL}at": round(self.at, 1),
         }
-        out.update({f"{LABEL}metric.{metric_name(k)}": round(float(v), 6) for k, v in self.metrics.items()})
+        out.update(metrics)
         return out
 
     @classmethod
@@ -99,6 +125,19 @@ class StageProgress(BaseModel):
             )
         except (ValidationError, TypeError, ValueError):
             return None
+
+
+def scores_from_labels(labels: dict[str, Any] | None) -> dict[str, float]:
+    """The final scores a flow run's labels carry (test/acc, test/macro_f1), whether or not it trained."""
+    prefix = f"{LABEL}metric.{SCORE_PREFIX}"
+    found = {}
+    for key, value in (labels or {}).items():
+        if key.startswith(prefix):
+            try:
+                found[key[len(LABEL) + len("metric."):]] = float(value)
+            except (TypeError, ValueError):
+                continue
+    return found
 
 
 def stage_label(labels: dict[str, Any] | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -51,14 +52,15 @@ async def _ensure_pool(name: str, create: bool) -> bool:
 async def _ensure_limits(names: list[str]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     async with get_client() as client:
         for name in names:
             try:
                 await client.read_global_concurrency_limit_by_name(name)
             except ObjectNotFound:
-                await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                with contextlib.suppress(ObjectAlreadyExists):  # another worker of this host made it meanwhile
+                    await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
 
 ZOMBIE_AUTOMATION = "tunedeck: crash runs whose host went silent"

@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from flows import workspace
-from flows.contracts import LABEL, ModelCard, StageProgress, stage_labels
+from flows.contracts import LABEL, ModelCard, StageProgress, eval_scores, stage_labels
 from flows.core.errors import TunedeckError
 from flows.dvc_cli import dvc, sync
 from flows.dvc_session import DvcSession
@@ -97,6 +97,9 @@ class StageWatch:
             if not text.strip() or text.strip().startswith(DVC_HINTS):
                 return  # DVC's advice to a person at a shell (git add dvc.lock, dvc push): the run does both
             self.logger.info(text)
+            return
+        if progress.final:  # the stage's scores (evaluate's test metrics): the run keeps its training's epoch
+            label_run(progress.labels())
             return
         label_run(progress.labels(), (f"{self.stage}-progress", 100.0 * progress.epoch / progress.epochs))
 
@@ -241,7 +244,14 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         elif workspace.tracks_dvc_data(ws):  # .dvc-tracked data (or a committed dvc.lock), linked from the shared cache
             timed("data checked out", lambda: dvc_session().run(["checkout", "--allow-missing"], on_line=logger.info))
         for stage in dvc_session().stage_order():
-            run_stage(stage, env)
+            if stage == "train" and (nodes := node_count(ws)) > 1:  # one run over several hosts: flows.multinode
+                from flows.multinode import train_across_nodes
+
+                label_run({f"{LABEL}nodes": nodes})  # a retry would find no nodes to meet: none
+                train_across_nodes(ws, overrides, nodes, lambda more: run_stage.with_options(retries=0)("train", {**env, **more}))
+            else:
+                run_stage(stage, env)
+        label_scores(ws)
         if push:
             sync("push", cwd=ws, on_line=logger.info)
         # one gate at a time on this clone: two runs ending together would both judge against the same
@@ -260,6 +270,26 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         tag_versions(versions)
         flush_labels()
         return versions
+
+
+def label_scores(ws: Path) -> None:
+    """The test scores of the run's model (eval/metrics.json) on its labels: the evaluate stage sends them as it ends,
+    and a stage DVC skipped as up to date sent none."""
+    with contextlib.suppress(OSError, ValueError):
+        scores = eval_scores(json.loads((ws / "eval/metrics.json").read_text()))
+        if scores:
+            label_run(StageProgress.scores("evaluate", scores).labels())
+
+
+def node_count(ws: Path) -> int:
+    """base.nodes of the run's params (a bad value is the train stage's one sentence to say)."""
+    import yaml
+
+    base = (yaml.safe_load((ws / "params.yaml").read_text()) or {}).get("base") or {}
+    try:
+        return int(base.get("nodes") or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """The embedded default: a local Prefect server, SQLite under the project, bound to 127.0.0.1.
 
-``tunedeck server start|stop|status`` drive it; stages find it through ``api_url()``.
+``tunedeck server start|stop|status`` drive it; stages find it through ``api_url()``. A team's
+shared server runs the same way on a PostgreSQL database it names (``--database``, or Prefect's
+own ``PREFECT_SERVER_DATABASE_CONNECTION_URL``): flows.server_database checks it first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from flows import server_database
 from flows.core.errors import TunedeckError
 
 DEFAULT_PORT = 4200
@@ -80,9 +83,18 @@ def api_url(root: Path | None = None) -> str | None:
     return os.environ.get("PREFECT_API_URL") or local_url(root)
 
 
-def server_env(root: Path | None = None) -> dict[str, str]:
-    """Environment for the server: PREFECT_HOME (and so its SQLite file) under the project."""
+def database(root: Path | None = None) -> str | None:
+    """What the running server stores its state in ("PostgreSQL at host:port/db"); None for the SQLite default."""
+    record = _record(root)
+    return record.get("database") if record else None
+
+
+def server_env(root: Path | None = None, database_url: str | None = None) -> dict[str, str]:
+    """Environment for the server: PREFECT_HOME (and so its SQLite file) under the project, or the database named."""
     env = dict(os.environ)
+    if database_url:
+        env.pop(server_database.OLD_SETTING, None)
+        env[server_database.SETTING] = database_url
     env["PREFECT_HOME"] = str(state_dir(root).resolve() / "prefect")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # SQLite allows one writer; with several workers and runs writing at once on a small machine
@@ -107,12 +119,18 @@ def check_exposure(host: str) -> None:
         )
 
 
-def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 90.0, host: str = "127.0.0.1") -> str:
-    """Start the local server in the background and wait until it answers; return its API URL."""
+def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 90.0, host: str = "127.0.0.1",
+          database_url: str | None = None) -> str:
+    """Start the local server in the background and wait until it answers; return its API URL.
+
+    database_url (else Prefect's database setting, else SQLite under the project) is checked first.
+    """
     running = local_url(root)
     if running:
         return running
     check_exposure(host)
+    named = (database_url, "--database") if database_url else server_database.from_environment()
+    described = server_database.check(*named) if named else None
     url = f"http://{host if host != '0.0.0.0' else '127.0.0.1'}:{port}/api"
     with socket.socket() as probe:
         if probe.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", port)) == 0:
@@ -128,16 +146,19 @@ def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 9
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_env(root),
+            env=server_env(root, named[0] if named else None),
             cwd=root or Path.cwd(),
             start_new_session=True,
         )
-    (folder / "server.json").write_text(json.dumps({"pid": proc.pid, "url": url, "port": port}))
+    (folder / "server.json").write_text(json.dumps({"pid": proc.pid, "url": url, "port": port, "database": described}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise TunedeckError(f"the Prefect server exited at start ({tail[0][:200]}): see {log_path}.")
+            text = log_path.read_text(errors="replace")
+            why = described and server_database.start_failure(text, described)
+            tail = text.strip().splitlines()[-1:] or ["no output"]
+            raise TunedeckError(f"{why[:-1]} (see {log_path})." if why else
+                                f"the Prefect server exited at start ({tail[0][:200]}): see {log_path}.")
         if healthy(url) or _answers_401(url):
             return url
         time.sleep(0.3)

@@ -12,9 +12,7 @@ from textual.screen import Screen
 
 from tui.providers import Providers, demo_providers, live_providers
 from tui.screens.dashboard import DashboardScreen
-from tui.screens.experiments import ExperimentsScreen
 from tui.screens.help import HelpScreen
-from tui.screens.monitor import MonitorScreen
 
 
 class TunedeckApp(App[int]):
@@ -47,11 +45,26 @@ class TunedeckApp(App[int]):
 
     def action_experiments(self) -> None:
         """e or :experiments opens the experiments view."""
+        from tui.screens.experiments import ExperimentsScreen  # plotext: imported when first needed, not at start
+
         if not isinstance(self.screen, ExperimentsScreen):
-            self.push_screen(ExperimentsScreen())
+            self.push_screen(ExperimentsScreen(self.running_runs()))
+
+    def open_experiment(self, name: str) -> None:
+        """The experiments view with the cursor on the experiment name (a run's `x`)."""
+        from tui.screens.experiments import ExperimentsScreen
+
+        self.push_screen(ExperimentsScreen(self.running_runs(), focus=name))
+
+    def running_runs(self) -> tuple:
+        """The running runs of the dashboard's last snapshot (the experiments view marks theirs)."""
+        snapshot = getattr(self.screen_stack[0], "orchestration", None) if self.screen_stack else None
+        return snapshot.running if snapshot else ()
 
     def action_monitor(self) -> None:
         """m opens the drift monitor."""
+        from tui.screens.monitor import MonitorScreen
+
         if not isinstance(self.screen, MonitorScreen):
             self.push_screen(MonitorScreen())
 

@@ -17,10 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=4200, help="port of the local Prefect server it starts (default 4200)")
     demo.add_argument("--seeds", type=int, default=5, help="seeds per arm, at least 2 (default 5)")
     demo.add_argument("--jobs", type=int, help="experiments at a time (default: 2 where there are 2 cores)")
-    srv = sub.add_parser("server", help="the local Prefect server (SQLite under .tunedeck/, 127.0.0.1)")
+    srv = sub.add_parser("server", help="the Prefect server (SQLite under .tunedeck/, or a team's PostgreSQL)")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=4200, help="port (default 4200)")
     srv.add_argument("--host", default="127.0.0.1", help="address to serve on; beyond 127.0.0.1 needs PREFECT_SERVER_API_AUTH_STRING")
+    srv.add_argument("--database", metavar="URL", help="a shared server's PostgreSQL: postgresql+asyncpg://USER:PASSWORD@HOST:5432/DB "
+                     "(default: PREFECT_SERVER_DATABASE_CONNECTION_URL if set, which keeps the password off the command line; "
+                     "else SQLite under .tunedeck/)")
     sub.add_parser("deploy", help="create the work pool and the deployments of prefect.yaml on the Prefect server")
     worker = sub.add_parser("worker", help="a Prefect worker on this host: one run per free GPU (or one on the CPU)")
     worker.add_argument("--pool", default="local", help="work pool (default: local)")
@@ -41,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = sub.add_parser("monitor", help="drift of a folder of new images against the prod model's reference")
     monitor.add_argument("folder", type=Path, metavar="DIR", help="one batch of new images (sub-folders named as classes: labelled)")
     monitor.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
+    fed = sub.add_parser("federated", help="federated fine-tuning (FedAvg): deploy silos, or run the coordinator here")
+    fed.add_argument("action", choices=["deploy", "run"], help="deploy: pools silo-NAME + deployments; run: the coordinator")
+    fed.add_argument("silos", nargs="*", metavar="NAME", help="deploy: the silos' names")
+    fed.add_argument("--config", type=Path, default=Path("federated.yaml"), help="run: the settings file (default federated.yaml)")
     dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
     dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
     dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
@@ -50,20 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def server_command(action: str, port: int, host: str = "127.0.0.1") -> int:
+def server_command(action: str, port: int, host: str = "127.0.0.1", database: str | None = None) -> int:
     """tunedeck server start|stop|status."""
     from flows import server
 
     if action == "start":
-        url = server.start(port, host=host)
-        print(f"Prefect server running at {url.removesuffix('/api')} (stages report to it; `tunedeck server stop` stops it).")
+        url = server.start(port, host=host, database_url=database)
+        stored = server.database()
+        print(f"Prefect server running at {url.removesuffix('/api')}{f' on {stored}' if stored else ''} "
+              "(stages report to it; `tunedeck server stop` stops it).")
         if port != server.DEFAULT_PORT:
             print(f"For the prefect CLI: export PREFECT_API_URL={url}")
     elif action == "stop":
         print("Prefect server stopped." if server.stop() else "No Prefect server of this project was running.")
     else:
-        url = server.local_url()
-        print(f"Prefect server running at {url}." if url else "Prefect server not running (`tunedeck server start`).")
+        url, stored = server.local_url(), server.database()
+        print(f"Prefect server running at {url}{f' on {stored}' if stored else ''}." if url
+              else "Prefect server not running (`tunedeck server start`).")
         return 0 if url else 3
     return 0
 
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.port, tuple(range(1, args.seeds + 1)), args.jobs)
             return 0
         if args.command == "server":
-            return server_command(args.action, args.port, args.host)
+            return server_command(args.action, args.port, args.host, args.database)
         if args.command == "deploy":
             from flows.deploy import deploy
 
@@ -91,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             from flows.worker import run_worker
 
             return run_worker(args.pool, args.gpus, args.git_pull)
+        if args.command == "federated":
+            from flows.federated_cli import federated_command
+
+            return federated_command(args.action, args.silos, args.config)
         if args.command in ("promote", "rollback", "registry", "predict", "monitor"):
             from tui.ship_commands import run_ship_command
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tui.providers.models import Experiment
+from dataclasses import replace
+
+from tui.providers.models import Experiment, Run
 
 MAX_PARAMS = 6
 
@@ -13,7 +15,11 @@ def table_columns(experiments: tuple[Experiment, ...]) -> list[str]:
 
 
 def columns(experiments: tuple[Experiment, ...], all_params: bool = False) -> list[str]:
-    """Every metric first, then params: only those that differ between rows (``--only-changed``) unless all_params."""
+    """Every metric first, then params: only those that differ between rows (``--only-changed``) unless all_params.
+
+    Saved experiments decide the columns; a running one (its overrides only) shows in them.
+    """
+    experiments = tuple(e for e in experiments if not e.running)
     return metric_keys(experiments) + (param_keys(experiments) if all_params else changed_params(experiments))
 
 
@@ -40,14 +46,14 @@ def _cell(e: Experiment, column: str) -> str | float | None:
 
 def table_rows(experiments: tuple[Experiment, ...], columns: list[str], sort: str | None = None,
                reverse: bool = False) -> list[tuple[int, list[str]]]:
-    """(index into experiments, cells) per experiment, sorted by a column (missing values last)."""
+    """(index into experiments, cells) per experiment, sorted by a column (missing values last, either way)."""
     rows = list(range(len(experiments)))
     if sort in ("experiment", "rev") or sort in columns:
-        def key(i: int):
+        def value(i: int):
             e = experiments[i]
-            value = e.name if sort == "experiment" else e.rev if sort == "rev" else _cell(e, sort)
-            return (value is None, _as_number(value))
-        rows.sort(key=key, reverse=reverse)
+            return e.name if sort == "experiment" else e.rev if sort == "rev" else _cell(e, sort)
+        present = sorted((i for i in rows if value(i) is not None), key=lambda i: _as_number(value(i)), reverse=reverse)
+        rows = present + [i for i in rows if value(i) is None]
     return [(i, [experiments[i].name, experiments[i].rev, *[_fmt(_cell(experiments[i], c)) for c in columns]]) for i in rows]
 
 
@@ -79,3 +85,33 @@ def pick_metric(available: tuple[str, ...], wanted: str | None) -> str | None:
     if wanted in available:
         return wanted
     return "val/acc" if "val/acc" in available else (available[0] if available else None)
+
+
+EXPERIMENT_FLOWS = ("pipeline", "experiment")
+"""The flows whose run ends as a DVC experiment named after it (flows.pipeline.save_experiment)."""
+
+
+def experiment_name(run: Run) -> str | None:
+    """The DVC experiment a run makes: an experiment run's ``name`` parameter, else the run's name; None for a stage run."""
+    if run.flow not in EXPERIMENT_FLOWS:
+        return None
+    return str(run.parameters.get("name") or run.name)
+
+
+def run_status(run: Run) -> str:
+    """What a running run does, in a few words: its stage and epoch ("train 8/12")."""
+    progress = run.progress
+    epoch = f" {progress.step + 1}/{progress.epochs}" if progress and progress.epochs and run.stage == "train" else ""
+    return f"{run.stage or run.state.lower()}{epoch}"
+
+
+def with_running(experiments: tuple[Experiment, ...], running: tuple[Run, ...]) -> tuple[Experiment, ...]:
+    """The experiments, each one a running run is making marked; one not saved yet added at the end, with its overrides."""
+    now = {name: run for run in running if run.state == "RUNNING" and (name := experiment_name(run))}
+    rows = [replace(e, running=run_status(now[e.name])) if e.name in now else e for e in experiments]
+    names = {e.name for e in experiments}
+    for name, run in now.items():
+        if name not in names:
+            overrides = [o.split("=", 1) for o in run.parameters.get("overrides") or () if "=" in o]
+            rows.append(Experiment(name, "", tuple((k, v) for k, v in overrides), (), running=run_status(run)))
+    return tuple(rows)

@@ -9,6 +9,8 @@ from rich.text import Text
 from tui.providers.models import Progress, Run
 
 NA = "N/A"
+TEST_ACC, TEST_MACRO_F1 = "test/acc", "test/macro_f1"
+"""The final scores' names (flows.contracts: the labels an evaluate stage puts on its run)."""
 BLOCKS = " ▁▂▃▄▅▆▇█"
 STATE_STYLES = {
     "RUNNING": "bold cyan", "COMPLETED": "green", "FAILED": "bold red", "CRASHED": "bold magenta",
@@ -80,4 +82,10 @@ def metric(progress: Progress | None, run: Run, key: str = "val/acc") -> str:
     if progress is None:
         return ""
     value = dict(progress.metrics).get(key)
+    return "" if value is None else f"{value:.3f}"
+
+
+def score(run: Run, name: str) -> str:
+    """A final score of the run (test/acc, test/macro_f1), else blank."""
+    value = run.score(name)
     return "" if value is None else f"{value:.3f}"

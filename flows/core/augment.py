@@ -8,6 +8,7 @@ image, each image seeded by (seed, epoch, index) so results do not depend on the
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 
@@ -36,18 +37,75 @@ class Normalizer(nn.Module):
         return (x - self.mean) / self.std
 
 
-def crop_and_flip(x: torch.Tensor, cfg: TrainParams, gen: torch.Generator) -> torch.Tensor:
-    """Random crops after reflect padding, and horizontal flips, on a uint8 NHWC batch."""
+def crop_and_flip(x: torch.Tensor, cfg: TrainParams, gen: torch.Generator, size: int | None = None) -> torch.Tensor:
+    """Random crops (after reflect padding, or random-resized to size) and horizontal flips, on a uint8 NHWC batch."""
     n, h, w, _ = x.shape
-    if cfg.crop_padding:
+    if cfg.crop_scale is not None:
+        x = resized_crops(x, size or h, cfg.crop_scale, gen)
+    elif cfg.crop_padding:
         pad = cfg.crop_padding
         padded = F.pad(x.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype).permute(0, 2, 3, 1)
         offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
         x = torch.stack([padded[i, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    elif size is not None and size != h:  # stored larger, no random crop asked for: the centre, resized
+        x = resized_crops(x, size, (1.0, 1.0), gen)
     if cfg.hflip > 0:
         mask = (torch.rand(n, generator=gen) < cfg.hflip).to(x.device)
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(2), x)
     return x
+
+
+RATIO = (3 / 4, 4 / 3)
+"""Aspect ratio range of the random-resized crops: timm's (and torchvision's) default."""
+
+
+def crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """(n, 4) crop boxes x1, y1, x2, y2 in pixels, drawn as torchvision's RandomResizedCrop.get_params draws them.
+
+    Ten tries per image of an area fraction in scale and a log-uniform aspect ratio; an image
+    whose ten tries all miss gets the central crop with the ratio clamped to RATIO.
+    """
+    tries = 10
+    area = h * w * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=gen)
+    log_ratio = torch.empty(n, tries).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=gen)
+    ratio = torch.exp(log_ratio)
+    cw = torch.sqrt(area * ratio).round()
+    ch = torch.sqrt(area / ratio).round()
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.float().argmax(1)  # the first try that fits (0 when none does)
+    rows = torch.arange(n)
+    cw, ch, ok = cw[rows, first], ch[rows, first], fits.any(1)
+    if not ok.all():  # torchvision's fallback: the centre, ratio clamped
+        if w / h < RATIO[0]:
+            fw, fh = w, round(w / RATIO[0])
+        elif w / h > RATIO[1]:
+            fw, fh = round(h * RATIO[1]), h
+        else:
+            fw, fh = w, h
+        cw, ch = torch.where(ok, cw, float(fw)), torch.where(ok, ch, float(fh))
+    u = torch.rand(n, 2, generator=gen)
+    x1 = torch.where(ok, torch.floor(u[:, 0] * (w - cw + 1)), ((w - cw) / 2).round())
+    y1 = torch.where(ok, torch.floor(u[:, 1] * (h - ch + 1)), ((h - ch) / 2).round())
+    return torch.stack([x1, y1, x1 + cw, y1 + ch], 1)
+
+
+def resized_crops(x: torch.Tensor, size: int, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """timm's random-resized crop on a whole uint8 NHWC batch on its device: one box per image, resized to size.
+
+    torchvision's roi_align resizes every box in one call, averaging bilinear samples over each
+    output pixel's footprint (an antialiased downscale, as PIL's resize in timm's transform is).
+    """
+    from torchvision.ops import roi_align
+
+    n, h, w, _ = x.shape
+    if scale == (1.0, 1.0):
+        boxes = torch.tensor([[0.0, 0.0, w, h]]).expand(n, 4)
+    else:
+        boxes = crop_boxes(n, h, w, scale, gen)
+    boxes = torch.cat([torch.arange(n, dtype=torch.float32).view(n, 1), boxes], 1).to(x.device)
+    images = x.permute(0, 3, 1, 2).float()
+    out = roi_align(images, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class BatchAugment:

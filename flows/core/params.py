@@ -42,6 +42,7 @@ class BaseParams(_Group):
     seed: int = Field(42, ge=0, description="seed for the split, initialisation and batches")
     device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N")
     devices: int = Field(1, ge=1, le=64, description="processes for data-parallel training (torchrun DDP when > 1)")
+    nodes: int = Field(1, ge=1, le=64, description="hosts one training run spans (torchrun DDP across hosts when > 1)")
 
     @field_validator("device")
     @classmethod
@@ -56,12 +57,20 @@ class DataParams(_Group):
 
     source: str = Field(min_length=1, description="folder with one sub-folder of images per class")
     image_size: int = Field(224, ge=8, le=1024, description="square side the images are decoded to")
+    store_size: int | None = Field(
+        None, ge=8, le=2048, description="side the train split is stored at, >= image_size, for random-resized crops (null: image_size)"
+    )
     val_fraction: float = Field(0.15, ge=0.0, le=0.5)
     test_fraction: float = Field(0.15, gt=0.0, le=0.9)
     limit_per_class: int | None = Field(None, ge=1, description="at most this many train images per class")
 
     @model_validator(mode="after")
     def _room_to_train(self) -> DataParams:
+        if self.store_size is not None and self.store_size < self.image_size:
+            raise ValueError(
+                f"data.store_size ({self.store_size}) must be at least data.image_size ({self.image_size}): "
+                "train images are stored larger and cropped down to image_size"
+            )
         if self.val_fraction + self.test_fraction > 0.95:
             raise ValueError(
                 f"data.val_fraction + data.test_fraction ({self.val_fraction + self.test_fraction:g}) must leave "
@@ -111,6 +120,9 @@ class TrainParams(_Group):
     # augmentation
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
     crop_padding: int = Field(0, ge=0, le=256, description="random crops after reflect-padding by this many pixels")
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="random-resized crops: area fraction range, timm's default [0.08, 1.0] (null: off)"
+    )
     auto_augment: str | None = Field(None, description="timm's string, e.g. rand-m9-mstd0.5 or augmix-m5")
     random_erasing: float = Field(0.0, ge=0.0, le=1.0)
     mixup: float = Field(0.0, ge=0.0, le=10.0, description="mixup alpha (0: off)")
@@ -133,6 +145,12 @@ class TrainParams(_Group):
             )
         if self.warmup_epochs >= self.epochs > 1:
             raise ValueError(f"train.warmup_epochs ({self.warmup_epochs}) must be below train.epochs ({self.epochs})")
+        if self.crop_scale is not None:
+            low, high = self.crop_scale
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"train.crop_scale {list(self.crop_scale)} must be [low, high] with 0 < low <= high <= 1, e.g. [0.08, 1.0]")
+            if self.crop_padding:
+                raise ValueError("train.crop_scale and train.crop_padding are two kinds of random crop: set one of them to off")
         if self.unfreeze == "gradual" and self.freeze_epochs == 0:
             raise ValueError("train.unfreeze: gradual needs train.freeze_epochs of at least 1")
         if self.auto_augment is not None and not re.match(r"^(rand|augmix|original|originalr|v0|v0r|3a)(-|$)", self.auto_augment):

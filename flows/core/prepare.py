@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +32,26 @@ CHUNK_ROWS = 256  # images copied at a time from the decoded file into the split
 def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
     """Decode params.data.source into out/{split}_x.npy (uint8 NHWC) and {split}_y.npy.
 
+    val and test are stored at data.image_size, as predict decodes; train at data.store_size when
+    set (larger, so training can take random-resized crops from it, as timm's transform does).
+
     Memory does not grow with the data set: images are decoded in a bounded window and appended
     to a file, then copied into the splits' .npy files a chunk at a time (no array of all the
     images is ever built; a million images need the disk, not the RAM).
     """
     data = params.data
     out.mkdir(parents=True, exist_ok=True)
-    staged = out / ".decoded.tmp"
+    sizes = stored_sizes(data)  # (train's, val/test's): train larger when data.store_size asks for it
+    staged = [out / f".decoded-{size}.tmp" for size in sizes]
     try:
-        with open(staged, "wb") as sink:
-            decoded = decode_stream(Path(data.source), data.image_size, lambda img: sink.write(img.tobytes()),
-                                    progress=progress)
+        with contextlib.ExitStack() as stack:
+            sinks = [stack.enter_context(open(path, "wb")) for path in staged]
+
+            def write(images) -> None:
+                for sink, image in zip(sinks, images, strict=True):
+                    sink.write(image.tobytes())
+
+            decoded = decode_stream(Path(data.source), sizes, write, progress=progress)
         split = stratified_split(
             decoded.labels, data.val_fraction, data.test_fraction, params.base.seed, data.limit_per_class
         )
@@ -49,9 +59,14 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
             raise TunedeckError(
                 f"data.test_fraction {data.test_fraction} leaves no test image ({len(decoded.labels)} images in all): raise it."
             )
-        write_splits(staged, split, decoded.labels, data.image_size, out)
+        if len(sizes) == 1:
+            write_splits(staged[0], split, decoded.labels, sizes[0], out)
+        else:
+            write_splits(staged[0], {"train": split["train"]}, decoded.labels, sizes[0], out)
+            write_splits(staged[1], {k: v for k, v in split.items() if k != "train"}, decoded.labels, sizes[1], out)
     finally:
-        staged.unlink(missing_ok=True)
+        for path in staged:
+            path.unlink(missing_ok=True)
     counts = {name: int(len(idx)) for name, idx in split.items()}
     PrepareManifest(
         source=data.source, data_version=decoded.version, classes=list(decoded.classes), image_size=data.image_size,
@@ -64,6 +79,13 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
     (out / "rejected.json").write_text(json.dumps(report, indent=2))
     save_resolved(params, out)
     return PrepareResult(decoded.classes, counts, decoded.version, len(report))
+
+
+def stored_sizes(data) -> tuple[int, ...]:
+    """The sides images are stored at: (train's, val/test's) with data.store_size, else (image_size,)."""
+    if data.store_size is None or data.store_size == data.image_size:
+        return (data.image_size,)
+    return (data.store_size, data.image_size)
 
 
 def write_splits(staged: Path, split: dict[str, np.ndarray], labels: np.ndarray, size: int, out: Path) -> None:

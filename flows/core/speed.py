@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,18 +17,69 @@ from flows.core.errors import TunedeckError
 log = logging.getLogger("tunedeck")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.precision on device (None: plain fp32)."""
+CPU_BF16_ENV = "TUNEDECK_CPU_BF16"
+"""Set to 1 or 0 to say whether this CPU has native bf16 (tests simulate either CPU with it)."""
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""The /proc/cpuinfo flags of x86 CPUs that compute bf16 natively (AVX512-BF16, AMX-BF16)."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run trains in, and why (recorded in the run's metrics)."""
+
+    dtype: torch.dtype | None  # the autocast dtype; None: plain fp32
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """bf16, fp16 or fp32."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and the evidence: the env override, else /proc/cpuinfo's flags.
+
+    torch.backends.cpu.get_cpu_capability() says AVX512 on CPUs with and without AVX512-BF16 (and
+    oneDNN emulates bf16 on plain AVX512, slower than fp32), so the CPU's own flags decide.
+    """
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1", f"{CPU_BF16_ENV}={forced}"
+    flags = cpu_flags()
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"the CPU has {'/'.join(found)}"
+    return False, "the CPU has no avx512_bf16/amx_bf16" if flags else "the CPU's flags are unknown (no /proc/cpuinfo)"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((row for row in text.splitlines() if row.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """The autocast dtype for train.precision on device, with the reason; refuse what the device cannot do."""
     if precision == "fp32":
-        return None
+        return Precision(None, "train.precision is fp32")
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
+            if torch.cuda.is_bf16_supported():
+                return Precision(torch.bfloat16, f"auto: {torch.cuda.get_device_name(device)} supports bf16")
+            return Precision(torch.float16, f"auto: {torch.cuda.get_device_name(device)} lacks bf16")
+        if device.type == "cpu":
+            native, why = cpu_bf16()
+            return Precision(torch.bfloat16 if native else None, f"auto: {why}")
+        return Precision(None, f"auto: fp32 on {device.type}")
     if precision == "fp16":
         if device.type == "cpu":
             raise TunedeckError("train.precision fp16 needs a CUDA or MPS device: use bf16, fp32 or auto on the CPU.")
-        return torch.float16
+        return Precision(torch.float16, "train.precision is fp16")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TunedeckError(
             f"train.precision bf16 is not supported by {torch.cuda.get_device_name(device)}: use fp16 or auto."
@@ -34,7 +89,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             torch.zeros(1, dtype=torch.bfloat16, device=device)
         except (RuntimeError, TypeError):
             raise TunedeckError("train.precision bf16 is not supported by this MPS device: use fp16 or auto.") from None
-    return torch.bfloat16
+    return Precision(torch.bfloat16, "train.precision is bf16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.precision on device (None: plain fp32)."""
+    return resolve_precision(precision, device).dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -50,6 +50,8 @@ class TrainResult:
     epochs_run: int
     resumed_at: str | None
     oom_events: int
+    precision: str = "fp32"  # bf16, fp16 or fp32: what autocast ran in
+    precision_reason: str = ""  # why (train.precision, or what auto found on the device)
 
 
 def run_key(params: Params, manifest: PrepareManifest) -> str:

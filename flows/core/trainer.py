@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from flows.core.model import build_model, preprocessing
 from flows.core.params import Params, save_resolved
 from flows.core.prepare import load_split
 from flows.core.scoring import score
-from flows.core.speed import autocast, autocast_dtype, grad_scaler, maybe_compile, peak_memory_mb, uses_convolutions
+from flows.core.speed import autocast, grad_scaler, maybe_compile, peak_memory_mb, resolve_precision, uses_convolutions
 from flows.core.transfer import Freezer, param_groups
 
 log = logging.getLogger("tunedeck")
@@ -36,11 +37,13 @@ class Trainer:
         self.classes = manifest.classes
         self.image_size = manifest.image_size
         self.data_version = manifest.data_version
-        self.dtype = autocast_dtype(self.cfg.precision, device)
+        self.precision = resolve_precision(self.cfg.precision, device)
+        self.dtype = self.precision.dtype
         torch.manual_seed(params.base.seed)
         self.model, self.weights_from = build_model(params.model, len(self.classes))
         if world.main:
             log.info("model %s on %s: %s", params.model.name, device, self.weights_from)
+            log.info("precision %s (%s)", self.precision.name, self.precision.reason)
         self.channels_last = self.cfg.channels_last and uses_convolutions(self.model)
         self.model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         prep = preprocessing(self.model)
@@ -88,7 +91,9 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = DistributedDataParallel(self.model, device_ids=ids)
-        return maybe_compile(module, self.cfg.compile)
+        wrapped = maybe_compile(module, self.cfg.compile)
+        self.compiled = wrapped is not module
+        return wrapped
 
     # ---- the run --------------------------------------------------------------------------
     def run(self, out: Path, checkpoints: Path | None, key: str) -> object:
@@ -110,6 +115,9 @@ class Trainer:
                     log.info("resuming from %s (%s)", state["path"], resumed_at)
         if self.tracker is not None and self.world.main:
             self.tracker.start(resumed_at is not None, first_epoch)
+            if hasattr(self.tracker, "describe"):  # how the run trains, beside its metrics
+                self.tracker.describe({"precision": self.precision.name, "precision_reason": self.precision.reason,
+                                       "compile": self.compiled})
             for logged_epoch, logged in self.history:  # DVC removed the metric files: write them again
                 self.tracker.log(logged_epoch, logged)
         epoch = first_epoch
@@ -123,7 +131,8 @@ class Trainer:
         return TrainResult(
             best_epoch=self.best["epoch"] + 1, val_accuracy=self.best["val_acc"], weights_from=self.weights_from,
             seconds=time.perf_counter() - start, model_sha256=result.get("sha256", ""), epochs_run=epoch + 1,
-            resumed_at=resumed_at, oom_events=self.oom_events,
+            resumed_at=resumed_at, oom_events=self.oom_events, precision=self.precision.name,
+            precision_reason=self.precision.reason,
         )
 
     def _epoch(self, epoch: int, first_batch: int, partial: dict | None, checkpoints: Path | None, key: str) -> dict:
@@ -185,11 +194,17 @@ class Trainer:
 
     def _optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Augment one effective batch, accumulate its micro-batches, step; halve them on OOM."""
-        x = self.norm(crop_and_flip(x, self.cfg, self.gen))
+        x = self.norm(crop_and_flip(x, self.cfg, self.gen, self.image_size))
         x, target = self.augment(x, y.to(self.device))
         while True:
             try:
-                return self._accumulate(x, target)
+                loss = self._accumulate(x, target)
+                if not math.isfinite(loss):
+                    raise TunedeckError(
+                        f"the training loss became {loss} at step {self.step} in {self.precision.name} "
+                        f"({self.precision.reason}): set train.precision: fp32, or lower train.lr."
+                    )
+                return loss
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":

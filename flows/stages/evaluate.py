@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.contracts import ModelCard
+from flows.contracts import ModelCard, StageProgress, eval_scores
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import EVAL, MODELS, PREPARED
@@ -14,9 +14,12 @@ from flows.stages.entry import run_main
 def work(params: Params) -> dict:
     """Evaluate, and return the headline metrics with the data and model versions."""
     from flows.core.evaluate import evaluate
+    from flows.orchestration import report_progress
 
     metrics = evaluate(params, PREPARED, MODELS, EVAL)
     card = ModelCard.read(MODELS)
+    # on the run's labels (its own, or the pipeline run's above it): the dashboard's TEST and F1 columns
+    report_progress(StageProgress.scores("evaluate", eval_scores(metrics)))
     return {
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),

@@ -34,7 +34,7 @@ def work(params: Params) -> dict:
 
     warn_if_untracked_weights(params)
     mirror = checkpoint_mirror(params)
-    if params.base.devices > 1 and "RANK" not in os.environ:
+    if (params.base.devices > 1 or params.base.nodes > 1) and "RANK" not in os.environ:
         return launch_ddp(params)
     tracker = LiveTracker(params.train.epochs, mirror)
     try:
@@ -52,6 +52,8 @@ def work(params: Params) -> dict:
         "epochs_run": result.epochs_run,
         "resumed_at": result.resumed_at,
         "oom_events": result.oom_events,
+        "precision": result.precision,
+        "precision_reason": result.precision_reason,
     }
 
 
@@ -79,6 +81,11 @@ class LiveTracker:
             dir=str(TRAIN_LIVE), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=gpus.present()
         )
         self.first_epoch, self.started = first_epoch, time.monotonic()
+
+    def describe(self, facts: dict) -> None:
+        """How the run trains (precision and why, compile): in dvclive/metrics.json beside the numbers, and its params."""
+        self.live.summary.update(facts)
+        self.live.log_params(facts)
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
         """One epoch's metrics at step = epoch; an epoch trained now (not replayed on resume) is reported."""
@@ -135,7 +142,7 @@ def checkpoint_mirror(params: Params):
     mirror = CheckpointMirror(Path.cwd(), key[:16])
     if "RANK" in os.environ:
         return mirror
-    if params.base.devices > 1:
+    if params.base.devices > 1 or params.base.nodes > 1:
         mirror.fetch(run_folder(checkpoints_base(), key))  # before torchrun starts the workers that read it
     else:
         mirror.fetch_soon(run_folder(checkpoints_base(), key))  # while the model is built
@@ -167,13 +174,42 @@ def launch_ddp(params: Params) -> dict:
         raise TunedeckError(f"base.devices is {n} but there is no CUDA GPU here: set base.device: cpu to use CPU processes.")
     env = {**os.environ, "TUNEDECK_PREFECT": "off", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TUNEDECK_STAGE_PID": str(os.getpid())}
-    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "flows.stages.train"]
+    placement = node_placement(params, env)
+    where = ["--standalone", f"--nproc_per_node={n}"] if placement is None else placement.torchrun_args(n, JOIN_SECONDS)
+    torchrun = ["-m", "torch.distributed.run", *where, "-m", "flows.stages.train"]
     cmd = [sys.executable, "-c", DIE_WITH_PARENT, *torchrun] if sys.platform == "linux" else [sys.executable, *torchrun]
-    logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun", n)
+    on = "" if placement is None else f" on node {placement.node_rank} of {placement.nodes} (rendezvous {placement.master})"
+    logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun%s", n, on)
     if subprocess.run(cmd, env=env).returncode != 0:
-        raise TunedeckError(f"the {n} DDP training processes failed: see their output above.")
+        raise TunedeckError(f"the {n} DDP training processes{on} failed: see their output above.")
+    if placement is not None and placement.node_rank:
+        return {"node_rank": placement.node_rank, "nodes": placement.nodes, "devices": n}  # node 0 writes the model
     card = ModelCard.read(MODELS)
-    return {"model_sha256": card.sha256, "best_epoch": card.best_epoch, "val_accuracy": card.val_accuracy, "devices": n}
+    return {"model_sha256": card.sha256, "best_epoch": card.best_epoch, "val_accuracy": card.val_accuracy, "devices": n,
+            "nodes": params.base.nodes}
+
+
+JOIN_SECONDS = int(os.environ.get("TUNEDECK_DDP_JOIN_S", "300"))
+"""How long node 0 waits for the other hosts to join a run over several hosts (they pull and prepare first)."""
+
+
+def node_placement(params: Params, env: dict[str, str]):
+    """This host's place in a run over base.nodes hosts (None for one host); gloo told which interface to use."""
+    from flows.core.distributed import Placement, interface_of
+
+    if params.base.nodes == 1:
+        return None
+    placement = Placement.from_env(env)
+    if placement is None or placement.nodes != params.base.nodes:
+        raise TunedeckError(
+            f"base.nodes is {params.base.nodes}, but this train stage was not placed on that many hosts: run it from "
+            "the pipeline deployment (it places the other nodes), or set base.nodes: 1 for `dvc repro`."
+        )
+    address = placement.master.rsplit(":", 1)[0] if placement.node_rank == 0 else env.get("TUNEDECK_NODE_ADDR", "")
+    iface = interface_of(address) if address else None
+    if iface and "GLOO_SOCKET_IFNAME" not in env:
+        env["GLOO_SOCKET_IFNAME"] = iface
+    return placement
 
 
 def warn_if_untracked_weights(params: Params) -> None:
@@ -195,5 +231,15 @@ def tags() -> list[str]:
         return []
 
 
+def die_with_agent() -> None:
+    """A DDP worker gets SIGTERM when its torchrun dies, even by kill -9 (Linux): no rank outlives its host's run."""
+    if sys.platform == "linux" and "TORCHELASTIC_RUN_ID" in os.environ:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 if __name__ == "__main__":
+    die_with_agent()
     sys.exit(run_main("train", work, tags))

@@ -69,16 +69,23 @@ async def test_sixteen_gpus_scroll_down_and_never_sideways(providers):
         assert table.current_key == "gpu15" and table.render_line(table.size.height - 1).text.strip().startswith("15")
 
 
-async def test_an_80_column_terminal_keeps_the_runs_progress_and_gpus_and_the_pools_health(app):
+async def test_an_80_column_terminal_keeps_the_runs_progress_scores_and_gpus_and_the_pools_health(app, providers):
+    """At 80 columns a finished run still shows its final val acc, test accuracy and macro-F1; the ETA goes first."""
+    page = providers.orchestrator.runs[:100]
+    pipeline = next(r for r in page if r.flow == "pipeline" and r.state == "COMPLETED")
+    evaluate = next(r for r in page if r.flow == "evaluate" and r.state == "COMPLETED")
     async with app.run_test(size=(80, 30)) as pilot:
         await settle(pilot)
         runs = app.screen.query_one(RunsTable)
-        assert [c.key.value for c in runs.columns.values()] == ["state", "name", "stage", "epoch", "eta", "acc", "gpus"]
+        assert runs.column_keys == ["state", "name", "stage", "epoch", "acc", "test", "f1", "gpus"]
         assert runs.get_cell("run-0002", "gpus") == "2,3" and not runs.show_horizontal_scrollbar
+        val, test, f1 = (dict(pipeline.progress.metrics)["val/acc"], pipeline.score("test/acc"), pipeline.score("test/macro_f1"))
+        assert [runs.get_cell(pipeline.id, c) for c in ("acc", "test", "f1")] == [f"{val:.3f}", f"{test:.3f}", f"{f1:.3f}"]
+        assert runs.get_cell(evaluate.id, "test") == f"{evaluate.score('test/acc'):.3f}" and runs.get_cell(evaluate.id, "acc") == ""
         deployments = app.screen.query_one(DeploymentsTable)
         assert [c.key.value for c in deployments.columns.values()] == ["name", "schedule", "status", "workers"]
         await pilot.press("down", "down")
         await pilot.resize_terminal(140, 30)
         await settle(pilot)
-        assert len(runs.columns) == 11 and runs.get_cell("run-0002", "model") == ""
+        assert len(runs.column_keys) == 13 and runs.get_cell("run-0002", "model") == ""
         assert runs.current_key == "run-0002", "the cursor stays on its run when the columns change"

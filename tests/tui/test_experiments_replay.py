@@ -31,8 +31,10 @@ async def test_sort_mark_and_diff_two_experiments(app):
         accuracy = [c.value for c in table.columns].index("accuracy")
         table.move_cursor(column=accuracy)
         await pilot.press("s", "s")
-        names = [table.get_row_at(i)[1] for i in range(table.row_count)]
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        names = [row[1] for row in rows if "▶" not in row[0]]
         assert names[0] == "convnext" and names[-1] == "demo-scratch", "second s sorts by accuracy, highest first"
+        assert all("▶" in row[0] for row in rows[len(names):]), "the running runs' experiments, no accuracy yet, stay last"
         await pilot.press("space", "down", "space", "d")
         await pilot.pause()
         assert isinstance(app.screen, DiffScreen)

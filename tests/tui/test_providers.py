@@ -161,3 +161,20 @@ def test_monitor_view_reads_the_monitors_events_and_the_runs_drift_started():
     assert [r.name for r in view.retrains] == ["calm-fox"] and view.retrains[0].state == "Scheduled"
     fake = fake_monitor()  # the demo's fake has the same shape
     assert {s.name for s in fake.batches[-1].statistics} <= {"mmd_p", "domain_auc", "psi", "chi2_p", "confidence_drop", "accuracy_drop"}
+
+
+def test_a_finished_run_s_test_scores_come_from_its_labels_beside_its_training_s_progress():
+    """The evaluate stage's scores (flows.contracts.StageProgress.scores) merge into the run's labels without
+    touching the epoch k/N and val metrics training left there; a stage run of its own has scores and no progress."""
+    from flows.contracts import StageProgress, eval_scores
+    from tui.providers.prefect_parse import run_progress, run_scores
+
+    scores = StageProgress.scores("evaluate", eval_scores({"accuracy": 0.88, "macro_f1": 0.87, "n_test": 448}))
+    assert scores.labels() == {"tunedeck.metric.test/acc": 0.88, "tunedeck.metric.test/macro_f1": 0.87}
+    assert StageProgress.from_line(scores.line()) == scores, "a pipeline run reads it from the stage's stdout"
+    trained = StageProgress(epoch=12, epochs=12, metrics={"val/acc": 0.9}, eta_s=0.0).labels()
+    labels = {**trained, **scores.labels()}
+    progress = run_progress(labels)
+    assert progress.step == 11 and progress.epochs == 12 and dict(progress.metrics) == {"val/acc": 0.9}
+    assert run_scores(labels) == (("test/acc", 0.88), ("test/macro_f1", 0.87))
+    assert run_progress(scores.labels()) is None and run_scores(scores.labels()) == run_scores(labels)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 
 from tui.providers.fake_prefect import NOW
-from tui.providers.models import Curves, Experiment, Progress, Registry, RegistryEvent
+from tui.providers.models import Curves, Experiment, Progress, Registry, RegistryEvent, Run
+
+MADE_BY_RUNS = 2
+"""How many of the fake server's newest finished deployment runs have their experiment here."""
 
 
 class FakeDvc:
-    """A training at epoch 8 of 12, five experiments, smooth curves."""
+    """A training at epoch 8 of 12, five experiments (and those the fake server's newest finished runs saved), smooth curves."""
+
+    def __init__(self, runs: Sequence[Run] = ()) -> None:
+        self.made = _made_by(runs)
+        """The experiments deployment runs saved, named after them (flows.pipeline.save_experiment)."""
 
     def progress(self) -> Progress:
         """Epoch 7 (0-based) of 12, with the latest validation metrics."""
@@ -22,7 +31,7 @@ class FakeDvc:
                 ("convnext", "9e0b5a3", "convnext_tiny", "0.0003", 0.915)]
         return tuple(Experiment(name, rev, (("model.name", model), ("train.lr", lr), ("train.epochs", "12")),
                                 (("accuracy", acc), ("macro_f1", round(acc - 0.004, 3))))
-                     for name, rev, model, lr, acc in rows)
+                     for name, rev, model, lr, acc in rows) + self.made
 
     def registry(self) -> Registry:
         """Two versions; the second was promoted, then rolled back to the first."""
@@ -59,3 +68,17 @@ class FakeDvc:
                 values = tuple((2.0 - final) * math.exp(-i / 3) + 0.3 * (1 - final) for i in range(12))
             series.append((rev, steps, values))
         return Curves(tuple(series))
+
+
+def _made_by(runs: Sequence[Run]) -> tuple[Experiment, ...]:
+    """The experiments the newest completed pipeline runs saved: their overrides as params, their test scores as metrics."""
+    made = []
+    for run in runs[:40]:
+        if run.flow == "pipeline" and run.state == "COMPLETED" and run.scores and len(made) < MADE_BY_RUNS:
+            overrides = dict(o.split("=", 1) for o in run.parameters.get("overrides") or () if "=" in o)
+            params = (("model.name", overrides.get("model.name", "resnet18")), ("train.lr", overrides.get("train.lr", "0.001")),
+                      ("train.epochs", "12"))
+            scores = dict(run.scores)
+            metrics = (("accuracy", scores["test/acc"]), ("macro_f1", scores["test/macro_f1"]))
+            made.append(Experiment(run.name, hashlib.sha1(run.id.encode()).hexdigest()[:7], params, metrics))
+    return tuple(made)

@@ -103,20 +103,53 @@ class FakeHost:
 
 
 class FakeRemoteHosts:
-    """Two other hosts, as their workers' telemetry events would show them: gpu-box-2 (4 GPUs, one run) and
-    a laptop whose worker stopped an hour ago (stale)."""
+    """Other hosts, as their workers' telemetry events would show them.
 
-    def __init__(self, animate: bool = False) -> None:
+    The demo: gpu-box-2 (4 GPUs, one run) and a laptop whose worker stopped an hour ago (stale).
+    A fleet (``hosts``): gpu-box-2 … gpu-box-N with ``gpus`` GPUs each, the runs of ``layout`` on
+    them. Like the events a worker publishes every few seconds (flows.contracts.TELEMETRY_EVERY_S),
+    a host's sample is new only every ``every`` seconds; in between the same one comes back.
+    """
+
+    def __init__(self, animate: bool = False, layout=None, hosts: int = 0, gpus: int = 8, every: float = 3.0,
+                 clock=None) -> None:
+        import time
+
         from tui.providers.telemetry import NvmlTelemetry
 
-        owners = {5101: "run-0003"}
-        self.box = NvmlTelemetry(FakeNvml(4, {0: [(5101, 40_960)]}, animate=animate), FakeHost(), owners.get)
+        self.every, self.clock = every, clock or time.monotonic
+        self._cached: tuple = ()
+        self._at: float | None = None
+        if not hosts:
+            owners = {5101: "run-0003"}
+            self.boxes = {"gpu-box-2": NvmlTelemetry(FakeNvml(4, {0: [(5101, 40_960)]}, animate=animate), FakeHost(), owners.get)}
+            self.laptop = True
+            return
+        from tui.providers.fake_runs import host_runs
+
+        self.boxes, self.laptop = {}, False
+        for h in range(2, hosts + 1):
+            name = f"gpu-box-{h}"
+            on = host_runs(layout, name)
+            pids = {gpu: 5000 + 100 * h + gpu for gpu in on}
+            owners = {pids[gpu]: run for gpu, run in on.items()}
+            nvml = FakeNvml(gpus, {gpu: [(pid, 40_960)] for gpu, pid in pids.items()}, animate=animate)
+            self.boxes[name] = NvmlTelemetry(nvml, FakeHost(), owners.get)
 
     def hosts(self) -> tuple:
-        """The two hosts now."""
+        """The hosts now: a new sample of each every `every` seconds, the same objects in between."""
         from tui.providers.models import RemoteHost
 
-        box = HostSample("gpu-box-2", 41.0, 32, 96.4, 251.6, 640.0, 1788.0)
-        laptop = HostSample("laptop", 0.0, 8, 0.0, 16.0, 0.0, 0.0)
-        return (RemoteHost(box, self.box.sample().gpus, 1.4, False, None, "local"),
-                RemoteHost(laptop, (), 3600.0, True, "No GPU: NVML is not available on this host.", "laptop"))
+        now = self.clock()
+        if self._at is not None and now - self._at < self.every:
+            return self._cached
+        self._at = now
+        found = []
+        for i, (name, box) in enumerate(self.boxes.items()):
+            host = HostSample(name, 41.0, 32, 96.4, 251.6, 640.0, 1788.0)
+            found.append(RemoteHost(host, box.sample().gpus, 1.4 + 0.1 * i, False, None, "local"))
+        if self.laptop:
+            laptop = HostSample("laptop", 0.0, 8, 0.0, 16.0, 0.0, 0.0)
+            found.append(RemoteHost(laptop, (), 3600.0, True, "No GPU: NVML is not available on this host.", "laptop"))
+        self._cached = tuple(found)
+        return self._cached

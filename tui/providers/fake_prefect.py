@@ -6,95 +6,25 @@ import random
 from dataclasses import replace
 
 from tui.providers.base import ActionError
+from tui.providers.fake_runs import DEMO, NOW, Fleet, fake_runs
 from tui.providers.models import (
     Deployment,
     DriftPoint,
     MonitoredBatch,
     MonitorView,
     Orchestration,
-    Progress,
     Retrain,
     Run,
     RunDetail,
     RunQuery,
     WorkPool,
 )
-from tui.providers.shapes import recorded, templates
+from tui.providers.shapes import recorded
 
-NOW = 1_767_225_600.0  # 2026-01-01 00:00 UTC: fixed, so screens are the same on every run
-ADJECTIVES = ("amber", "brisk", "calm", "dapper", "eager", "fuzzy", "gentle", "hardy", "icy", "jolly", "keen", "lucid")
-ANIMALS = ("fox", "otter", "heron", "lynx", "moth", "newt", "orca", "panda", "quail", "raven", "stoat", "tapir")
+__all__ = ["NOW", "PIDS", "FakePrefect", "fake_deployments", "fake_monitor", "fake_runs"]
+
 PIDS = {"run-0000": (4101,), "run-0001": (4102,), "run-0002": (4103, 4104)}
-LOCAL = "gpu-box-1"  # the demo's own host (tui.providers.fake_gpu.FakeHost)
-ON_GPUS = {0: (LOCAL, (0,)), 1: (LOCAL, (1,)), 2: (LOCAL, (2, 3)), 3: ("gpu-box-2", (0,))}
-"""Where the running runs train: three on this host (one DDP on two GPUs), one on another host."""
-EPOCHS = 12
-
-
-def fake_runs(count: int, seed: int = 7) -> list[Run]:
-    """count runs, newest first, each built on a run recorded from a real server (tui/providers/recorded.json).
-
-    Four pipeline deployment runs train (three on this host's GPUs, one on gpu-box-2), two wait
-    scheduled, the rest are history: pipeline and experiment deployment runs, and the stage runs
-    of plain `dvc repro`s.
-    """
-    rng = random.Random(seed)
-    real = templates()
-    runs = []
-    for i in range(count):
-        name = f"{rng.choice(ADJECTIVES)}-{rng.choice(ANIMALS)}-{i}"
-        params = {"overrides": [f"train.lr={rng.choice((1e-3, 3e-4, 1e-4))}",
-                                f"model.name={rng.choice(('resnet50', 'convnext_tiny', 'vit_small_patch16_224'))}"]}
-        if i < 4:
-            host, gpus = ON_GPUS[i]
-            epoch = 8 if i == 0 else rng.randint(2, EPOCHS - 1)
-            run = replace(real["pipeline:running"], host=host, gpus=gpus, parameters=params,
-                          progress=_progress(real["pipeline:running"].progress, rng, epoch - 1, running=True))
-            runs.append(_place(run, i, name, "RUNNING", NOW - 1800 - 120 * i, 1800.0 + 120 * i))
-            continue
-        if i < 6:
-            run = replace(real["pipeline:running"], stage=None, progress=None, host=None, gpus=(), parameters=params)
-            runs.append(_place(run, i, name, "SCHEDULED", None, None))
-            continue
-        state = rng.choices(("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), (85, 8, 4, 3))[0]
-        flow = rng.choice(("pipeline", "pipeline", "experiment", "prepare", "train", "evaluate"))
-        template = real[f"{flow}:final"]
-        run = replace(template, parameters=params if template.deployment else template.parameters,
-                      tags=_tags(template.tags, rng, state), host=template.host and rng.choice((LOCAL, "gpu-box-2")))
-        if run.progress is not None:
-            run = replace(run, progress=_progress(run.progress, rng, EPOCHS - 1 if state == "COMPLETED" else rng.randint(0, 10)))
-        if state != "COMPLETED" and flow in ("pipeline", "experiment"):
-            stage = rng.choice(("prepare", "train", "evaluate"))
-            run = replace(run, stage=stage, progress=None if stage == "prepare" else run.progress)
-        runs.append(_place(run, i, name, state, NOW - 600 - 900 * i, rng.uniform(20, 3000)))
-    return runs
-
-
-def _place(run: Run, i: int, name: str, state: str, start: float | None, duration: float | None) -> Run:
-    deployment_id = {"pipeline": "dep-pipeline", "train": "dep-train"}.get(run.deployment or "")
-    return replace(run, id=f"run-{i:04d}", name=name, state=state, state_name=state.title(), start=start,
-                   duration_s=duration, deployment_id=deployment_id)
-
-
-def _tags(tags: tuple[str, ...], rng: random.Random, state: str) -> tuple[str, ...]:
-    """The recorded run's tags with fresh versions; a run that did not complete has no model: tag."""
-    out = []
-    for tag in tags:
-        kind, sep, _ = tag.partition(":")
-        if kind == "model" and state != "COMPLETED":
-            continue
-        out.append(f"{kind}:{rng.getrandbits(48):012x}" if sep and kind in ("data", "model") else tag)
-    return tuple(out)
-
-
-def _progress(template: Progress, rng: random.Random, step: int, running: bool = False) -> Progress:
-    """The recorded progress's metrics with plausible values at epoch step + 1 of EPOCHS."""
-    done = (step + 1) / EPOCHS
-    values = {"val/acc": 0.55 + 0.35 * done + rng.uniform(-0.03, 0.03), "val/loss": 1.4 - 0.9 * done,
-              "train/loss": 1.3 - 1.0 * done, "samples_per_s": rng.uniform(900, 1400)}
-    metrics = tuple((k, round(values.get(k, 0.0), 4)) for k, _ in template.metrics)
-    eta = (EPOCHS - step - 1) * rng.uniform(60, 180) if running else template.eta_s
-    return replace(template, step=step, epochs=EPOCHS, metrics=metrics, updated=NOW, eta_s=eta)
+"""The demo's processes on this host's GPUs (tui.providers.fake_gpu.FakeNvml), by the run they belong to."""
 
 
 def fake_deployments() -> list[Deployment]:
@@ -111,24 +41,36 @@ def fake_deployments() -> list[Deployment]:
 class FakePrefect:
     """Implements the Orchestrator protocol in memory; actions change its state and are recorded."""
 
-    def __init__(self, runs: int = 1000, connected: bool = True) -> None:
-        self.runs = fake_runs(runs)
+    def __init__(self, runs: int = 1000, connected: bool = True, layout: Fleet = DEMO) -> None:
+        self.runs = fake_runs(runs, layout=layout)
+        """Every run, newest first: made on demand, never all held (tui.providers.fake_runs)."""
         self.deployments = fake_deployments()
         self.pools = [WorkPool("local", "READY", 2, 2), WorkPool("laptop", "NOT_READY", 0, 1)]
         self.connected = connected
         self.actions: list[tuple[str, str]] = []
         self.url = "http://127.0.0.1:4200/api (demo)"
+        self._hits: dict[tuple, list[int]] = {}
+        """A filter's matching run positions, as a server's index would have them; cleared when runs change."""
 
     def snapshot(self, query: RunQuery) -> Orchestration:
         """The runs matching query (substring of name, flow or deployment; state types), one page."""
         if not self.connected:
             return Orchestration(False, self.url, error=f"the Prefect server at {self.url} does not answer (ConnectError)")
-        text = query.text.lower()
-        hits = [r for r in self.runs if (not query.states or r.state in query.states)
-                and (not text or text in f"{r.name} {r.flow} {r.deployment or ''}".lower())]
-        page = tuple(hits[query.offset:query.offset + query.limit])
-        running = tuple(r for r in self.runs if r.state == "RUNNING")
-        return Orchestration(True, self.url, page, len(hits), tuple(self.deployments), tuple(self.pools), running=running)
+        running = tuple(self.runs.running())
+        deps, pools = tuple(self.deployments), tuple(self.pools)
+        if not query.text and not query.states:  # a page of everything costs only the page
+            page = tuple(self.runs[query.offset:query.offset + query.limit])
+            return Orchestration(True, self.url, page, len(self.runs), deps, pools, running=running)
+        hits = self._matching(query.text.lower(), query.states)
+        page = tuple(self.runs[i] for i in hits[query.offset:query.offset + query.limit])
+        return Orchestration(True, self.url, page, len(hits), deps, pools, running=running)
+
+    def _matching(self, text: str, states: tuple[str, ...]) -> list[int]:
+        key = (text, states, len(self.runs))
+        if key not in self._hits:
+            self._hits = {key: [i for i, r in enumerate(self.runs) if (not states or r.state in states)
+                                and (not text or text in f"{r.name} {r.flow} {r.deployment or ''}".lower())]}
+        return self._hits[key]
 
     def detail(self, run_id: str) -> RunDetail:
         """The log and summary of a real finished pipeline run, as recorded (tui/providers/recorded.json)."""
@@ -136,10 +78,11 @@ class FakePrefect:
         return RunDetail(tuple(found["logs"]), tuple(found["artifacts"]))
 
     def _find(self, run_id: str) -> int:
-        for i, run in enumerate(self.runs):
-            if run.id == run_id:
-                return i
-        raise ActionError(f"Run {run_id} no longer exists on the server.")
+        i = self.runs.index_of(run_id)
+        if i < 0:
+            raise ActionError(f"Run {run_id} no longer exists on the server.")
+        self._hits = {}
+        return i
 
     def cancel(self, run_id: str) -> str:
         """Marks the run Cancelled."""

@@ -13,11 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-import httpx
-from pydantic import ValidationError
-
 from flows.contracts import STALE_AFTER_S, TELEMETRY_EVENT, HostTelemetry
-from flows.telemetry import auth
 from tui.providers.base import TelemetrySource
 from tui.providers.models import HostSample, RemoteHost, Telemetry
 from tui.providers.telemetry import gpu_sample
@@ -32,6 +28,10 @@ class RemoteHosts:
     def __init__(self, url: Callable[[], str | None], local_host: str | None = None, every: float = 2.0,
                  clock: Callable[[], float] = time.time, timeout: float = 3.0) -> None:
         self._url, self.local_host, self.every, self.clock = url, local_host, every, clock
+        import httpx  # here, not at import: the demo's fleet (FleetTelemetry on fakes) starts without it
+
+        from flows.telemetry import auth
+
         self._http = httpx.Client(timeout=timeout, auth=auth())
         self.known: dict[str, HostTelemetry] = {}
         self._fetched_at: float | None = None
@@ -47,6 +47,9 @@ class RemoteHosts:
         return tuple(view(self.known[name], now) for name in sorted(self.known))
 
     def _fetch(self, now: float) -> list[HostTelemetry]:
+        import httpx
+        from pydantic import ValidationError
+
         url = self._url()
         if not url:
             return []

@@ -94,6 +94,12 @@ class Run:
     """The host whose worker runs it (its ``tunedeck.host`` label), when known."""
     gpus: tuple[int, ...] = ()
     """The GPUs it holds on that host (its ``tunedeck.gpus`` label)."""
+    scores: tuple[tuple[str, float], ...] = ()
+    """The final scores its evaluate stage published (``test/acc``, ``test/macro_f1`` labels), once evaluated."""
+
+    def score(self, name: str) -> float | None:
+        """One final score (``test/acc``), or None before the run was evaluated."""
+        return dict(self.scores).get(name)
 
     @property
     def current_stage(self) -> str:
@@ -196,6 +202,8 @@ class Experiment:
     rev: str
     params: tuple[tuple[str, str], ...]
     metrics: tuple[tuple[str, float], ...]
+    running: str = ""
+    """What the flow run making this experiment does now ("train 8/12"); empty for a saved experiment."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,16 @@ import httpx
 from flows.telemetry import auth
 from tui.providers.base import ActionError
 from tui.providers.models import MonitorView, Orchestration, Run, RunDetail, RunQuery
-from tui.providers.prefect_parse import deployment, gpus_label, host_label, pool, run_filter, run_progress, stage_label
+from tui.providers.prefect_parse import (
+    deployment,
+    gpus_label,
+    host_label,
+    pool,
+    run_filter,
+    run_progress,
+    run_scores,
+    stage_label,
+)
 
 RETRIES = 2  # extra tries on 429/502/503, 0.25 s then 0.5 s apart
 
@@ -93,7 +102,7 @@ class PrefectApi:
             r["id"], r["name"], self._flows.get(r["flow_id"], "?"), r.get("state_type") or "?",
             r.get("state_name") or "", start, duration, deployment_names.get(r.get("deployment_id")),
             r.get("deployment_id"), tuple(r.get("tags") or ()), r.get("parameters") or {},
-            stage_label(labels), run_progress(labels), host_label(labels), gpus_label(labels),
+            stage_label(labels), run_progress(labels), host_label(labels), gpus_label(labels), run_scores(labels),
         )
 
     def _deployment_runs(self, ids: list[str]) -> tuple[dict[str, list[float]], dict[str, str]]:

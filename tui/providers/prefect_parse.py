@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from flows.contracts import LABEL, StageProgress
+from flows.contracts import LABEL, SCORE_PREFIX, StageProgress, scores_from_labels
 from flows.contracts import stage_label as stage_label
 from tui.providers.models import STATES, Deployment, Progress, RunQuery, WorkPool
 
@@ -23,11 +23,18 @@ def run_filter(query: RunQuery) -> dict[str, Any]:
 
 
 def run_progress(labels: dict[str, Any] | None) -> Progress | None:
-    """The training progress a run's labels carry (flows.contracts.StageProgress), as the screen's Progress."""
+    """The training progress a run's labels carry (flows.contracts.StageProgress), as the screen's Progress;
+    the final scores are not an epoch's, so run_scores() has them."""
     found = StageProgress.from_labels(labels)
     if found is None:
         return None
-    return Progress(found.epoch - 1, found.epochs, tuple(sorted(found.metrics.items())), found.at, found.eta_s)
+    metrics = tuple(sorted((k, v) for k, v in found.metrics.items() if not k.startswith(SCORE_PREFIX)))
+    return Progress(found.epoch - 1, found.epochs, metrics, found.at, found.eta_s)
+
+
+def run_scores(labels: dict[str, Any] | None) -> tuple[tuple[str, float], ...]:
+    """The final scores a run's labels carry (test/acc, test/macro_f1), sorted by name."""
+    return tuple(sorted(scores_from_labels(labels).items()))
 
 
 def host_label(labels: dict[str, Any] | None) -> str | None:

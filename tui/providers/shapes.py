@@ -10,6 +10,7 @@ and tests hold both the fakes and fresh real runs to these shapes.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ def shape(run: Run) -> dict[str, Any]:
         "progress": None if progress is None else {
             "metrics": sorted(k for k, _ in progress.metrics), "epochs": progress.epochs is not None,
             "eta": progress.eta_s is not None and run.state == "RUNNING"},
+        "scores": sorted(k for k, _ in run.scores),
     }
 
 
@@ -51,6 +53,7 @@ def templates() -> dict[str, Run]:
     found: dict[str, Run] = {}
     for raw in recorded()["runs"]:
         run = build(Run, raw)
+        run = replace(run, scores=tuple(tuple(s) for s in run.scores))
         if run.progress is not None:
             run = _with_progress(run, build(Progress, raw["progress"]))
         found.setdefault(kind(run), run)
@@ -58,8 +61,6 @@ def templates() -> dict[str, Run]:
 
 
 def _with_progress(run: Run, progress: Progress) -> Run:
-    from dataclasses import replace
-
     return replace(run, progress=replace(progress, metrics=tuple(tuple(m) for m in progress.metrics)))
 
 
@@ -70,4 +71,4 @@ def fits(run: Run, template: Run) -> bool:
         return mine == real
     return (mine["flow"], mine["deployment"]) == (real["flow"], real["deployment"]) and set(mine["tags"]) <= set(real["tags"]) \
         and all(not mine[k] or real[k] for k in ("stage", "host", "gpus")) \
-        and (mine["progress"] is None or mine["progress"] == real["progress"])
+        and (mine["progress"] is None or mine["progress"] == real["progress"]) and set(mine["scores"]) <= set(real["scores"])

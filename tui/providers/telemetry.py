@@ -15,7 +15,6 @@ import psutil
 
 from flows import gpus
 from flows.contracts import GpuReading
-from flows.telemetry import host_usage
 from tui.providers.models import GpuProcess, GpuSample, HostSample, Telemetry
 
 
@@ -29,6 +28,8 @@ class PsutilHost:
 
     def sample(self) -> HostSample:
         """One reading; CPU % is since the previous reading."""
+        from flows.telemetry import host_usage  # with httpx: imported by the live host only, not the demo's
+
         usage = host_usage(self.disk_path)
         return HostSample(self.hostname, usage["cpu_percent"], int(usage["cpu_count"]), usage["ram_used_gib"],
                           usage["ram_total_gib"], usage["disk_used_gib"], usage["disk_total_gib"])

@@ -21,6 +21,7 @@ from tui.providers.prefect_parse import run_parameters
 from tui.query import describe, parse_filter
 from tui.screens.ask import AskScreen
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.jump import to_experiment
 from tui.screens.run_detail import RunDetailScreen
 from tui.widgets.deployments_table import DeploymentsTable
 from tui.widgets.gpu_panel import GpuPanel
@@ -38,7 +39,7 @@ class DashboardScreen(Screen[None]):
     BINDINGS = [
         Binding("colon", "prompt('command')", "command"), Binding("slash", "prompt('filter')", "filter"),
         Binding("question_mark", "app.help", "help"), Binding("e", "app.experiments", "experiments"),
-        Binding("m", "app.monitor", "monitor"),
+        Binding("m", "app.monitor", "monitor"), Binding("x", "to_experiment", "its experiment"),
         Binding("left_square_bracket", "page(-1)", "prev page", show=False),
         Binding("right_square_bracket", "page(1)", "next page", show=False),
         Binding("c", "cancel_run", "cancel"), Binding("R", "retry_run", "retry"),
@@ -318,6 +319,12 @@ class DashboardScreen(Screen[None]):
         progress = event.run.progress or (self.progress if event.run.id == owner else None)
         self.app.push_screen(RunDetailScreen(event.run, gpus.get(event.run.id, ()), progress))
 
+    def action_to_experiment(self) -> None:
+        """x: the experiments view, on the DVC experiment the highlighted run made (or is making)."""
+        run = self.query_one(RunsTable).current_run
+        if run:
+            to_experiment(self.app, run)
+
     # -- actions (side effects live here) --
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
@@ -396,3 +403,4 @@ class DashboardScreen(Screen[None]):
         """Say what happened, and show it at once."""
         self.notify(message.text, severity="error" if message.failed else "information")
         self._refetch()
+

@@ -1,4 +1,8 @@
-"""DVC experiments: the table (metrics, then params that differ), sortable, diff two; curves below, overlaid when marked."""
+"""DVC experiments: the table (metrics, then params that differ), sortable, diff two; curves below, overlaid when marked.
+
+An experiment a run is making now is marked ▶ (and listed before it is saved); `x` goes to the
+run that made the experiment under the cursor, as the runs table's `x` comes here.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,20 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 from textual_plotext import PlotextPlot
 
-from tui.experiment_table import changed_params, columns, diff, param_keys, pick_metric, table_rows
+from tui.experiment_table import (
+    changed_params,
+    columns,
+    diff,
+    experiment_name,
+    param_keys,
+    pick_metric,
+    table_rows,
+    with_running,
+)
 from tui.messages import ExperimentsFetched
-from tui.providers.models import Curves, Experiment, Registry
+from tui.providers.models import Curves, Experiment, Registry, Run, RunQuery
 from tui.screens.diff import DiffScreen
+from tui.screens.run_detail import RunDetailScreen
 
 MAX_MARKED = 6
 """At most this many experiments are marked (one colour each in the overlay)."""
@@ -33,17 +47,31 @@ class OverlayFetched(Message):
     error: str | None = None
 
 
+@dataclass
+class RunFound(Message):
+    """The flow run that made an experiment (None: no run on the server did)."""
+
+    experiment: str
+    run: Run | None
+    error: str | None = None
+
+
 class ExperimentsScreen(Screen[None]):
     """`dvc exp show` in a table, the dvclive curves of the workspace, or the marked experiments' curves overlaid."""
 
     BINDINGS = [Binding("escape,q", "app.pop_screen", "back"), Binding("s", "sort", "sort by column"),
                 Binding("space", "mark", "mark"), Binding("d", "diff", "diff marked"),
-                Binding("a", "all_params", "all params"), Binding("c", "next_metric", "curve metric")]
+                Binding("a", "all_params", "all params"), Binding("c", "next_metric", "curve metric"),
+                Binding("x", "to_run", "its run")]
 
-    def __init__(self) -> None:
+    def __init__(self, running: tuple[Run, ...] = (), focus: str | None = None) -> None:
         super().__init__()
+        self.running_runs = running
+        """The runs running now (the dashboard's last snapshot): the experiments they are making are marked."""
+        self.focus_name = focus
+        """The experiment to put the cursor on once the table is read (the run the user came from)."""
         self.experiments: tuple[Experiment, ...] = ()
-        """Rows as DVC gave them."""
+        """Rows as DVC gave them, then the experiments running runs have not saved yet."""
         self.marked: list[int] = []
         """Indices of the marked experiments (names repeat across baselines): overlaid curves, a diff of two."""
         self.sort_column: str | None = None
@@ -93,19 +121,41 @@ class ExperimentsScreen(Screen[None]):
 
     def on_experiments_fetched(self, message: ExperimentsFetched) -> None:
         """Fill the table and draw the curves."""
-        self.experiments = message.experiments
+        self.experiments = with_running(message.experiments, self.running_runs)
         self.registry = message.registry
         self.query_one("#registry", Static).update(registry_line(message.registry))
         self._status(message.error)
         self._fill()
         self._plot(message.curves)
+        if self.focus_name is not None:
+            self.focus_on(self.focus_name)
+            self.focus_name = None
+
+    def focus_on(self, name: str) -> None:
+        """Put the cursor on the experiment named name, or say that there is none."""
+        table = self.query_one("#exp-table", DataTable)
+        rows = [i for i in range(table.row_count) if self.experiments[self._index(i)].name == name]
+        if rows:
+            table.move_cursor(row=rows[-1], column=1, animate=False)  # the newest of a name repeated across baselines
+        else:
+            self.notify(f"No DVC experiment named '{name}' here: the run saves it when it ends, in its worker's clone.",
+                        severity="warning")
+
+    def _index(self, row: int) -> int:
+        """The experiment shown on a table row."""
+        table = self.query_one("#exp-table", DataTable)
+        return int(table.coordinate_to_cell_key((row, 0)).row_key.value)
 
     def _status(self, error: str | None = None) -> None:
         """How many experiments, how many params are hidden, and the keys."""
-        hidden = len(param_keys(self.experiments)) - len(changed_params(self.experiments))
+        saved = tuple(e for e in self.experiments if not e.running)
+        hidden = len(param_keys(saved)) - len(changed_params(saved))
         params = "all params (a: only changed)" if self.all_params else f"{hidden} equal params hidden (a shows all)"
+        running = sum(1 for e in self.experiments if e.running)
+        now = f" · ▶ {running} running" if running else ""
         self.query_one("#exp-status", Static).update(
-            error or f"{len(self.experiments)} experiments · {params} · s sorts · space marks · c curve metric · d diffs two")
+            error or f"{len(self.experiments)} experiments{now} · {params} · s sorts · space marks · c curve metric · d diffs two"
+                     " · x its run")
 
     def _fill(self) -> None:
         table = self.query_one("#exp-table", DataTable)
@@ -115,10 +165,14 @@ class ExperimentsScreen(Screen[None]):
         for col in ["", "experiment", "rev", *shown]:
             table.add_column(col, key=col or "mark")
         for index, cells in table_rows(self.experiments, shown, self.sort_column, self.sort_reverse):
-            version = self.registry.version_of(self.experiments[index].rev)
+            experiment = self.experiments[index]
+            version = self.registry.version_of(experiment.rev)
             if version:  # the experiment a registry version was tagged on: its version, and prod marked
                 cells = [f"{cells[0]} ({version}{', prod' if version == self.registry.prod else ''})", *cells[1:]]
-            table.add_row("●" if index in self.marked else "", *cells, key=str(index))
+            if experiment.running:  # a run is making it: what it does now where its commit will be
+                cells = [cells[0], experiment.running, *cells[2:]]
+            mark = ("●" if index in self.marked else "") + ("▶" if experiment.running else "")
+            table.add_row(mark, *cells, key=str(index))
         table.move_cursor(row=cursor.row, column=cursor.column, animate=False)
 
     def _plot(self, curves: Curves) -> None:
@@ -156,6 +210,10 @@ class ExperimentsScreen(Screen[None]):
         if not self.experiments:
             return
         index = int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        if self.experiments[index].running and not self.experiments[index].rev:
+            self.notify(f"{self.experiments[index].name} is still running: its curves come with the experiment, when the run ends.",
+                        severity="warning")
+            return
         self.marked = [m for m in self.marked if m != index] if index in self.marked else (self.marked + [index])[-MAX_MARKED:]
         self._fill()
         self._refresh_overlay()
@@ -218,6 +276,45 @@ class ExperimentsScreen(Screen[None]):
             plt.plot(steps, values, label=label, color=colour)
         plt.xlabel("step")
         plot.refresh()
+
+    def action_to_run(self) -> None:
+        """x: the run that made (or is making) the experiment under the cursor."""
+        table = self.query_one("#exp-table", DataTable)
+        if not self.experiments or table.row_count == 0:
+            return
+        name = self.experiments[self._index(table.cursor_row)].name
+        known = next((r for r in self.running_runs if experiment_name(r) == name), None)
+        if known is not None:
+            self._open_run(known)
+        else:
+            self.find_run(name)
+
+    @work(thread=True, exclusive=True, group="find-run")
+    def find_run(self, name: str) -> None:
+        """Blocking: ask the server for the run named after the experiment (a deployment run saves it under its name)."""
+        snapshot = self.app.providers.orchestrator.snapshot(RunQuery(text=name, limit=20))
+        if not snapshot.connected:
+            self.post_message(RunFound(name, None, snapshot.error))
+            return
+        self.post_message(RunFound(name, next((r for r in snapshot.runs if experiment_name(r) == name), None)))
+
+    def on_run_found(self, message: RunFound) -> None:
+        """Open the run, or say why there is none."""
+        if message.run is not None:
+            self._open_run(message.run)
+        elif message.error:
+            self.notify(f"Cannot look up the run of '{message.experiment}': {message.error}.", severity="error")
+        else:
+            self.notify(f"No run on the Prefect server made '{message.experiment}': `dvc exp run` or `dvc repro` made it "
+                        "outside a deployment.", severity="warning")
+
+    def _open_run(self, run: Run) -> None:
+        """Back to the run's detail if the user came from it, else its detail on top of this view."""
+        below = self.app.screen_stack[-2] if len(self.app.screen_stack) > 1 else None
+        if isinstance(below, RunDetailScreen) and below.run.id == run.id:
+            self.app.pop_screen()
+        else:
+            self.app.push_screen(RunDetailScreen(run, run.gpus if run.state == "RUNNING" else (), run.progress))
 
     def action_diff(self) -> None:
         """Show what differs between the two marked experiments."""

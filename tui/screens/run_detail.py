@@ -19,7 +19,7 @@ class RunDetailScreen(Screen[None]):
     """Params and metrics on the left, the log on the right; Escape goes back."""
 
     BINDINGS = [Binding("escape,q", "app.pop_screen", "back"), Binding("c", "cancel", "cancel run"),
-                Binding("R", "retry", "retry run")]
+                Binding("R", "retry", "retry run"), Binding("x", "to_experiment", "its experiment")]
 
     def __init__(self, run: Run, gpus: tuple[int, ...], progress: Progress | None, follow_s: float = 2.0) -> None:
         super().__init__()
@@ -50,6 +50,9 @@ class RunDetailScreen(Screen[None]):
             source = "published" if self.progress is r.progress else "dvclive"
             parts += ["", f"[b]metrics[/b] ({source}, epoch {self.progress.step + 1}/{self.progress.epochs or '?'})"]
             parts += [f"{k} {v:.4g}" for k, v in self.progress.metrics]
+        if r.scores:
+            parts += ["", "[b]scores[/b] (the evaluate stage's, on the test split)"]
+            parts += [f"{k} {v:.4g}" for k, v in r.scores]
         return "\n".join(parts).replace("[", "\\[").replace("\\[b]", "[b]").replace("\\[/b]", "[/b]")
 
     def on_mount(self) -> None:
@@ -74,15 +77,31 @@ class RunDetailScreen(Screen[None]):
             side = self.query_one("#detail-params", Static)
             side.update(self._side() + "\n\n[b]summary[/b]\n" + "\n".join(message.detail.artifacts).replace("[", "\\["))
 
+    def action_to_experiment(self) -> None:
+        """x: the experiment this run made, in the experiments view (x there comes back here)."""
+        from tui.experiment_table import experiment_name
+        from tui.screens.experiments import ExperimentsScreen
+        from tui.screens.jump import to_experiment
+
+        below = self.app.screen_stack[-2] if len(self.app.screen_stack) > 1 else None
+        name = experiment_name(self.run)
+        if isinstance(below, ExperimentsScreen) and name:  # came from there: go back, on this run's row
+            self.app.pop_screen()
+            below.focus_on(name)
+        else:
+            to_experiment(self.app, self.run)
+
     def action_cancel(self) -> None:
         """Cancel from here too (the dashboard asks first)."""
+        dashboard = self.app.screen_stack[0]  # the run may have been opened from the experiments view
         self.app.pop_screen()
-        self.app.screen.confirm_cancel(self.run)
+        dashboard.confirm_cancel(self.run)
 
     def action_retry(self) -> None:
         """Retry from here too."""
+        dashboard = self.app.screen_stack[0]
         self.app.pop_screen()
-        self.app.screen.retry(self.run)
+        dashboard.retry(self.run)
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """Read-only hides cancel and retry."""

@@ -5,16 +5,15 @@ from __future__ import annotations
 from collections import deque
 from functools import cached_property
 
-from rich.cells import cell_len
-from rich.text import Span, Text
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
 from tui.format import NA, bar, duration, num, sparkline
 from tui.providers.models import GpuSample, RemoteHost, Run, Telemetry
-from tui.widgets.keyed_table import columns_that_fit, fit
-from tui.widgets.line_table import LineTable
+from tui.widgets.keyed_table import columns_that_fit
+from tui.widgets.line_table import GAP, Layout, LineTable, row_line
 
 HISTORY = 14
 COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY), ("MEM GiB", "mem", 10),
@@ -22,13 +21,10 @@ COLUMNS = [("GPU", "gpu", 3), ("UTIL", "util", 15), ("HISTORY", "hist", HISTORY)
            ("PID:MEM", "procs", 12)]
 
 
-GAP = "  "  # between two columns
 DROPPED_FIRST = ("clk", "hist", "power", "temp", "procs")
 """The columns a narrow terminal loses, in this order: GPU, UTIL, MEM and RUN (the join) always stay."""
 RUN_MAX = 64  # a wide terminal gives RUN the room left over, up to this many cells
 
-Layout = tuple[tuple[int, int], ...]
-"""(column index, width) of each column shown, left to right."""
 FULL: Layout = tuple((i, width) for i, (_, _, width) in enumerate(COLUMNS))
 
 
@@ -46,35 +42,6 @@ def fitting(width: int) -> Layout:
 def header(layout: Layout = FULL) -> str:
     """The labels of the columns shown."""
     return GAP.join(COLUMNS[i][0].ljust(width) for i, width in layout).rstrip()
-
-
-def row_line(cells: tuple, layout: Layout = FULL) -> Text:
-    """One GPU's cells laid out in the shown columns' widths as a single line.
-
-    Cut cells end in "…". The line is built as one string plus the styled cells' spans:
-    assembling a Text piece by piece cost more than drawing it.
-    """
-    plain: list[str] = []
-    spans: list[Span] = []
-    at = 0
-    for i, (column, width) in enumerate(layout):
-        cell = cells[column]
-        if i:
-            plain.append(GAP)
-            at += len(GAP)
-        part = fit(cell, width)
-        if isinstance(part, Text):
-            text = part.plain
-            if part.style:
-                spans.append(Span(at, at + len(text), part.style))
-            spans += [Span(at + s.start, at + s.end, s.style) for s in part.spans]
-        else:
-            text = str(part)
-        plain.append(text + " " * (width - cell_len(text)))
-        at += len(plain[-1])
-    line = Text("".join(plain), spans=spans)
-    line.rstrip()
-    return line
 
 
 class GpuPanel(Vertical):

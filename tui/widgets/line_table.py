@@ -8,8 +8,9 @@ rendered again and repainted alone, the others come from a cache of strips.
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from rich.segment import Segment
-from rich.text import Text
+from rich.text import Span, Text
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Region, Size
@@ -17,7 +18,42 @@ from textual.message import Message
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from tui.widgets.keyed_table import fit
+
 LEFT = Segment(" ")  # one cell before each line, as DataTable's cell padding had it
+GAP = "  "  # between two columns
+
+Layout = tuple[tuple[int, int], ...]
+"""(column index, width) of each column shown, left to right."""
+
+
+def row_line(cells: tuple, layout: Layout) -> Text:
+    """One row's cells laid out in the shown columns' widths as a single line.
+
+    Cut cells end in "…". The line is built as one string plus the styled cells' spans:
+    assembling a Text piece by piece cost more than drawing it.
+    """
+    plain: list[str] = []
+    spans: list[Span] = []
+    at = 0
+    for i, (column, width) in enumerate(layout):
+        cell = cells[column]
+        if i:
+            plain.append(GAP)
+            at += len(GAP)
+        part = fit(cell, width)
+        if isinstance(part, Text):
+            text = part.plain
+            if part.style:
+                spans.append(Span(at, at + len(text), part.style))
+            spans += [Span(at + s.start, at + s.end, s.style) for s in part.spans]
+        else:
+            text = str(part)
+        plain.append(text + " " * (width - cell_len(text)))
+        at += len(plain[-1])
+    line = Text("".join(plain), spans=spans)
+    line.rstrip()
+    return line
 
 
 class LineTable(ScrollView, can_focus=True):

@@ -1,0 +1,180 @@
+"""FedAvg through real Prefect workers on 127.0.0.1: 3 silos, each its own work pool and data folder.
+
+Each silo's images are in a 0700 folder of its own user (uid 60001..60003); the silos' workers
+run as root with its capabilities, so they read them. The coordinator's worker runs as root
+*without any capability* (`setpriv --bounding-set=-all`): the kernel's permission checks then
+apply to it as to any user, so it cannot read the silos' folders, and the coordinator flow checks
+that itself before it starts (federated.unreadable). One silo's flow run is killed while it
+starts its round: the round goes on with the other two, and the run ends Completed with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows import server
+from tests.conftest import write_images
+from tests.integration.project import api, env, free_port, make_project, run
+from tests.integration.test_deployments import logs, wait
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                       reason="needs root (to own folders as other users) and setpriv (to drop capabilities)"),
+]
+SILOS = ("a", "b", "c")
+SILO_UID = 60001  # silo i's folder belongs to SILO_UID + i
+NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A tiny project, its server, 3 silo workers (each reads only its own folder) and a coordinator worker."""
+    project = make_project(tmp_path_factory.mktemp("federated"))
+    write_images(project / "data" / "eval", {"red": 6, "green": 6, "blue": 6}, size=16, seed=7)
+    (project / "exchange").mkdir()
+    private = tmp_path_factory.mktemp("silos")
+    for i, name in enumerate(SILOS):
+        folder = write_images(private / name, {"red": 6, "green": 6, "blue": 6}, size=16, seed=i)
+        for path in [folder, *folder.rglob("*")]:
+            os.lchown(path, SILO_UID + i, SILO_UID + i)
+        folder.chmod(0o700)
+    url = server.start(free_port(), root=project)
+    workers: list[subprocess.Popen] = []
+    try:
+        run(project, "tunedeck", "federated", "deploy", *SILOS, PREFECT_API_URL=url)
+        create_cpu_slot(url)  # before the workers: 4 workers creating it at once race (one gets 409 and exits)
+        for name in SILOS:
+            workers.append(subprocess.Popen(["tunedeck", "worker", "--pool", f"silo-{name}"], **quiet(project, name),
+                                            env=env(PREFECT_API_URL=url, TUNEDECK_SILO_DATA=str(private / name))))
+        workers.append(subprocess.Popen([*NO_CAPS, "tunedeck", "worker", "--pool", "local"], **quiet(project, "coordinator"),
+                                        env=env(PREFECT_API_URL=url)))
+        yield project, url, private
+    finally:
+        for proc in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        server.stop(root=project)
+
+
+def quiet(project: Path, name: str) -> dict:
+    """A worker's Popen arguments: its own session, its output in .tunedeck/worker-NAME.log (shown when a test fails)."""
+    (project / ".tunedeck").mkdir(exist_ok=True)
+    log = open(project / ".tunedeck" / f"worker-{name}.log", "w")  # noqa: SIM115 (closed with the process)
+    return {"stdout": log, "stderr": subprocess.STDOUT, "start_new_session": True, "cwd": project}
+
+
+def create_cpu_slot(url: str) -> None:
+    """This host's CPU slot (a global concurrency limit), which every `tunedeck worker` here creates if missing."""
+    from flows.gpus import slot_name
+
+    limits = {c["name"] for c in api(url, "v2/concurrency_limits/filter")}
+    if slot_name(None) not in limits:
+        api(url, "v2/concurrency_limits/", {"name": slot_name(None), "limit": 1})
+
+
+def worker_logs(project: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((project / ".tunedeck").glob("worker-*.log")))
+
+
+def logs_until(url: str, run_id: str, text: str, timeout: float = 30) -> str:
+    """The run's log, once it has a line with text (or after timeout)."""
+    deadline = time.monotonic() + timeout
+    while text not in (found := logs(url, run_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
+def capabilities(proc: psutil.Process) -> int:
+    """The process's effective capability set (0: none; root without capabilities is checked like any user)."""
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    return int(status.split("CapEff:")[1].split()[0], 16)
+
+
+def deployment_id(url: str, flow: str, name: str) -> str:
+    flows = {f["id"]: f["name"] for f in api(url, "flows/filter")}
+    return next(d["id"] for d in api(url, "deployments/filter") if d["name"] == name and flows[d["flow_id"]] == flow)
+
+
+def run_processes(run_id: str) -> list[psutil.Process]:
+    """The flow run's process (its worker started it with PREFECT__FLOW_RUN_ID) and all below it."""
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
+                return [proc, *proc.children(recursive=True)]
+    return []
+
+
+def test_fedavg_over_three_silos_survives_a_killed_silo(federation):
+    project, url, private = federation
+    config = {"silos": list(SILOS), "eval_source": "data/eval", "exchange": str(project / "exchange"), "rounds": 2,
+              "local_epochs": 1, "min_silos": 2, "silo_timeout_s": 150, "unreadable": [str(private / s) for s in SILOS]}
+    run_id = api(url, f"deployments/{deployment_id(url, 'federated', 'coordinator')}/create_flow_run",
+                 {"parameters": {"config": config}})["id"]
+    silo_c = deployment_id(url, "silo", "c")
+    killed = coordinator_caps = None
+    deadline = time.monotonic() + 300  # a hang guard
+    while killed is None or coordinator_caps is None:
+        assert time.monotonic() < deadline, ("silo c never started, or the coordinator never ran", logs(url, run_id)[-2000:], worker_logs(project))
+        if coordinator_caps is None and (family := run_processes(run_id)):
+            coordinator_caps = capabilities(family[0])
+        if killed is None:
+            started = api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [silo_c]}}})
+            family = run_processes(started[0]["id"]) if started else []
+            if family:  # silo c's first round is under way (its process is starting): kill it, -9, whole tree
+                for proc in family:
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                killed = started[0]["id"]
+        time.sleep(0.1)
+    assert coordinator_caps == 0, "the coordinator's flow run must have no capability (no DAC override)"
+    assert all(os.stat(private / s).st_uid != 0 and os.stat(private / s).st_mode & 0o077 == 0 for s in SILOS)
+    done = wait(url, run_id, timeout=300)
+    text = logs_until(url, run_id, "round 2/2")  # a run's last log lines reach the server in batches
+    runs = [(r["name"], r["state_type"], (r["state"] or {}).get("message")) for r in api(url, "flow_runs/filter")]
+    assert done["state_type"] == "COMPLETED", ([line for line in text.splitlines() if "round" in line][-8:], runs, worker_logs(project))
+    assert wait(url, killed, timeout=60)["state_type"] in ("CRASHED", "FAILED"), "the killed silo's run must not complete"
+    assert "cannot read any of the 3 silo data paths" in text, text[-2000:]
+    assert "round 1: silo c skipped" in text, text[-2000:]
+    assert "round 1/2: 2 silos" in text and "round 2/2: 3 silos" in text, text[-2000:]
+    warnings = api(url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": 30}}})
+    assert any("silo c skipped" in w["message"] for w in warnings), "the skip is logged as a warning"
+    # the final global model is an ordinary model file of the project
+    from flows.core.model_file import read_meta
+
+    meta = read_meta(project / "models" / "model.safetensors")
+    assert meta.model_name == "test_resnet" and meta.classes == ["blue", "green", "red"]
+    assert json.loads((project / "models" / "model.json").read_text())["sha256"]
+    history = json.loads((project / "models" / "federated.json").read_text())["history"]
+    assert [h["silos"] for h in history] == [2, 3] and [h["examples"] for h in history] == [36, 54]
+    assert (project / "dvclive" / "federated" / "metrics.json").is_file()
+    # only weights came back from the silos: each exchange file is a state dict of the model's keys
+    from safetensors import safe_open
+
+    sent = sorted(project.joinpath("exchange").rglob("[abc].safetensors"))
+    assert len(sent) == 5, sent
+    with safe_open(str(sent[0]), framework="pt") as handle:
+        assert set(handle.keys()) == set(safe_open(str(project / "models" / "model.safetensors"), framework="pt").keys())
+
+
+def test_a_coordinator_that_can_read_a_silo_folder_refuses_to_run(federation):
+    """The guard is real: pointed at a folder it can read (its own evaluation images), the coordinator fails."""
+    project, url, _ = federation
+    config = {"silos": ["a"], "eval_source": "data/eval", "exchange": str(project / "exchange"), "rounds": 1,
+              "unreadable": ["data/eval"]}
+    run_id = api(url, f"deployments/{deployment_id(url, 'federated', 'coordinator')}/create_flow_run",
+                 {"parameters": {"config": config}})["id"]
+    failed = wait(url, run_id, timeout=180)
+    assert failed["state_type"] == "FAILED", failed["state_type"]
+    assert "the coordinator can read silo data at data/eval" in failed["state"]["message"], failed["state"]["message"]
