@@ -11,6 +11,7 @@ import json
 import os
 import re
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,17 @@ def list_class_folders(source: Path) -> list[Path]:
     return folders
 
 
-def folder_version(source: Path) -> str:
-    """The md5 DVC gives this folder (md5 of its sorted file list), so versions match dvc.lock."""
+def folder_version(source: Path, known: dict[Path, str] | None = None) -> str:
+    """The md5 DVC gives this folder (md5 of its sorted file list), so versions match dvc.lock.
+
+    known: files' md5s already computed (prepare hashes each image as it decodes it, from the
+    same bytes); only the other files are read here.
+    """
+    known = known or {}
     entries = []
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        entries.append({"md5": hashlib.md5(path.read_bytes()).hexdigest(), "relpath": path.relative_to(source).as_posix()})
+        md5 = known.get(path) or hashlib.md5(path.read_bytes()).hexdigest()
+        entries.append({"md5": md5, "relpath": path.relative_to(source).as_posix()})
     entries.sort(key=lambda e: tuple(e["relpath"].split("/")))
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
@@ -82,7 +89,11 @@ def decode_sizes(path: Path, sizes: tuple[int, ...]) -> list[np.ndarray]:
     The file is read once; each size decodes on its own, so the val/test copy is pixel for pixel
     what predict's decode_image() makes of the same file.
     """
-    data = path.read_bytes()
+    return decode_bytes(path.read_bytes(), sizes)
+
+
+def decode_bytes(data: bytes, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """A file's bytes decoded to each size in sizes (decode_sizes() without the read)."""
     return [square(load_rgb(data, size), size) for size in sizes]
 
 
@@ -150,28 +161,14 @@ def decode_stream(source: Path, sizes: tuple[int, ...], write, workers: int | No
     files = [(i, p) for i, f in enumerate(folders) for p in sorted(f.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     rejected: list[Rejected] = []
     rows: list[int] = []  # the class folder of each image written
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
-
-    def work(item: tuple[int, Path]) -> list[np.ndarray] | str:
-        try:
-            return decode_sizes(item[1], sizes)
-        except ValueError as exc:
-            return str(exc)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for item in files:  # at most 4 images per thread in flight: memory does not grow with the data
-            pending.append((item, pool.submit(work, item)))
-            while len(pending) >= 4 * workers or (item is files[-1] and pending):
-                (folder, path), future = pending.popleft()
-                result = future.result()
-                if isinstance(result, str):
-                    rejected.append(Rejected(str(path), result))
-                else:
-                    write(result)
-                    rows.append(folder)
-                if progress is not None:
-                    progress(1)
+    md5s: dict[Path, str] = {}
+    for (folder, path), (md5, result) in zip(files, decode_in_order([p for _, p in files], sizes, workers, progress), strict=True):
+        md5s[path] = md5
+        if isinstance(result, str):
+            rejected.append(Rejected(str(path), result))
+        else:
+            write(result)
+            rows.append(folder)
     counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(folders))
     for folder, n in zip(folders, counts, strict=True):
         if not n:
@@ -186,7 +183,7 @@ def decode_stream(source: Path, sizes: tuple[int, ...], write, workers: int | No
         )
     label_of = {folder: label for label, folder in enumerate(kept)}
     labels = np.array([label_of[f] for f in rows], dtype=np.int64)
-    return Streamed(classes, labels, tuple(rejected), folder_version(source))
+    return Streamed(classes, labels, tuple(rejected), folder_version(source, md5s))
 
 
 def decode_folder(source: Path, size: int, workers: int | None = None, progress=None) -> Decoded:
@@ -194,3 +191,40 @@ def decode_folder(source: Path, size: int, workers: int | None = None, progress=
     images: list[np.ndarray] = []
     streamed = decode_stream(source, (size,), lambda decoded: images.append(decoded[0]), workers, progress)
     return Decoded(streamed.classes, np.stack(images), streamed.labels, streamed.rejected, streamed.version)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a run pinned to some cores uses those)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def hash_and_decode(path: Path, sizes: tuple[int, ...]) -> tuple[str, list[np.ndarray] | str]:
+    """path's md5 (for the data version, from the bytes read once) and its images, or why it cannot be decoded."""
+    data = path.read_bytes()
+    md5 = hashlib.md5(data).hexdigest()
+    try:
+        return md5, decode_bytes(data, sizes)
+    except ValueError as exc:
+        return md5, str(exc)
+
+
+def decode_in_order(paths: list[Path], sizes: tuple[int, ...], workers: int | None = None, progress=None) -> Iterator:
+    """hash_and_decode() of every path, yielded in order, in threads on every usable core, a bounded window at a time.
+
+    Threads, not processes: Pillow's JPEG decoder, resize and hashlib let go of the GIL, and
+    processes decoded no faster on 2 cores (bench/prepare_speed.py prints both side by side),
+    while a pool of them costs a start. At most 4 files per thread are in flight at a time, so
+    memory does not grow with the data.
+    """
+    workers = workers or min(32, usable_cores() + 4)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for i, path in enumerate(paths):
+            pending.append(pool.submit(hash_and_decode, path, sizes))
+            while pending and (len(pending) >= 4 * workers or i == len(paths) - 1):
+                yield pending.popleft().result()
+                if progress is not None:
+                    progress(1)
