@@ -4,8 +4,10 @@
             stage's code starting (its first log line), with a warm worker; goal <= 3 s. Each round
             also prints when the worker picked the run up, its process started, Prefect's engine
             ran (pull steps) and the flow began, in seconds after the run was created
-  overhead  the pipeline flow run's wall time against a plain `dvc repro` of the same change
-            (base.seed bumped so every stage reruns); goal <= 10 %
+  overhead  wall time against wall time: from creating the pipeline flow run to its end (worker
+            pick-up, process start and all) against a plain `dvc repro` process of the same change
+            (base.seed bumped so every stage reruns); goal <= 10 %. The flow run's own server-side
+            start -> end is printed beside it
   isolation what the run's own workspace costs: setting up the git worktree, checking the data
             out from the shared cache, saving the results as a DVC experiment, removing the
             worktree (the run's `isolation: ... in X s` log lines, added up); goal <= 2 s
@@ -58,7 +60,7 @@ def main() -> None:
             worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url, PREFECT_LOGGING_LEVEL="INFO"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             wait(url, start(url, "pipeline", pull=False, push=False))  # warm the worker
-            latency, flow_s, repro_s, isolation_s, phases = [], [], [], [], []
+            latency, flow_s, wall_s, repro_s, isolation_s, phases = [], [], [], [], [], []
             for i in range(rounds):
                 bump_seed(project)
                 run(project, "git", "commit", "-qam", f"seed {i}")
@@ -78,12 +80,13 @@ def main() -> None:
                          for e in entries if e["message"].startswith("isolation: ")}
                 isolation_s.append(sum(steps.values()))
                 flow_s.append(when(done["end_time"]) - when(done["start_time"]))
+                wall_s.append(when(done["end_time"]) - created)
                 bump_seed(project)
                 tic = time.perf_counter()
                 run(project, "dvc", "repro", TUNEDECK_PREFECT="off")
                 repro_s.append(time.perf_counter() - tic)
                 print(f"round {i + 1}: latency {latency[-1]:.2f}s ({', '.join(f'{k} {v:.2f}' for k, v in marks.items())})"
-                      f"  pipeline flow {flow_s[-1]:.2f}s  dvc repro {repro_s[-1]:.2f}s"
+                      f"  pipeline wall {wall_s[-1]:.2f}s (flow run {flow_s[-1]:.2f}s)  dvc repro {repro_s[-1]:.2f}s"
                       f"  isolation {isolation_s[-1]:.2f}s ({', '.join(f'{k.split()[0]} {v:.2f}' for k, v in steps.items())})",
                       flush=True)
             assert "Running stage" in logs(url, run_id)
@@ -93,8 +96,9 @@ def main() -> None:
                 worker.wait(timeout=30)
             server.stop(root=project)
     med = {"latency_s": statistics.median(latency), "pipeline_flow_s": statistics.median(flow_s),
+           "pipeline_wall_s": statistics.median(wall_s),
            "dvc_repro_s": statistics.median(repro_s), "isolation_s": statistics.median(isolation_s)}
-    overhead = med["pipeline_flow_s"] / med["dvc_repro_s"] - 1
+    overhead = med["pipeline_wall_s"] / med["dvc_repro_s"] - 1
     print(json.dumps({"rounds": rounds, **{k: round(v, 2) for k, v in med.items()}, "pipeline_overhead_pct": round(100 * overhead, 1),
                       "goals_met": {"latency_le_3s": med["latency_s"] <= 3, "overhead_le_10pct": overhead <= 0.10,
                                     "isolation_le_2s": med["isolation_s"] <= 2}}))

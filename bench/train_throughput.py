@@ -9,9 +9,11 @@
              rounds, as timm's loader is), fp32 as train.py without --amp (--reference-precision)
 
 Steady state: img/s of whole epochs (data loading included) after a warm-up epoch, per round.
-Whole run (--whole-runs, wall time against wall time, in this process on both sides):
-ours = prepare + train (--epochs, validation, calibration, export) + evaluate; reference = a fresh
-DataLoader and model, --epochs epochs each followed by a validation pass, as train.py does.
+Whole run (--whole-runs, wall time against wall time, each side in processes of its own):
+ours = the prepare, train (--epochs, validation, calibration) and evaluate stage processes, as a
+pipeline run starts them (the torch stages through its warm server; --no-warm: without);
+reference = one fresh process: imports, a DataLoader and model, --epochs epochs each followed by
+a validation pass, as `python train.py` does.
 Prints a final JSON line with speedup_vs_reference (steady state) and whole_run_speedup.
 Usage: python bench/train_throughput.py [--model resnet18] [--size 64] [--batch 32] [--rounds 3]
 """
@@ -23,6 +25,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,14 +58,19 @@ def photos(folder: Path, n: int, classes: int = 4, width: int = 500, height: int
 
 
 def params_for(source: Path, args, epochs: int = 1) -> object:
-    return parse_params({
+    return parse_params(params_dict(source, args, epochs))
+
+
+def params_dict(source: Path, args, epochs: int = 1) -> dict:
+    """The params of ours: args' model, sizes, batch and precision; timm's crop scale and flips."""
+    return {
         "base": {"device": "cpu" if not torch.cuda.is_available() else "auto"},
         "data": {"source": str(source), "image_size": args.size, "store_size": args.store, "val_fraction": args.val,
                  "test_fraction": 0.05},
         "model": {"name": args.model, "pretrained": False},
         "train": {"epochs": epochs, "batch_size": args.batch, "hflip": 0.5, "crop_scale": [0.08, 1.0], "scheduler": "none",
                   "precision": args.precision, "compile": args.compile},
-    })
+    }
 
 
 def synthetic(trainer: Trainer, batch: int, size: int, steps: int) -> float:
@@ -138,29 +146,54 @@ class Reference:
         return right / max(len(files), 1)
 
 
-def whole_ours(folder: Path, tmp: Path, args) -> float:
-    """Seconds of prepare + train (args.epochs) + evaluate, as the three stages run them."""
-    from flows.core.evaluate import evaluate
-    from flows.core.train import train
+ROOT = Path(__file__).resolve().parents[1]
 
+
+def whole_ours(folder: Path, tmp: Path, args, warm_stages: bool = True) -> float:
+    """Seconds of prepare + train (args.epochs) + evaluate as a pipeline run runs them: one process per stage
+    (`python -m flows.stages.<name>` in a project folder), the torch stages through the run's warm server."""
+    import yaml
+
+    from flows.stages.warm import WarmStages
+
+    project = tmp / "project"
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir(parents=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(params_dict(folder, args, epochs=args.epochs)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNEDECK_PREFECT": "off", "TUNEDECK_CHECKPOINTS": str(project / "ckpt")}
     tic = time.perf_counter()
-    params = params_for(folder, args, epochs=args.epochs)
-    shutil.rmtree(tmp, ignore_errors=True)
-    prepare(params, tmp / "prepared")
-    train(params, tmp / "prepared", tmp / "models")
-    evaluate(params, tmp / "prepared", tmp / "models", tmp / "eval")
+    warm = WarmStages().start() if warm_stages else None  # the pipeline starts it before its first stage
+    try:
+        for stage in ("prepare", "train", "evaluate"):
+            subprocess.run([sys.executable, "-m", f"flows.stages.{stage}"], cwd=project, check=True,
+                           env={**env, **(warm.env() if warm else {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - tic
+    finally:
+        if warm is not None:
+            warm.stop()
+
+
+def whole_reference(folder: Path, split: dict, num_classes: int, tmp: Path, args) -> float:
+    """Seconds of the reference's run in a fresh process, as `python train.py` is: its imports, a fresh loader
+    and model, args.epochs epochs each with a validation pass."""
+    job = tmp / "reference.json"
+    job.write_text(json.dumps({"folder": str(folder), "split": split, "num_classes": num_classes, "args": vars(args)},
+                              default=str))
+    tic = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--reference-run", str(job)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.perf_counter() - tic
 
 
-def whole_reference(folder: Path, split: dict, num_classes: int, device: torch.device, args) -> float:
-    """Seconds of the reference's run: a fresh loader and model, args.epochs epochs, each with a validation pass."""
-    tic = time.perf_counter()
-    ref = Reference(folder, split["train"], num_classes, device, args)
+def reference_run(job: Path) -> None:
+    """The reference's whole run (whole_reference's process)."""
+    spec = json.loads(job.read_text())
+    args = argparse.Namespace(**spec["args"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref = Reference(Path(spec["folder"]), spec["split"]["train"], spec["num_classes"], device, args)
     for _ in range(args.epochs):
         ref.epoch()
-        ref.validate(split["val"])
-    del ref
-    return time.perf_counter() - tic
+        ref.validate(spec["split"]["val"])
 
 
 PEAK_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, None: 67e12}  # H100/H200 SXM dense
@@ -239,7 +272,11 @@ def main() -> None:
     parser.add_argument("--photo-size", default="500x375", help="source JPEG size, WxH (ImageNet's typical 500x375)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reference DataLoader workers")
     parser.add_argument("--json-out", type=Path, help="also write the result JSON here")
+    parser.add_argument("--no-warm", dest="warm", action="store_false", help="whole run: stages without the warm server")
+    parser.add_argument("--reference-run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reference_run:
+        return reference_run(args.reference_run)
     width, height = (int(v) for v in args.photo_size.split("x"))
     args.store = args.store or min(2 * args.size, min(width, height))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,11 +303,12 @@ def main() -> None:
         del ref
         flops = train_flops_per_image(trainer, args.size)
         del trainer
-        whole: dict[str, list[float]] = {"ours": [], "reference": []}
+        whole: dict[str, list[float]] = {"ours": [], "ours_no_warm": [], "reference": []}
         for r in range(whole_runs):  # alternating, wall time against wall time
-            whole["ours"].append(whole_ours(folder, Path(tmp) / "run", args))
-            whole["reference"].append(whole_reference(folder, split, len(class_folders(folder)), device, args))
-            print(f"whole run {r + 1}: ours {whole['ours'][-1]:.1f} s  reference {whole['reference'][-1]:.1f} s", flush=True)
+            whole["ours"].append(whole_ours(folder, Path(tmp) / "run", args, args.warm))
+            whole["ours_no_warm"].append(whole_ours(folder, Path(tmp) / "run", args, False))
+            whole["reference"].append(whole_reference(folder, split, len(class_folders(folder)), Path(tmp), args))
+            print(f"whole run {r + 1}: " + "  ".join(f"{k} {v[-1]:.1f} s" for k, v in whole.items()), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     efficiency = statistics.median(o / s for o, s in zip(results["ours"], results["synthetic"], strict=True))
     speedup = statistics.median(o / r for o, r in zip(results["ours"], results["reference"], strict=True))
@@ -290,6 +328,7 @@ def main() -> None:
         "efficiency": round(efficiency, 3),  # median of per-round ratios: one busy round cannot skew it
         "speedup_vs_reference": round(speedup, 3),
         "whole_run_s": {k: [round(x, 1) for x in v] for k, v in whole.items()},
+        "warm": args.warm,
         "whole_run_speedup": round(statistics.median(r / o for o, r in zip(whole["ours"], whole["reference"], strict=True)), 3)
         if whole_runs else None,
     }

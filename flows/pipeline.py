@@ -30,6 +30,7 @@ from flows.dvc_cli import dvc, sync
 from flows.dvc_session import DvcSession
 from flows.gpus import gpu_states, host, slot_name
 from flows.overrides import apply_overrides
+from flows.stages.warm import WarmStages
 
 LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
 
@@ -57,6 +58,16 @@ def open_session(cwd: Path) -> Iterator[DvcSession]:
     finally:
         _SESSION.close()
         _SESSION = None
+
+
+@contextlib.contextmanager
+def warm_stages() -> Iterator[WarmStages]:
+    """This run's warm stage server (flows.stages.warm), importing torch while the run sets up; stopped at the end."""
+    warm = WarmStages().start()
+    try:
+        yield warm
+    finally:
+        warm.stop()
 
 
 def stage_cache_key(context, parameters) -> str | None:
@@ -236,7 +247,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
     code = code_version()
     logger.info(f"code: {code}")
     clone = Path.cwd()
-    with open_session(clone) as session, run_workspace(clone, overrides) as ws, device_slot() as env:
+    with open_session(clone) as session, warm_stages() as warm, run_workspace(clone, overrides) as ws, device_slot() as env:
         session.workdir = ws
         env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
         if pull:  # --allow-missing: a first run finds nothing on the remote yet
@@ -250,7 +261,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
                 label_run({f"{LABEL}nodes": nodes})  # a retry would find no nodes to meet: none
                 train_across_nodes(ws, overrides, nodes, lambda more: run_stage.with_options(retries=0)("train", {**env, **more}))
             else:
-                run_stage(stage, env)
+                run_stage(stage, {**env, **warm.env()})
         label_scores(ws)
         if push:
             sync("push", cwd=ws, on_line=logger.info)

@@ -22,8 +22,16 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
-def run_main(name: str, work: Callable[[Params], dict[str, Any]], tags: Callable[[], list[str]] = list) -> int:
-    """Load params.yaml, run work as the flow ``name``; print one sentence and return 2 on bad input."""
+def run_main(name: str, work: Callable[[Params], dict[str, Any]], tags: Callable[[], list[str]] = list, warm: bool = True) -> int:
+    """Load params.yaml, run work as the flow ``name``; print one sentence and return 2 on bad input.
+
+    In a pipeline run, a warm server (flows.stages.warm) runs a stage that imports torch (warm)
+    instead, with torch already imported.
+    """
+    from flows.stages import warm as warm_stages
+
+    if warm and (status := warm_stages.delegate()) is not None:
+        return status
     setup_logging()
     try:
         from flows.orchestration import run_stage

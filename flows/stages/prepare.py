@@ -40,4 +40,4 @@ def work(params: Params) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main("prepare", work))
+    sys.exit(run_main("prepare", work, warm=False))  # no torch here: nothing to gain from the warm server

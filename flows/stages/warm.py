@@ -1,0 +1,262 @@
+"""Warm stage processes: a pipeline run's stages start with torch and timm already imported.
+
+Every stage is its own process (`python -m flows.stages.<name>`, as dvc.yaml says), and each
+train, evaluate and export process spent about 2.7 s of this 2-core CPU importing torch, timm
+and torchvision (torchvision pulls in torch._dynamo: 1.1 s alone) before doing any work.
+
+A pipeline run starts one server per run (`WarmStages`), which imports those libraries once,
+runs no torch op (so no thread pool and no CUDA state exists to break in a fork), and waits on
+a unix socket. A stage process that finds `TUNEDECK_WARM` in its environment hands its argv,
+working directory, environment and its stdin/stdout/stderr (SCM_RIGHTS) to the server, which
+forks a child that runs the stage module as `__main__` there. The stage process stays as the
+child's stand-in: DVC and the tests see the same command, output and exit status; a SIGTERM or
+SIGINT it gets goes to the child; if it dies (even by SIGKILL) the child is terminated too.
+
+Without the variable (a plain `dvc repro`, the tests' direct stage calls), or when the server
+cannot be reached, the stage runs in its own process, as before: only slower, never different.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ENV = "TUNEDECK_WARM"
+"""The socket of this run's warm server; stage processes that see it hand their work over."""
+PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "timm", "timm.data", "timm.optim", "timm.scheduler", "safetensors.torch")
+"""What the server imports once: the libraries every torch stage imports first."""
+IDLE_S = 900.0
+"""A server with nothing to do for this long exits (the run that started it stops it sooner)."""
+
+
+# ---- the stage's side --------------------------------------------------------------------------
+
+
+def delegate() -> int | None:
+    """Run this stage process's module in the warm server, if there is one; its exit status, or None to run here."""
+    path = os.environ.get(ENV)
+    main = sys.modules.get("__main__")
+    module = getattr(getattr(main, "__spec__", None), "name", None)
+    if not path or not module:
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+        env = {k: v for k, v in os.environ.items() if k != ENV}  # the stage's own children run plainly
+        request = json.dumps({"module": module, "argv": sys.argv, "cwd": os.getcwd(), "env": env,
+                              "executable": sys.executable}).encode()
+        socket.send_fds(conn, [request + b"\n"], [0, 1, 2])
+        reader = conn.makefile("rb")
+        pid = json.loads(reader.readline())["pid"]
+    except (OSError, ValueError, KeyError):
+        conn.close()
+        return None  # no server (it ended, or never started): this process does the work itself
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
+    status = 1
+    for line in reader:  # the child's exit status; the server sends it if the child died by a signal
+        with contextlib.suppress(ValueError, KeyError):
+            status = int(json.loads(line)["exit"])
+            break
+    else:
+        status = 128 + signal.SIGKILL  # the server and the child are gone without a word
+    conn.close()
+    return status
+
+
+def _forward(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+# ---- the server's side -------------------------------------------------------------------------
+
+
+def serve(path: str, idle_s: float = IDLE_S) -> None:
+    """Import PRELOAD, then fork a child for each stage that connects to path, until idle for idle_s or told to stop.
+
+    The socket is bound first: a stage that connects while the imports run waits in the backlog
+    for them to finish (less than starting its own), instead of finding no server.
+    """
+    import importlib
+    import warnings
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    children: dict[int, socket.socket] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in PRELOAD:
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(name)
+        listener.settimeout(0.5)
+        last = time.monotonic()
+        while children or time.monotonic() - last < idle_s:
+            _reap(children)
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            last = time.monotonic()
+            with contextlib.suppress(OSError, ValueError):
+                pid = _start(conn, listener)
+                if pid:
+                    children[pid] = conn
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    """Tell the stand-in of each child that ended how it ended (the child says so itself, unless killed)."""
+    for pid in list(children):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            continue
+        conn = children.pop(pid)
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status) % 256 if os.WIFEXITED(status)
+                                     else 128 + os.WTERMSIG(status)}).encode() + b"\n")
+        conn.close()
+
+
+def _start(conn: socket.socket, listener: socket.socket) -> int | None:
+    """Fork the child that runs one stage; the server keeps its end of conn to report the child's end.
+
+    A stage of another Python (another virtual environment) is refused: it runs in its own process.
+    """
+    conn.settimeout(10)
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    request = json.loads(message)
+    if request.get("executable") != sys.executable or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return None
+    pid = os.fork()
+    if pid:
+        for fd in fds:
+            os.close(fd)
+        conn.settimeout(None)
+        return pid
+    try:  # the child: never returns
+        listener.close()
+        code = _run_child(conn, request, fds)
+    except BaseException:  # noqa: BLE001 - the child must not fall back into the server's loop
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    _exit(conn, code)
+    raise AssertionError  # unreachable
+
+
+def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> int:
+    """Become the stage: its stdio, directory, environment and argv; run its module as __main__."""
+    import io
+    import runpy
+
+    os.setpgid(0, 0)  # signals reach it through its stand-in only (a terminal's Ctrl-C would otherwise come twice)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for name in [m for m in sys.modules if m == "flows" or m.startswith("flows.")]:
+        del sys.modules[name]  # the stage's code is its workspace's, not the server's
+    sys.path[0] = request["cwd"]
+    sys.argv = list(request["argv"])
+    conn.settimeout(None)
+    conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+    threading.Thread(target=_watch, args=(conn,), daemon=True).start()
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _watch(conn: socket.socket) -> None:
+    """The stand-in closed its end (it died, even by SIGKILL): stop as its SIGTERM would, then for good."""
+    with contextlib.suppress(OSError):
+        while conn.recv(4096):
+            pass
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _exit(conn: socket.socket, code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+    os._exit(code)
+
+
+class WarmStages:
+    """One warm server for a pipeline run: start() it early (it imports while the run sets up), env() for the stages."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        import tempfile
+
+        folder = folder or Path(tempfile.gettempdir())  # a unix socket's path is limited to 107 bytes
+        self.path = folder / f"tunedeck-warm-{os.getpid()}-{id(self):x}.sock"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WarmStages:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.stages.warm", str(self.path)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        )
+        return self
+
+    def env(self) -> dict[str, str]:
+        """The variable that sends stages here; empty once the server is gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return {}
+        return {ENV: str(self.path)}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG (Linux): the server ends with the run's process, even if that one is killed."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

@@ -1,0 +1,138 @@
+"""Warm stages (flows.stages.warm): the same outputs, exit statuses and sentences as a plain stage process,
+and no stage left running when its stand-in is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import yaml
+
+from tests.integration.project import env, make_project, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("warm"))
+    run(project, "python", "-m", "flows.stages.prepare", TUNEDECK_PREFECT="off")
+    return project
+
+
+@pytest.fixture(scope="module")
+def warm(project):
+    """A warm server, as a pipeline run starts one (its socket in a temporary folder)."""
+    from flows.stages.warm import WarmStages
+
+    server = WarmStages().start()
+    deadline = time.monotonic() + 60
+    while not server.path.exists():
+        assert time.monotonic() < deadline and server.proc.poll() is None, "the warm server did not start"
+        time.sleep(0.05)
+    yield server
+    server.stop()
+    assert server.proc.poll() is not None and not server.path.exists()
+
+
+def stage(project, name: str, warm=None, **extra):
+    more = {"TUNEDECK_PREFECT": "off", **(warm.env() if warm else {}), **extra}
+    return run(project, "python", "-m", f"flows.stages.{name}", check=False, **more)
+
+
+def children_of(server) -> list[psutil.Process]:
+    """The server's live children (one that ended is reaped within half a second)."""
+    return [p for p in psutil.Process(server.proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_warm_stage_writes_what_a_plain_one_writes_and_says_the_same(project, warm):
+    plain = stage(project, "train")
+    assert plain.returncode == 0, plain.stderr
+    model = (project / "models" / "model.safetensors").read_bytes()
+    (project / "models" / "model.safetensors").unlink()
+    hot = stage(project, "train", warm, TUNEDECK_CHECKPOINTS=str(project / "other-checkpoints"))  # no resume from plain's
+    assert hot.returncode == 0, hot.stderr
+    assert (project / "models" / "model.safetensors").read_bytes() == model, "the warm stage trained other weights"
+    assert "train done:" in hot.stderr and "train done:" in plain.stderr
+    evaluate = stage(project, "evaluate", warm)
+    assert evaluate.returncode == 0 and "evaluate done: accuracy=" in evaluate.stderr, evaluate.stderr
+    assert json.loads((project / "eval" / "metrics.json").read_text())["accuracy"] >= 0
+    assert not children_of(warm), "a finished stage's child is still there"
+
+
+def test_a_bad_param_is_the_same_one_sentence_and_exit_2(project, warm):
+    params = (project / "params.yaml").read_text()
+    raw = yaml.safe_load(params)
+    raw["train"]["lr"] = 0
+    try:
+        (project / "params.yaml").write_text(yaml.safe_dump(raw))
+        hot, plain = stage(project, "train", warm), stage(project, "train")
+    finally:
+        (project / "params.yaml").write_text(params)
+    assert hot.returncode == plain.returncode == 2
+    said = [line for line in hot.stderr.splitlines() if "error:" in line]
+    assert said == [line for line in plain.stderr.splitlines() if "error:" in line], hot.stderr
+    assert len(said) == 1 and "train.lr must be greater than 0" in said[0]
+    assert "Traceback" not in hot.stderr
+
+
+def long_train(project, warm) -> subprocess.Popen:
+    """A train stage of 5,000 epochs (long_params) through the warm server."""
+    return subprocess.Popen(
+        ["python", "-m", "flows.stages.train"], cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env(TUNEDECK_PREFECT="off", TUNEDECK_PROGRESS="lines", TUNEDECK_CHECKPOINTS=str(project / "long-checkpoints"),
+                **warm.env()),
+    )
+
+
+def wait_for_child(warm, proc) -> psutil.Process:
+    deadline = time.monotonic() + 60
+    while not (kids := children_of(warm)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no child"
+        time.sleep(0.05)
+    return kids[0]
+
+
+@pytest.fixture
+def long_params(project):
+    params = (project / "params.yaml").read_text()
+    raw = yaml.safe_load(params)
+    raw["train"]["epochs"] = 5000
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    yield
+    (project / "params.yaml").write_text(params)
+
+
+def test_killing_the_stage_process_stops_its_warm_child(project, warm, long_params):
+    proc = long_train(project, warm)
+    child = wait_for_child(warm, proc)
+    time.sleep(1.0)  # training
+    os.kill(proc.pid, signal.SIGKILL)  # as `kill -9` of the stage DVC started
+    proc.wait()
+    gone, alive = psutil.wait_procs([child], timeout=15)
+    assert not alive, f"the warm child {child.pid} outlived its stage process"
+
+
+def test_sigterm_reaches_the_child_and_its_status_comes_back(project, warm, long_params):
+    proc = long_train(project, warm)
+    wait_for_child(warm, proc)
+    time.sleep(1.0)
+    proc.terminate()
+    assert proc.wait(timeout=30) != 0
+
+
+def test_a_child_killed_outright_gives_its_stage_process_137(project, warm, long_params):
+    proc = long_train(project, warm)
+    child = wait_for_child(warm, proc)
+    child.kill()
+    assert proc.wait(timeout=15) == 128 + signal.SIGKILL
+
+
+def test_without_a_server_the_stage_runs_in_its_own_process(project, tmp_path):
+    proc = stage(project, "evaluate", None, TUNEDECK_WARM=str(tmp_path / "nobody.sock"))
+    assert proc.returncode == 0 and "evaluate done:" in proc.stderr, proc.stderr
