@@ -55,10 +55,14 @@ def delegate() -> int | None:
                               "executable": sys.executable}).encode()
         socket.send_fds(conn, [request + b"\n"], [0, 1, 2])
         reader = conn.makefile("rb")
-        pid = json.loads(reader.readline())["pid"]
-    except (OSError, ValueError, KeyError):
+        first = json.loads(reader.readline())
+    except (OSError, ValueError):
         conn.close()
-        return None  # no server (it ended, or never started): this process does the work itself
+        return None  # no server (it ended, never started, or refused this Python): this process does the work itself
+    if "exit" in first:  # the child died before it could say hello (killed at once): that is the stage's end
+        conn.close()
+        return int(first["exit"])
+    pid = int(first["pid"])
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
     status = 1

@@ -136,3 +136,13 @@ def test_a_child_killed_outright_gives_its_stage_process_137(project, warm, long
 def test_without_a_server_the_stage_runs_in_its_own_process(project, tmp_path):
     proc = stage(project, "evaluate", None, TUNEDECK_WARM=str(tmp_path / "nobody.sock"))
     assert proc.returncode == 0 and "evaluate done:" in proc.stderr, proc.stderr
+
+
+def test_a_child_killed_before_it_says_hello_still_ends_its_stage_process(project, warm, long_params):
+    """Killed right after the fork: the stand-in gets 137 from the server, and must not run the stage itself."""
+    proc = long_train(project, warm)
+    while not (kids := psutil.Process(warm.proc.pid).children()):
+        assert proc.poll() is None
+        time.sleep(0.005)
+    kids[0].kill()
+    assert proc.wait(timeout=15) == 128 + signal.SIGKILL
