@@ -60,16 +60,6 @@ def open_session(cwd: Path) -> Iterator[DvcSession]:
         _SESSION = None
 
 
-@contextlib.contextmanager
-def warm_stages() -> Iterator[WarmStages]:
-    """This run's warm stage server (flows.stages.warm), importing torch while the run sets up; stopped at the end."""
-    warm = WarmStages().start()
-    try:
-        yield warm
-    finally:
-        warm.stop()
-
-
 def stage_cache_key(context, parameters) -> str | None:
     """The stage's dvc.lock entry when DVC says it is up to date; None (no cache) otherwise."""
     try:
@@ -247,7 +237,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
     code = code_version()
     logger.info(f"code: {code}")
     clone = Path.cwd()
-    with open_session(clone) as session, warm_stages() as warm, run_workspace(clone, overrides) as ws, device_slot() as env:
+    with open_session(clone) as session, WarmStages() as warm, run_workspace(clone, overrides) as ws, device_slot() as env:
         session.workdir = ws
         env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
         if pull:  # --allow-missing: a first run finds nothing on the remote yet

@@ -94,7 +94,7 @@ def resized_crops(x: torch.Tensor, size: int, scale: tuple[float, float], gen: t
 
     Both ways average over each output pixel's footprint (an antialiased downscale, as PIL's
     resize in timm's transform is). On the CPU each crop goes through torch's uint8 antialiased
-    bilinear resize (the SIMD path made to match PIL's): 2 ms a batch of 32 from 128 to 64 px
+    bilinear resize (the SIMD path made to match PIL's): 2-4 ms a batch of 32 from 128 to 64 px
     against 12 ms for roi_align, whose CPU kernel is scalar. On a GPU roi_align resizes every
     box in one kernel.
     """

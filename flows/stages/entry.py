@@ -25,8 +25,8 @@ def setup_logging() -> None:
 def run_main(name: str, work: Callable[[Params], dict[str, Any]], tags: Callable[[], list[str]] = list, warm: bool = True) -> int:
     """Load params.yaml, run work as the flow ``name``; print one sentence and return 2 on bad input.
 
-    In a pipeline run, a warm server (flows.stages.warm) runs a stage that imports torch (warm)
-    instead, with torch already imported.
+    In a pipeline run, a stage that imports torch (warm=True) is handed to the run's warm server
+    (flows.stages.warm), which runs it with torch already imported.
     """
     from flows.stages import warm as warm_stages
 

@@ -131,8 +131,8 @@ def _reap(children: dict[int, socket.socket]) -> None:
             continue
         conn = children.pop(pid)
         with contextlib.suppress(OSError):
-            conn.sendall(json.dumps({"exit": os.waitstatus_to_exitcode(status) % 256 if os.WIFEXITED(status)
-                                     else 128 + os.WTERMSIG(status)}).encode() + b"\n")
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
         conn.close()
 
 
@@ -221,7 +221,14 @@ def _exit(conn: socket.socket, code: int) -> None:
 
 
 class WarmStages:
-    """One warm server for a pipeline run: start() it early (it imports while the run sets up), env() for the stages."""
+    """One warm server for a pipeline run: `with WarmStages() as warm:` starts it early (it imports while the run
+    sets up) and stops it at the end; warm.env() for the stages."""
+
+    def __enter__(self) -> WarmStages:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def __init__(self, folder: Path | None = None) -> None:
         import tempfile
