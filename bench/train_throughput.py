@@ -3,8 +3,9 @@
   synthetic  forward+backward+step on random tensors already in memory (timm benchmark.py's method)
   ours       the Trainer on the prepared split: train stored at --store px, random-resized crops
              (timm's scale and ratio) and flips on tensors, in the precision train.precision picks
-  reference  a loop as timm's train.py runs on an image folder: PIL decode + timm's train transform
-             with the same augmentation (random-resized crop + flip; colour jitter off, as ours has
+  reference  a loop as timm's train.py runs on an image folder, in a process of its own as train.py
+             is (so with glibc's malloc settings as they come; ours has the Trainer's, see
+             speed.retain_freed_memory): PIL decode + timm's train transform with the same augmentation (random-resized crop + flip; colour jitter off, as ours has
              none) every epoch, a DataLoader with persistent workers and prefetch (kept warm across
              rounds, as timm's loader is), fp32 as train.py without --amp (--reference-precision)
 
@@ -185,6 +186,40 @@ def whole_reference(folder: Path, split: dict, num_classes: int, tmp: Path, args
     return time.perf_counter() - tic
 
 
+class ReferenceProcess:
+    """The reference's steady state in a process of its own, as train.py runs: an epoch each time it is asked."""
+
+    def __init__(self, folder: Path, split: dict, num_classes: int, tmp: Path, args) -> None:
+        job = tmp / "reference-serve.json"
+        job.write_text(json.dumps({"folder": str(folder), "split": split, "num_classes": num_classes, "args": vars(args)},
+                                  default=str))
+        self.proc = subprocess.Popen([sys.executable, __file__, "--reference-serve", str(job)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def epoch(self) -> float:
+        """images/s of one epoch of the reference (its DataLoader workers stay warm in between)."""
+        self.proc.stdin.write("epoch\n")
+        self.proc.stdin.flush()
+        while line := self.proc.stdout.readline():
+            if line.startswith("img/s "):
+                return float(line.split()[1])
+        raise RuntimeError(f"the reference process ended with {self.proc.wait()}")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def reference_serve(job: Path) -> None:
+    """ReferenceProcess's side: the reference's model and warm loader, one epoch per line read."""
+    spec = json.loads(job.read_text())
+    args = argparse.Namespace(**spec["args"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref = Reference(Path(spec["folder"]), spec["split"]["train"], spec["num_classes"], device, args)
+    for _ in sys.stdin:
+        print(f"img/s {ref.epoch()}", flush=True)
+
+
 def reference_run(job: Path) -> None:
     """The reference's whole run (whole_reference's process)."""
     spec = json.loads(job.read_text())
@@ -274,9 +309,12 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, help="also write the result JSON here")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="whole run: stages without the warm server")
     parser.add_argument("--reference-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--reference-serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_run:
         return reference_run(args.reference_run)
+    if args.reference_serve:
+        return reference_serve(args.reference_serve)
     width, height = (int(v) for v in args.photo_size.split("x"))
     args.store = args.store or min(2 * args.size, min(width, height))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,7 +326,7 @@ def main() -> None:
         prepare(params, Path(tmp) / "prepared")
         split = split_files(folder, params)
         trainer = Trainer(params, load_manifest(Path(tmp) / "prepared"), Path(tmp) / "prepared", device, World(), None)
-        ref = Reference(folder, split["train"], len(trainer.classes), device, args)
+        ref = ReferenceProcess(folder, split, len(trainer.classes), Path(tmp), args)
         steps = max(4, len(trainer.train_y) // args.batch)
         ours(trainer, 0)  # warm-up epochs: allocator, oneDNN primitives, the reference's workers
         ref.epoch()
@@ -300,7 +338,7 @@ def main() -> None:
                 results["ours"].append(ours(trainer, r + 1))
             results["reference"].append(ref.epoch())
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.1f} img/s" for k, v in results.items()), flush=True)
-        del ref
+        ref.close()
         flops = train_flops_per_image(trainer, args.size)
         del trainer
         whole: dict[str, list[float]] = {"ours": [], "ours_no_warm": [], "reference": []}

@@ -25,8 +25,10 @@ from flows.core.speed import (
     fused_option,
     grad_scaler,
     maybe_compile,
+    nchw_for_small_maps,
     peak_memory_mb,
     resolve_precision,
+    retain_freed_memory,
     uses_convolutions,
 )
 from flows.core.transfer import Freezer, param_groups
@@ -54,6 +56,8 @@ class Trainer:
             log.info("precision %s (%s)", self.precision.name, self.precision.reason)
         self.channels_last = self.cfg.channels_last and uses_convolutions(self.model)
         self.model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if self.channels_last and device.type == "cpu":
+            nchw_for_small_maps(self.model, self.image_size)
         prep = preprocessing(self.model)
         self.prep = prep
         self.norm = Normalizer(prep.mean, prep.std, device, self.channels_last)
@@ -63,6 +67,8 @@ class Trainer:
         self.optimizer = create_optimizer_v2(
             param_groups(self.model, self.cfg), opt=self.cfg.optimizer, lr=self.cfg.lr, **fused_option(self.cfg.optimizer, device)
         )
+        if device.type == "cpu":
+            retain_freed_memory()  # no page faults per step
         self.scheduler = self._scheduler()
         self.scaler = grad_scaler(device, self.dtype)
         self.ema = None

@@ -163,3 +163,74 @@ def test_a_non_finite_loss_stops_the_run_with_one_sentence(tiny_params, tmp_path
     prepare(tiny_params, tmp_path / "p")
     with pytest.raises(TunedeckError, match="training loss became nan at step 0 in fp32.*train.precision: fp32"):
         train(tiny_params, tmp_path / "p", tmp_path / "m")
+
+
+def test_small_maps_run_in_nchw_and_compute_the_same():
+    """The convolutions with a map of at most 4x4 get NCHW weights and inputs; the outputs and gradients do not change."""
+    import timm
+
+    torch.manual_seed(0)
+    plain = timm.create_model("test_resnet", num_classes=3).to(memory_format=torch.channels_last)
+    mixed = timm.create_model("test_resnet", num_classes=3).to(memory_format=torch.channels_last)
+    mixed.load_state_dict(plain.state_dict())
+    moved = speed.nchw_for_small_maps(mixed, 64)
+    convs = [m for m in mixed.modules() if isinstance(m, torch.nn.Conv2d)]
+    nchw = [c for c in convs if c.weight.dim() == 4 and c.weight.shape[1] * c.weight.shape[2] > 1 and c.weight.is_contiguous()
+            and not c.weight.is_contiguous(memory_format=torch.channels_last)]
+    assert 0 < moved < len(convs) and len(nchw) > 0
+    assert speed.nchw_for_small_maps(timm.create_model("test_resnet").to(memory_format=torch.channels_last), 224) == 0
+
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    for model in (plain, mixed):
+        model.train()
+        model(x).square().mean().backward()
+    assert torch.allclose(plain(x), mixed(x), atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), mixed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_a_model_the_probe_cannot_run_keeps_channels_last():
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            raise ValueError("wants a dict")
+
+    model = Odd().to(memory_format=torch.channels_last)
+    assert speed.nchw_for_small_maps(model, 8) == 0
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) and model.training  # its mode restored
+
+
+FAULTS = """
+import resource, sys, timm, torch
+from flows.core.speed import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory()
+torch.manual_seed(0)
+model = timm.create_model("resnet18", num_classes=3)
+x = torch.randn(16, 3, 64, 64)
+def step():
+    model(x).square().mean().backward()
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's malloc settings")
+def test_a_training_process_keeps_freed_memory_instead_of_faulting_it_back_in():
+    """With glibc's defaults each training step faults its activations' pages back in (zeroed); retained, they stay."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    faults = {mode: float(subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=root, capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for mode in ("default", "retain")}
+    assert faults["retain"] < 10, f"page faults a step: {faults}"  # glibc's defaults: 690-5,900 here
+    print(f"page faults a step: {faults}")
