@@ -321,13 +321,15 @@ async def test_two_hosts_gpus_on_one_dashboard_each_joined_to_its_run_and_a_stop
 
             names = {}
 
-            def on_gpu(host: str, run_id: str) -> bool:
+            def on_gpu(host: str, run_id: str, gpus: tuple[int, ...] = (0,)) -> bool:
+                """Whether the run shows on one of the host's GPUs (the worker holds the first free slot it gets)."""
                 if run_id not in names:
                     found = call(site, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
                     if found["state_type"] != "RUNNING":
                         return False
                     names[run_id] = found["name"]
-                return names[run_id] in _panel_rows(app).get(f"{host}/gpu0", "")
+                rows = _panel_rows(app)
+                return any(names[run_id] in rows.get(f"{host}/gpu{g}", "") for g in gpus)
 
             await until(lambda: on_gpu("gpu-host", first), "the GPU host's run on its GPU 0")
             # the GPU host's one slot is busy now: the workstation's worker takes the next run
@@ -337,10 +339,12 @@ async def test_two_hosts_gpus_on_one_dashboard_each_joined_to_its_run_and_a_stop
                                       start_new_session=True)
             site.procs.append(worker)
             second = trigger(site, overrides=["train.epochs=400"], pull=False, push=False)
-            await until(lambda: on_gpu("workstation", second), "the workstation's run on its GPU 0")
+            await until(lambda: on_gpu("workstation", second, (0, 1)), "the workstation's run on one of its GPUs")
             rows = _panel_rows(app)
             assert names[first] in rows["gpu-host/gpu0"] and names[second] not in rows["gpu-host/gpu0"], rows
-            assert "idle" in rows["workstation/gpu1"] and "stale" not in rows["host:gpu-host"], rows
+            held, other = ("workstation/gpu0", "workstation/gpu1") if names[second] in rows["workstation/gpu0"] \
+                else ("workstation/gpu1", "workstation/gpu0")
+            assert names[second] in rows[held] and "idle" in rows[other] and "stale" not in rows["host:gpu-host"], rows
             os.killpg(worker.pid, signal.SIGTERM)
             stopped = time.monotonic()
             seen = await until(lambda: "stale" in _panel_rows(app).get("host:workstation", ""), "workstation stale", 30)
