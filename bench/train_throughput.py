@@ -6,8 +6,9 @@
   reference  a loop as timm's train.py runs on an image folder, in a process of its own as train.py
              is (so with glibc's malloc settings as they come; ours has the Trainer's, see
              speed.retain_freed_memory): PIL decode + timm's train transform with the same
-             augmentation (random-resized crop + flip; colour jitter off, as ours has none) every epoch, a DataLoader with persistent workers and prefetch (kept warm across
-             rounds, as timm's loader is), fp32 as train.py without --amp (--reference-precision)
+             augmentation (random-resized crop + flip; colour jitter off, as ours has none) every
+             epoch, a DataLoader with persistent workers and prefetch (kept warm across rounds, as
+             timm's loader is), fp32 as train.py without --amp (--reference-precision)
 
 Steady state: img/s of whole epochs (data loading included) after a warm-up epoch, per round.
 Whole run (--whole-runs, wall time against wall time, each side in processes of its own):
