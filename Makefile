@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test test-shuffled lint bench record-fakes clean
+.PHONY: demo test test-fast lint bench record-fakes clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "tunedeck needs Python 3.11 or newer: set PYTHON=python3.11")'
@@ -20,14 +20,19 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir .tunedeck/site
 
+# The whole suite, in a random order every time (modules shuffled, and the tests within each): no
+# test may depend on another having run first. The header prints the seed; TUNEDECK_TEST_ORDER=shuffle:SEED
+# repeats an order, TUNEDECK_TEST_ORDER=written runs file order. Under CI=true a skipped test fails.
+# Tests marked gpu need a CUDA GPU: bench/gpu_check.sh runs them on one.
+PYTEST := $(BIN)/python -m pytest -q -rs -m "not gpu"
 test: lint
-	$(BIN)/python -m pytest -q --durations=40
+	TUNEDECK_TEST_ORDER=$${TUNEDECK_TEST_ORDER:-shuffle} $(PYTEST) --durations=40
 
-# The same suite in a random order (modules shuffled, and the tests within each): no test may
-# depend on another having run first. The seed is printed; TUNEDECK_TEST_ORDER=shuffle:SEED repeats it.
-test-shuffled: lint
-	TUNEDECK_TEST_ORDER=$${TUNEDECK_TEST_ORDER:-shuffle} $(BIN)/python -m pytest -q
+# The unit tier alone (pure functions, tiny timm models, no server): the quick loop while editing.
+test-fast: $(STAMP)
+	TUNEDECK_TEST_ORDER=$${TUNEDECK_TEST_ORDER:-shuffle} $(PYTEST) -m "not gpu and not slow" tests/unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/orchestration_overhead.py

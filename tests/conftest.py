@@ -13,6 +13,7 @@ from PIL import Image
 from flows.core.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["pytester", "tests.ci_guard"]
 
 
 @pytest.fixture(autouse=True)
@@ -61,46 +62,3 @@ def tiny_params_dict(source: str) -> dict:
 def tiny_params(image_folder: Path) -> Params:
     """Params for the tiny image folder and model."""
     return parse_params(tiny_params_dict(str(image_folder)))
-
-
-def pytest_collection_modifyitems(config, items):
-    """TUNEDECK_TEST_ORDER=shuffle[:SEED]: modules in a random order, and the tests within each too.
-
-    Proves that no test depends on another having run first (`make test-shuffled`). Modules stay
-    whole, as pytest-randomly keeps them, so a module's server starts once.
-    """
-    import os
-    import random
-
-    order = os.environ.get("TUNEDECK_TEST_ORDER", "")
-    if not order.startswith("shuffle"):
-        return
-    seed = int(order.partition(":")[2] or random.SystemRandom().randrange(10_000))
-    rng = random.Random(seed)
-    modules: dict[str, list] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    groups = list(modules.values())
-    rng.shuffle(groups)
-    for group in groups:
-        rng.shuffle(group)
-    items[:] = [item for group in groups for item in group]
-    config.stash[ORDER_SEED] = seed
-
-
-ORDER_SEED = pytest.StashKey[int]()
-
-
-def pytest_report_header(config):
-    """Say the shuffle's seed, so a failing order can be run again."""
-    import os
-
-    order = os.environ.get("TUNEDECK_TEST_ORDER", "")
-    return f"test order: {order or 'as written'} (TUNEDECK_TEST_ORDER=shuffle:SEED repeats a shuffle)"
-
-
-def pytest_terminal_summary(terminalreporter, config):
-    """The seed of this run's shuffle, at the end where a failure is read."""
-    seed = config.stash.get(ORDER_SEED, None)
-    if seed is not None:
-        terminalreporter.write_line(f"tests ran shuffled: TUNEDECK_TEST_ORDER=shuffle:{seed} repeats this order")

@@ -37,12 +37,12 @@ def test_demo_table_comes_from_real_runs(tmp_path):
     run(project, "git", "commit", "-qam", "real params")
     url = server.start(free_port(), root=project)
     try:
-        proc = run(project, "tunedeck", "demo", PREFECT_API_URL=url)
+        proc = run(project, "tunedeck", "demo", "--seeds", "2", PREFECT_API_URL=url)
         runs = flow_runs(url)
     finally:
         server.stop(root=project)
     rows = ROW.findall(proc.stdout)
-    assert [int(seed) for seed, *_ in rows] == [1, 2, 3, 4, 5], proc.stdout[-3000:]
+    assert [int(seed) for seed, *_ in rows] == [1, 2], proc.stdout[-3000:]
     shown = experiments(project)
     transfer, scratch = [], []
     for seed, a, b, diff in rows:
@@ -55,12 +55,14 @@ def test_demo_table_comes_from_real_runs(tmp_path):
     t, s, d = summarise(transfer), summarise(scratch), paired_difference(transfer, scratch)
     assert f"{t.mean:.1%} ± {t.std * 100:.1f}" in proc.stdout and f"{s.mean:.1%} ± {s.std * 100:.1f}" in proc.stdout
     assert f"[{d.low * 100:+.1f}, {d.high * 100:+.1f}]" in proc.stdout
-    # Behaviour, not one seed's margin: over 5 seeds the transfer arm's mean is above scratch's. Measured
-    # here: +28 points, std of the paired difference 15 points, so the mean's std is ~7 and 0 is 4 of them away.
-    assert d.mean > 0, proc.stdout[-2000:]
+    # Two seeds keep the suite short, too few for the demo's claim (transfer above scratch: `make demo`
+    # measures it over 5 seeds, +23 to +28 points). What two seeds do show on any machine: the
+    # transfer arm learned (measured 50.7 % +- 5.8 over 5 seeds, so a 2-seed mean has a std near 4 points)
+    # far above chance on 5 classes (20 %), 7 of those stds away.
+    assert t.mean > 1 / 5, proc.stdout[-2000:]
     assert runs and all(state == "COMPLETED" for _, state, _, _ in runs), runs
     assert {name for name, *_ in runs} == {"prepare", "train", "evaluate"}
-    assert sum(name == "train" for name, *_ in runs) == 1 + 2 * 5, "the source and every arm of every seed"
+    assert sum(name == "train" for name, *_ in runs) == 1 + 2 * 2, "the source and every arm of every seed"
     assert (project / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
     assert (project / "weights" / "demo-source.safetensors").is_file()
     assert "demo-source" in shown

@@ -144,6 +144,9 @@ def test_prepares_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
         out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(source), str(tmp_path / f"out{n}")], cwd=ROOT,
                              capture_output=True, text=True, check=True)
         peaks[n] = int(out.stdout.split()[-1]) / 1024
-    pixels_mb = (8000 - 2000) * 64 * 64 * 3 / 1e6
-    assert peaks[8000] - peaks[2000] <= 100, f"peak RSS {peaks} MiB: it grew with the data ({pixels_mb:.0f} MB more pixels)"
+    # the baseline is the data itself: the extra images' decoded pixels. Measured growth: 0.1 of them
+    # (70 -> 77 MiB); the previous prepare, which held a stack of them and a copy per split, grew by 2.1.
+    pixels_mib = (8000 - 2000) * 64 * 64 * 3 / 2**20
+    growth = (peaks[8000] - peaks[2000]) / pixels_mib
+    assert growth < 0.5, f"peak RSS {peaks} MiB grew by {growth:.2f} of the {pixels_mib:.0f} MiB of extra pixels"
     print(f"peak RSS {peaks[2000]:.0f} MiB for 2,000 images, {peaks[8000]:.0f} MiB for 8,000")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +19,7 @@ from flows.core.params import parse_params
 from flows.core.prepare import load_split, prepare
 from flows.core.speed import autocast, cpu_bf16, resolve_precision
 from flows.core.train import train
-from tests.conftest import tiny_params_dict
+from tests.conftest import ROOT, tiny_params_dict
 
 CPU = torch.device("cpu")
 
@@ -56,11 +60,12 @@ def test_explicit_precisions_are_kept_and_fp16_is_refused_on_the_cpu():
         resolve_precision("fp16", CPU)
 
 
-def test_on_a_cpu_with_bf16_a_few_steps_give_a_finite_loss_close_to_fp32s(tiny_params, no_override):
-    """bf16 autocast against fp32 from the same weights and batches: finite, within a few percent, step by step."""
-    if not cpu_bf16()[0]:
-        pytest.skip(f"this CPU has no native bf16 ({cpu_bf16()[1]})")
-    assert resolve_precision("auto", CPU).dtype is torch.bfloat16
+def test_bf16_steps_give_a_finite_loss_close_to_fp32s(tiny_params, no_override):
+    """bf16 autocast against fp32 from the same weights and batches: finite, within a few percent, step by step.
+
+    bf16 runs on any CPU (emulated where it has no native bf16, only slower), so this holds everywhere;
+    `auto` picks it only where the CPU has it natively."""
+    assert resolve_precision("auto", CPU).dtype is (torch.bfloat16 if cpu_bf16()[0] else None)
     losses = {}
     for dtype in (torch.bfloat16, None):
         torch.manual_seed(0)
@@ -222,15 +227,17 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
-@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's malloc settings")
 def test_a_training_process_keeps_freed_memory_instead_of_faulting_it_back_in():
-    """With glibc's defaults each training step faults its activations' pages back in (zeroed); retained, they stay."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    """With glibc's defaults each training step faults its activations' pages back in (zeroed); retained, they stay.
 
-    root = Path(__file__).resolve().parents[2]
-    faults = {mode: float(subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=root, capture_output=True, text=True,
+    Compared with the default in the same run, on the same machine: the counts themselves depend on
+    the kernel and the allocator (retained: 0 on one EPYC, 51 on another; default: 690 to 13,600),
+    the ratio held at 100x or more on both. Where the C library is not glibc nothing is retained,
+    and `retain_freed_memory` says so."""
+    if platform.libc_ver()[0] != "glibc":
+        assert speed.retain_freed_memory() is False
+        return
+    faults = {mode: float(subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
                                        check=True).stdout.split()[-1]) for mode in ("default", "retain")}
-    assert faults["retain"] < 10, f"page faults a step: {faults}"  # glibc's defaults: 690-5,900 here
     print(f"page faults a step: {faults}")
+    assert faults["retain"] * 10 < faults["default"], f"page faults a step: {faults}"

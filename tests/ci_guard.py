@@ -1,0 +1,79 @@
+"""Two rules of the suite's proof, as a pytest plugin (tests/conftest.py loads it).
+
+- Under CI (the `CI` variable set, as `.ci/run` does) a skipped test is a failure: a proof that did
+  not run must not pass. A developer's machine may still skip, and `-rs` prints why.
+  Only tests marked `gpu` may skip (they need a CUDA GPU; `make test` deselects them).
+- TUNEDECK_TEST_ORDER=shuffle[:SEED] runs the modules in a random order, and the tests within each:
+  no test may depend on another having run first. The seed is chosen once, printed in the header
+  and at the end, and TUNEDECK_TEST_ORDER=shuffle:SEED repeats the order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+ORDER_SEED = pytest.StashKey[int | None]()
+
+
+def under_ci() -> bool:
+    """Whether this run is CI's: the `CI` variable set to anything but empty, 0 or false."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Choose the shuffle's seed before the header is written, so the header can print it."""
+    order = os.environ.get("TUNEDECK_TEST_ORDER", "")
+    seed = None
+    if order.startswith("shuffle"):
+        seed = int(order.partition(":")[2] or random.SystemRandom().randrange(100_000))
+    config.stash[ORDER_SEED] = seed
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The order and, under CI, the skip rule."""
+    seed = config.stash.get(ORDER_SEED, None)
+    order = f"shuffled, TUNEDECK_TEST_ORDER=shuffle:{seed} repeats it" if seed is not None else "as written"
+    lines = [f"test order: {order}"]
+    if under_ci():
+        lines.append("CI is set: a skipped test fails the run")
+    return lines
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Shuffle modules, and the tests within each; modules stay whole so a module's server starts once."""
+    seed = config.stash.get(ORDER_SEED, None)
+    if seed is None:
+        return
+    rng = random.Random(seed)
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(modules.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    items[:] = [item for group in groups for item in group]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI, turn a skip (in setup or in the test) into a failure that says why it skipped."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and under_ci()) or hasattr(report, "wasxfail") or item.get_closest_marker("gpu"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under CI ({reason}): a test that does not run proves nothing; "
+                       "make .ci/run install what it needs")
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """The seed again at the end, where a failure is read."""
+    seed = config.stash.get(ORDER_SEED, None)
+    if seed is not None:
+        terminalreporter.write_line(f"tests ran shuffled: TUNEDECK_TEST_ORDER=shuffle:{seed} repeats this order")
