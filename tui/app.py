@@ -51,10 +51,18 @@ class TunedeckApp(App[int]):
             self.push_screen(ExperimentsScreen(self.running_runs()))
 
     def open_experiment(self, name: str) -> None:
-        """The experiments view with the cursor on the experiment name (a run's `x`)."""
+        """The experiments view with the cursor on the experiment name (a run's `x`).
+
+        A run opened from the experiments view goes back to it, on this run's row, rather than
+        stacking a second experiments view."""
         from tui.screens.experiments import ExperimentsScreen
 
-        self.push_screen(ExperimentsScreen(self.running_runs(), focus=name))
+        below = self.screen_stack[-2] if len(self.screen_stack) > 1 else None
+        if isinstance(below, ExperimentsScreen):
+            self.pop_screen()
+            below.focus_on(name)
+        else:
+            self.push_screen(ExperimentsScreen(self.running_runs(), focus=name))
 
     def running_runs(self) -> tuple:
         """The running runs of the dashboard's last snapshot (the experiments view marks theirs)."""

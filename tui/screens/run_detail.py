@@ -13,6 +13,7 @@ from textual.widgets import Footer, Log, Static
 from tui.format import duration, state_text
 from tui.messages import DetailFetched
 from tui.providers.models import Progress, Run
+from tui.screens.jump import to_experiment
 
 
 class RunDetailScreen(Screen[None]):
@@ -79,17 +80,7 @@ class RunDetailScreen(Screen[None]):
 
     def action_to_experiment(self) -> None:
         """x: the experiment this run made, in the experiments view (x there comes back here)."""
-        from tui.experiment_table import experiment_name
-        from tui.screens.experiments import ExperimentsScreen
-        from tui.screens.jump import to_experiment
-
-        below = self.app.screen_stack[-2] if len(self.app.screen_stack) > 1 else None
-        name = experiment_name(self.run)
-        if isinstance(below, ExperimentsScreen) and name:  # came from there: go back, on this run's row
-            self.app.pop_screen()
-            below.focus_on(name)
-        else:
-            to_experiment(self.app, self.run)
+        to_experiment(self.app, self.run)
 
     def action_cancel(self) -> None:
         """Cancel from here too (the dashboard asks first)."""
