@@ -64,15 +64,33 @@ async def _ensure_limits(names: list[str]) -> None:
 
 
 ZOMBIE_AUTOMATION = "tunedeck: crash runs whose host went silent"
-HEARTBEAT_S = 30  # a run's heartbeat period (Prefect's shortest); ZOMBIE_AFTER_S without one: Crashed
-ZOMBIE_AFTER_S = 90
+HEARTBEAT_S = 30  # a run's heartbeat period (Prefect's shortest); zombie_after_s() without one: Crashed
+ZOMBIE_AFTER_S = 90  # the default: three missed heartbeats, so a slow or busy host is never taken for a dead one
+ZOMBIE_AFTER_VARIABLE = "TUNEDECK_ZOMBIE_AFTER_S"
 
 
-async def _ensure_zombie_automation() -> None:
-    """Prefect's zombie detection: a running flow run whose heartbeats stop for ZOMBIE_AFTER_S is marked Crashed.
+def zombie_after_s() -> int:
+    """Seconds without a heartbeat before a run is marked Crashed: TUNEDECK_ZOMBIE_AFTER_S, else ZOMBIE_AFTER_S.
+
+    Read here only, when `tunedeck deploy` sets up the detection on the server. It must exceed
+    HEARTBEAT_S, or every live run would be taken for a dead one between two heartbeats.
+    """
+    raw = os.environ.get(ZOMBIE_AFTER_VARIABLE, str(ZOMBIE_AFTER_S))
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= HEARTBEAT_S:
+        raise TunedeckError(f"{ZOMBIE_AFTER_VARIABLE}={raw} is not a whole number of seconds above the "
+                            f"{HEARTBEAT_S} s heartbeat period: set it higher, or unset it for the default ({ZOMBIE_AFTER_S} s).")
+    return seconds
+
+
+async def _ensure_zombie_automation(after_s: int) -> None:
+    """Prefect's zombie detection: a running flow run whose heartbeats stop for after_s seconds is marked Crashed.
 
     For a host that dies whole (power, kernel, SIGKILL of its worker): nothing on it is left to
-    report the run's end. Created once, by name.
+    report the run's end. Created once, by name; updated when after_s changed since.
     """
     from datetime import timedelta
 
@@ -83,10 +101,11 @@ async def _ensure_zombie_automation() -> None:
     from prefect.events.schemas.events import ResourceSpecification
 
     async with get_client() as client:
-        if await client.read_automations_by_name(ZOMBIE_AUTOMATION):
+        found = await client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if found and found[0].trigger.within == timedelta(seconds=after_s):
             return
         ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
-        await client.create_automation(AutomationCore(
+        automation = AutomationCore(
             name=ZOMBIE_AUTOMATION,
             description="A run whose process stopped sending heartbeats (its host died) is marked Crashed; run it "
                         "again to resume from its checkpoint on the DVC remote.",
@@ -94,18 +113,23 @@ async def _ensure_zombie_automation() -> None:
                 after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
                 match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
                 for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-                within=timedelta(seconds=ZOMBIE_AFTER_S)),
+                within=timedelta(seconds=after_s)),
             actions=[ChangeFlowRunState(state=StateType.CRASHED, message=(
-                f"no heartbeat for {ZOMBIE_AFTER_S} s: its host or worker died; run it again to resume"))],
-        ))
+                f"no heartbeat for {after_s} s: its host or worker died; run it again to resume"))],
+        )
+        if found:
+            await client.update_automation(found[0].id, automation)
+        else:
+            await client.create_automation(automation)
 
 
 def deploy(root: Path | None = None) -> list[str]:
     """Create the work pool, the zombie detection and prefect.yaml's deployments; return their names."""
     root = root or Path.cwd()
+    after_s = zombie_after_s()
     reachable()
     asyncio.run(_ensure_pool(DEFAULT_POOL, create=True))
-    asyncio.run(_ensure_zombie_automation())
+    asyncio.run(_ensure_zombie_automation(after_s))
     proc = prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())})
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]

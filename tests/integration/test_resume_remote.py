@@ -4,8 +4,10 @@ Host A's worker runs a pipeline run that pushes each epoch's checkpoint to the p
 remote; once the remote holds a checkpoint, A's worker and everything below it get SIGKILL. The
 same run started again (same overrides) is taken by host B's worker, in a clone of its own with
 no checkpoint: it fetches the pushed one, resumes from its epoch, and ends with the weights of
-a run that was never interrupted. The dead host's run, which nothing was left to end, is marked
-Crashed by Prefect's zombie detection (no heartbeat for 90 s).
+a run that was never interrupted (trained meanwhile by a plain `dvc repro train` in a third clone).
+The dead host's run, which nothing was left to end, is marked Crashed by Prefect's zombie detection:
+no heartbeat for TUNEDECK_ZOMBIE_AFTER_S, set to 60 s here (twice the 30 s heartbeat; the default,
+90 s, is three) so that the wait for it costs less.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from tests.integration.test_deployments import logs, start, wait
 
 pytestmark = pytest.mark.slow
 OVERRIDES = ["train.epochs=60", "train.lr=0.002", "train.hflip=0.5", "train.crop_padding=2"]
+ZOMBIE_AFTER_S = 60  # TUNEDECK_ZOMBIE_AFTER_S for this test's server: the dead host's run is Crashed 30-60 s after
+HANG_S = 600  # a hang guard on each wait below: each event comes within about a minute (phases printed)
 
 
 def kill_tree(pid: int) -> None:
@@ -45,8 +49,9 @@ def pushed_epoch(store) -> int:
     return max((json.loads(p.read_text())["epoch"] for p in pointers), default=0)
 
 
-def reference_sha(tmp_path, a) -> str:
-    """The model of the same params trained without interruption (no remote checkpoints: a plain `dvc repro`)."""
+def reference(tmp_path, a) -> tuple[subprocess.Popen, object]:
+    """The same params trained without interruption (no remote checkpoints: a plain `dvc repro train`), started
+    now and read at the end, so it trains while the hosts do: the process and its model.json."""
     c = tmp_path / "c"
     run(tmp_path, "git", "clone", "-q", str(a), str(c))
     raw = yaml.safe_load((c / "params.yaml").read_text())
@@ -55,8 +60,16 @@ def reference_sha(tmp_path, a) -> str:
         group, name = key.split(".")
         raw[group][name] = yaml.safe_load(value)
     (c / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run(c, "dvc", "repro", TUNEDECK_PREFECT="off", TUNEDECK_CHECKPOINT_REMOTE="off")
-    return json.loads((c / "models" / "model.json").read_text())["sha256"]
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env(TUNEDECK_PREFECT="off", TUNEDECK_CHECKPOINT_REMOTE="off"), start_new_session=True)
+    return proc, c / "models" / "model.json"
+
+
+def reference_sha(proc: subprocess.Popen, model_json) -> str:
+    """The uninterrupted run's model sha256, once it is done."""
+    err = proc.communicate(timeout=HANG_S)[1]  # a hang guard
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(model_json.read_text())["sha256"]
 
 
 def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(tmp_path):
@@ -66,11 +79,12 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
     run(a, "git", "commit", "-qam", "a shared DVC remote")
     b = tmp_path / "b"
     run(tmp_path, "git", "clone", "-q", str(a), str(b))
-    whole = reference_sha(tmp_path, a)
+    began = time.monotonic()
+    uninterrupted, model_json = reference(tmp_path, a)
     url = server.start(free_port(), root=a)
-    workers = []
+    workers = [uninterrupted]
     try:
-        run(a, "tunedeck", "deploy", PREFECT_API_URL=url)
+        run(a, "tunedeck", "deploy", PREFECT_API_URL=url, TUNEDECK_ZOMBIE_AFTER_S=str(ZOMBIE_AFTER_S))
 
         def worker(clone, host):
             proc = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=clone,
@@ -81,7 +95,7 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
 
         host_a = worker(a, "host-a")
         first = start(url, "pipeline", overrides=OVERRIDES, pull=False, push=False)
-        deadline = time.monotonic() + 300  # a hang guard; the kill waits on the event, the second pushed epoch
+        deadline = time.monotonic() + HANG_S  # a hang guard; the kill waits on the event, the second pushed epoch
         while pushed_epoch(store) < 2:
             assert time.monotonic() < deadline, ("no checkpoint reached the remote", wait(url, first, timeout=1)["state"])
             time.sleep(0.05)
@@ -89,9 +103,11 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
         died = time.monotonic()
         killed_at = pushed_epoch(store)
         assert killed_at < 60, "the run finished before host A died"
+        print(f"\nhost A killed at epoch {killed_at}, {died - began:.0f} s in")
 
         worker(b, "host-b")
-        again = wait(url, start(url, "pipeline", overrides=OVERRIDES, pull=False, push=False), timeout=400)
+        again = wait(url, start(url, "pipeline", overrides=OVERRIDES, pull=False, push=False), timeout=HANG_S)
+        print(f"host B's run ended {time.monotonic() - died:.0f} s after host A died")
         text = logs(url, again["id"])
         assert again["state_type"] == "COMPLETED", text[-2000:]
         assert again["labels"]["tunedeck.host"] == "host-b", again["labels"]
@@ -100,14 +116,18 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
         assert resumed >= killed_at and f"(epoch {resumed + 1}, batch 0)" in text, text[-3000:]
         versions = next(x["data"] for x in api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [again["id"]]}}})
                         if x["key"] == "versions")
+        whole = reference_sha(uninterrupted, model_json)
+        print(f"the uninterrupted reference was done {time.monotonic() - began:.0f} s in")
         assert f"| model_sha256 | {whole} |" in versions, (whole, versions)
         # nothing on host A could report the first run's end: Prefect's zombie detection (`tunedeck deploy`
-        # sets it up, workers send a heartbeat every 30 s) marks it Crashed once 90 s pass without one
+        # sets it up, workers send a heartbeat every 30 s) marks it Crashed once ZOMBIE_AFTER_S pass without one
         while (zombie := api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [first]}}})[0])["state_type"] != "CRASHED":
-            assert time.monotonic() - died < 240, ("the dead host's run is still", zombie["state_type"])
-            time.sleep(2)
-        assert "no heartbeat" in zombie["state"]["message"], zombie["state"]
-        print(f"the dead host's run was Crashed {time.monotonic() - died:.0f} s after its host died")
+            assert time.monotonic() - died < 5 * ZOMBIE_AFTER_S, ("a hang guard: the dead host's run is still",
+                                                                  zombie["state_type"])
+            time.sleep(0.5)
+        assert f"no heartbeat for {ZOMBIE_AFTER_S} s" in zombie["state"]["message"], zombie["state"]
+        print(f"the dead host's run was Crashed {time.monotonic() - died:.0f} s after its host died; "
+              f"the test took {time.monotonic() - began:.0f} s")
     finally:
         for proc in workers:
             if proc.poll() is None:
