@@ -7,27 +7,50 @@ so the tests now wait on the event and this bench measures how soon it comes:
   cancelled   a cancel set through the API -> the stage process has exited        goal <= 10 s
   no server   `tunedeck deploy` against a port where nothing answers -> its error  goal <= 15 s
   no weights  model.pretrained: true, offline, empty Hugging Face cache -> error   goal <= 5 s
-Usage: python bench/responsiveness.py [--rounds 3]
+  stale       SIGTERM to a worker -> a dashboard's fleet view shows its host stale  goal <= 10 s  (test_remote)
+  warm kill   kill -9 of a warm stage's stand-in -> its forked child has exited     goal <= 15 s  (test_warm_stages)
+  warm term   SIGTERM to a warm stage's stand-in -> it exits with its child's status goal <= 30 s
+  warm 137    the forked child killed outright -> its stand-in exits 137            goal <= 15 s
+  zombie      a host dies whole (worker and run, SIGKILL) -> its run reads CRASHED  goal <= 240 s (test_resume_remote;
+              --zombie: a round takes about TUNEDECK_ZOMBIE_AFTER_S, 90 s by default)
+
+Each goal is the limit a test used to assert; the tests now wait on the event under a hang guard of
+at least 5x these medians. Not measured here: a multi-node rank killed -> both runs end (two network
+namespaces: tests/integration/test_multinode.py prints it), and a PostgreSQL server's runs
+(tests/integration/test_postgres.py).
+Usage: python bench/responsiveness.py [--rounds 3] [--zombie]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import server  # noqa: E402
-from tests.integration.project import api, free_port, make_project, run  # noqa: E402
+from flows.deploy import zombie_after_s  # noqa: E402
+from flows.stages.warm import WarmStages  # noqa: E402
+from tests.integration.project import api, env, free_port, make_project, run  # noqa: E402
+from tests.integration.test_deployments import start  # noqa: E402
 from tests.integration.test_pipeline import long_train_stage, train_runs  # noqa: E402
+from tests.integration.test_resume_remote import kill_tree  # noqa: E402
+from tests.integration.test_warm_stages import long_train, wait_for_child, wait_for_training  # noqa: E402
+from tui.providers.fleet import RemoteHosts  # noqa: E402
 
-GOALS = {"crashed": 15.0, "cancelled": 10.0, "no server": 15.0, "no weights": 5.0}
+GOALS = {"crashed": 15.0, "cancelled": 10.0, "no server": 15.0, "no weights": 5.0, "stale": 10.0,
+         "warm kill": 15.0, "warm term": 30.0, "warm 137": 15.0, "zombie": 240.0}
 NO_WEIGHTS = """
 import time, huggingface_hub.constants as hc
 from flows.core.errors import TunedeckError
@@ -84,28 +107,131 @@ def no_weights(project: Path) -> float:
     return float(out.stdout.strip())
 
 
+def worker(project: Path, url: str, host: str, **extra: str) -> subprocess.Popen:
+    """`tunedeck worker` in a session of its own (so the whole of it can be stopped), as host."""
+    return subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env(PREFECT_API_URL=url, TUNEDECK_HOST=host, **extra))
+
+
+def host_shown(fleet: RemoteHosts, host: str, stale: bool) -> bool:
+    """Whether the fleet view (as the dashboard polls it) shows host, stale or not as asked."""
+    return any(h.host.hostname == host and h.stale is stale for h in fleet.hosts())
+
+
+def stale(project: Path, url: str, host: str) -> float:
+    """A worker publishing telemetry is stopped with SIGTERM: seconds until its host reads stale."""
+    proc = worker(project, url, host, TUNEDECK_FAKE_GPUS="1")
+    fleet = RemoteHosts(lambda: url, local_host="this-bench")  # polled every 2 s, as the dashboard's is
+    try:
+        until(lambda: host_shown(fleet, host, stale=False))
+        os.killpg(proc.pid, signal.SIGTERM)
+        return until(lambda: host_shown(fleet, host, stale=True))
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker's session if it is still there, and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def long_epochs(project: Path):
+    """params.yaml with 5,000 epochs (a train stage that runs until stopped), put back after."""
+    params = (project / "params.yaml").read_text()
+    raw = yaml.safe_load(params)
+    raw["train"]["epochs"] = 5000
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        yield
+    finally:
+        (project / "params.yaml").write_text(params)
+
+
+def ended(proc: psutil.Process) -> bool:
+    """Whether a process (another's child, reaped by its parent) has exited."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def warm_cases(project: Path) -> dict[str, float]:
+    """A warm server's three ways for a stage to end: seconds from the signal to the event."""
+    found = {}
+    with long_epochs(project), tempfile.TemporaryDirectory() as tmp:
+        warm = WarmStages().start()
+        try:
+            until(lambda: warm.path.exists())
+            proc = long_train(project, warm, Path(tmp) / "kill")
+            child = wait_for_child(warm, proc)
+            wait_for_training(Path(tmp) / "kill", proc)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            found["warm kill"] = until(lambda: ended(child))
+            proc = long_train(project, warm, Path(tmp) / "term")
+            wait_for_child(warm, proc)
+            wait_for_training(Path(tmp) / "term", proc)
+            proc.terminate()
+            found["warm term"] = until(lambda: proc.poll() is not None)
+            proc = long_train(project, warm, Path(tmp) / "137")
+            wait_for_child(warm, proc).kill()
+            found["warm 137"] = until(lambda: proc.poll() is not None)
+        finally:
+            warm.stop()
+    return found
+
+
+def zombie(project: Path, url: str, host: str) -> float:
+    """A host that dies whole while its run trains: seconds from the SIGKILL until the run reads CRASHED."""
+    proc = worker(project, url, host)
+    try:
+        run_id = start(url, "pipeline", overrides=["train.epochs=5000"], pull=False, push=False)
+        until(lambda: state(url, run_id) == "RUNNING")
+        kill_tree(proc.pid)
+        return until(lambda: state(url, run_id) == "CRASHED", poll=0.5, timeout=5 * zombie_after_s())
+    finally:
+        stop(proc)
+
+
+def one_round(project: Path, url: str, i: int, with_zombie: bool) -> dict[str, float]:
+    """Every latency once (the zombie only when asked: a round of it takes TUNEDECK_ZOMBIE_AFTER_S)."""
+    found = {"crashed": crashed(project, url), "cancelled": cancelled(project, url), "no server": no_server(project),
+             "no weights": no_weights(project), "stale": stale(project, url, f"bench-stale-{i}"), **warm_cases(project)}
+    if with_zombie:
+        found["zombie"] = zombie(project, url, f"bench-dead-{i}")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    rounds = parser.parse_args().rounds
-    seconds: dict[str, list[float]] = {name: [] for name in GOALS}
+    parser.add_argument("--zombie", action="store_true", help="also time the dead host's run (a round: ~90 s)")
+    args = parser.parse_args()
+    seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp))
         run(project, "dvc", "repro", "prepare", TUNEDECK_PREFECT="off")
         url = server.start(free_port(), root=project)
         try:
-            for i in range(rounds):
-                seconds["crashed"].append(crashed(project, url))
-                seconds["cancelled"].append(cancelled(project, url))
-                seconds["no server"].append(no_server(project))
-                seconds["no weights"].append(no_weights(project))
+            run(project, "tunedeck", "deploy", PREFECT_API_URL=url)  # the pool and the zombie detection
+            for i in range(args.rounds):
+                for name, value in one_round(project, url, i, args.zombie).items():
+                    seconds.setdefault(name, []).append(value)
                 print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in seconds.items()), flush=True)
         finally:
             server.stop(root=project)
-    print(f"\nmedians over {rounds} rounds (goal):")
+    print(f"\nmedians over {args.rounds} rounds (goal; a test's hang guard is at least 5x the median):")
     for name, values in seconds.items():
         median = statistics.median(values)
-        print(f"  {name:<11} {median:6.2f} s  (<= {GOALS[name]:g} s: {'ok' if median <= GOALS[name] else 'MISSED'})")
+        print(f"  {name:<11} {median:6.2f} s  (<= {GOALS[name]:g} s: {'ok' if median <= GOALS[name] else 'MISSED'}; "
+              f"{median / GOALS[name]:.2f} of the goal)")
+    if "zombie" in seconds:
+        print(f"  (zombie: TUNEDECK_ZOMBIE_AFTER_S is {zombie_after_s()} s)")
 
 
 if __name__ == "__main__":

