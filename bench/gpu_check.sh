@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# GPU check, one call, under 8 minutes on one GPU with torch and timm: images/s, MFU and NVML
-# utilisation for resnet50 and convnext_tiny at 224 px, bf16 + channels_last, compile off/on,
-# each beside the synthetic and the plain-loop reference. JSON files go to the folder in $1.
+# GPU check, one call, under 10 minutes on one GPU with torch and timm:
+# 1. the GPU smoke tests (`pytest -m gpu tests/gpu`, about 1 minute): resnet18 trains 2 epochs in bf16,
+#    NVML joins the training process to its run, and with 2 GPUs 2-rank NCCL DDP equals one rank;
+#    their summary goes to gpu-smoke.log (the device tool brings back 8 files at most: one log, no XML);
+# 2. images/s, MFU and NVML utilisation for resnet50 and convnext_tiny at 224 px, bf16 + channels_last,
+#    compile off/on, each beside the synthetic and the plain-loop reference.
+# Files go to the folder in $1.
 #   bash bench/gpu_check.sh "$OUT"
-# pydantic (for params) may be missing on a GPU image: wheels in .whl/ are installed if so.
+# pydantic (for params) may be missing on a GPU image: wheels in .whl/ are installed if so (pydantic,
+# pydantic-core, annotated-types, typing-inspection; see /work/.library/device/README.md).
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTPUT_DIR}
 mkdir -p "$out"
@@ -14,6 +19,10 @@ if ! python3 -c "import pydantic, yaml" 2>/dev/null && ls .whl/*.whl >/dev/null 
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee "$out/versions.txt"
+# a hang guard of 300 s: the two tests take about a minute together
+timeout 300 python3 -m pytest -m gpu tests/gpu -q -rA -p no:cacheprovider > "$out/gpu-smoke.log" 2>&1 \
+  || echo "gpu smoke tests: failed or timed out (see gpu-smoke.log)" | tee -a "$out/failures.txt"
+tail -n 4 "$out/gpu-smoke.log"
 for model in resnet50 convnext_tiny; do
   for compile in "" "--compile"; do
     name="$model${compile:+-compile}"
