@@ -1,5 +1,8 @@
 """The promotion gate: may a candidate model replace prod? A pure decision on figures both models
 earned on the same test split (the candidate's), so a changed split never flatters either side.
+
+Its verdict is one of three: promoted, rejected, or could not compare (prod's model could not be
+scored, e.g. it is in neither the DVC cache nor the remote): the last never promotes, and says why.
 """
 
 from __future__ import annotations
@@ -7,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+PROMOTED, REJECTED, NOT_COMPARED = "promoted", "rejected", "could not compare"
 
 
 @dataclass(frozen=True)
@@ -39,14 +44,24 @@ class Decision:
     tolerance: float
     max_class_drop: float
     notes: list[str] = field(default_factory=list)
+    compared: bool = True  # False: there is a prod model, but its figures could not be had
+
+    @property
+    def verdict(self) -> str:
+        """promoted, rejected or could not compare: what a person reads first."""
+        if self.promote:
+            return PROMOTED
+        return REJECTED if self.compared else NOT_COMPARED
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "verdict": self.verdict}
 
     def summary(self) -> str:
         """One sentence: what happened and why."""
         if not self.promote:
-            return "rejected: " + "; ".join(self.reasons) + "."
+            return f"{self.verdict}: " + "; ".join(self.reasons) + "."
+        if not self.compared:  # forced past a prod model that could not be scored
+            return "promoted without a comparison: " + "; ".join(self.notes) + "."
         if self.prod is None:
             return "promoted: there is no prod model yet."
         return (f"promoted: test accuracy {self.candidate.accuracy:.4f} against prod's {self.prod.accuracy:.4f} "
@@ -69,3 +84,10 @@ def decide(candidate: Figures, prod: Figures | None, tolerance: float, max_class
                                f"more than promote.max_class_drop {max_class_drop}")
     return Decision(promote=not reasons, reasons=reasons, candidate=candidate, prod=prod,
                     tolerance=tolerance, max_class_drop=max_class_drop)
+
+
+def not_compared(candidate: Figures, why: str, tolerance: float, max_class_drop: float) -> Decision:
+    """The verdict when prod exists but its model cannot be scored: no promotion, and why, so that
+    a candidate never replaces a prod model nobody could compare it with."""
+    return Decision(promote=False, reasons=[why], candidate=candidate, prod=None, tolerance=tolerance,
+                    max_class_drop=max_class_drop, compared=False)

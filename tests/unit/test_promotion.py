@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from flows.core.promotion import Figures, decide
+from flows.core.promotion import Figures, decide, not_compared
 
 
 def figures(accuracy: float, **recall: float) -> Figures:
@@ -36,3 +37,59 @@ def test_figures_from_predictions():
     labels, pred = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
     got = Figures.of(labels, pred, ["x", "y", "z"])
     assert got.accuracy == 0.6 and got.recall == {"x": 0.5, "y": 1.0, "z": 0.0} and got.n_test == 5
+
+
+def counted(correct: int, n: int = 100) -> Figures:
+    """Figures of a model that labels `correct` of n test images of one class right: accuracies as the gate
+    really meets them (ratios of counts, with their float rounding), not hand-typed decimals."""
+    labels = np.zeros(n, dtype=np.int64)
+    pred = np.where(np.arange(n) < correct, 0, 1)
+    return Figures.of(labels, pred, ["a", "b"])
+
+
+@pytest.mark.parametrize(("correct", "verdict"), [
+    (91, "promoted"),  # better than prod
+    (90, "promoted"),  # equal
+    (89, "promoted"),  # exactly prod's accuracy minus the tolerance: the floor itself passes
+    (88, "rejected"),  # one test image below the floor
+])
+def test_the_tolerance_boundary_one_test_image_either_side(correct, verdict):
+    decision = decide(counted(correct), counted(90), tolerance=0.01, max_class_drop=1.0)
+    assert decision.verdict == verdict, decision.summary()
+    assert decision.promote is (verdict == "promoted")
+
+
+@pytest.mark.parametrize(("accuracy", "verdict"), [
+    (0.8901, "promoted"),  # just inside: 1e-4 above the floor of 0.89
+    (0.8899, "rejected"),  # just outside: 1e-4 below it
+])
+def test_the_tolerance_boundary_just_inside_and_just_outside(accuracy, verdict):
+    decision = decide(figures(accuracy, a=0.9), figures(0.90, a=0.9), 0.01, 0.05)
+    assert decision.verdict == verdict, decision.summary()
+    if verdict == "rejected":
+        assert decision.reasons == ["test accuracy 0.8899 is below prod's 0.9000 minus the tolerance 0.01 (0.8900)"]
+
+
+@pytest.mark.parametrize(("recall_b", "verdict"), [
+    (0.85, "promoted"),    # a drop of exactly max_class_drop passes
+    (0.8499, "rejected"),  # 1e-4 more does not
+])
+def test_the_class_drop_boundary_just_inside_and_just_outside(recall_b, verdict):
+    decision = decide(figures(0.95, a=1.0, b=recall_b), figures(0.90, a=0.9, b=0.9), 0.01, 0.05)
+    assert decision.verdict == verdict, decision.summary()
+
+
+def test_a_known_better_candidate_is_promoted_and_a_known_worse_one_rejected():
+    prod = figures(0.80, a=0.8, b=0.8)
+    better, worse = figures(0.95, a=0.95, b=0.95), figures(0.60, a=0.6, b=0.6)
+    assert decide(better, prod, 0.01, 0.05).verdict == "promoted"
+    rejected = decide(worse, prod, 0.01, 0.05)
+    assert rejected.verdict == "rejected" and len(rejected.reasons) == 3  # accuracy, and both classes' recall
+
+
+def test_a_prod_model_that_cannot_be_scored_is_could_not_compare_and_promotes_nothing():
+    why = "model v0.1.0 (commit 0123456789ab, prod) is in neither this clone's DVC cache nor its DVC remote 'local' (/r)"
+    decision = not_compared(figures(0.99, a=1.0), why, 0.01, 0.05)
+    assert decision.verdict == "could not compare" and not decision.promote
+    assert decision.summary() == f"could not compare: {why}."
+    assert decision.to_dict()["verdict"] == "could not compare" and decision.to_dict()["prod"] is None
