@@ -10,9 +10,7 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -23,35 +21,11 @@ from flows.core.model import check_model_name
 from flows.core.params import Params
 from flows.core.prepare import load_manifest
 from flows.core.speed import autocast_dtype
+from flows.core.trainer import Tracker, Trainer, TrainResult
 
 log = logging.getLogger("tunedeck")
+__all__ = ["Tracker", "TrainResult", "device_for", "run_folder", "run_key", "train"]
 CHECKPOINT_FORMAT = 2  # bump when a checkpoint's contents change: older ones are not resumed
-
-
-class Tracker(Protocol):
-    """Where per-epoch metrics go (dvclive in the stage; nothing in tests)."""
-
-    def start(self, resumed: bool, first_epoch: int = 0) -> None:
-        """Called once, before the first epoch logged; epochs before first_epoch are replayed from a checkpoint."""
-
-    def log(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Metrics of one finished epoch (0-based)."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a training run produced."""
-
-    best_epoch: int
-    val_accuracy: float | None
-    weights_from: str
-    seconds: float
-    model_sha256: str
-    epochs_run: int
-    resumed_at: str | None
-    oom_events: int
-    precision: str = "fp32"  # bf16, fp16 or fp32: what autocast ran in
-    precision_reason: str = ""  # why (train.precision, or what auto found on the device)
 
 
 def run_key(params: Params, manifest: PrepareManifest) -> str:
@@ -96,8 +70,6 @@ def train(
     from there, and a run of other params or data starts a folder of its own, never touching
     another run's.
     """
-    from flows.core.trainer import Trainer
-
     check_model_name(params.model.name)
     world = current_world()
     device = device_for(params, world)

@@ -6,7 +6,9 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,6 +36,32 @@ from flows.core.speed import (
 from flows.core.transfer import Freezer, param_groups
 
 log = logging.getLogger("tunedeck")
+
+
+class Tracker(Protocol):
+    """Where per-epoch metrics go (dvclive in the stage; nothing in tests)."""
+
+    def start(self, resumed: bool, first_epoch: int = 0) -> None:
+        """Called once, before the first epoch logged; epochs before first_epoch are replayed from a checkpoint."""
+
+    def log(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Metrics of one finished epoch (0-based)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    best_epoch: int
+    val_accuracy: float | None
+    weights_from: str
+    seconds: float
+    model_sha256: str
+    epochs_run: int
+    resumed_at: str | None
+    oom_events: int
+    precision: str = "fp32"  # bf16, fp16 or fp32: what autocast ran in
+    precision_reason: str = ""  # why (train.precision, or what auto found on the device)
 
 
 class Trainer:
@@ -112,9 +140,7 @@ class Trainer:
         return wrapped
 
     # ---- the run --------------------------------------------------------------------------
-    def run(self, out: Path, checkpoints: Path | None, key: str) -> object:
-        from flows.core.train import TrainResult
-
+    def run(self, out: Path, checkpoints: Path | None, key: str) -> TrainResult:
         start = time.perf_counter()
         first_epoch, first_batch, partial = 0, 0, None
         resumed_at = None
