@@ -267,7 +267,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         session.close()  # before its folder, the workspace, goes
         versions = attach_versions(code, ws)
         if judgement is not None:
-            versions.update(promoted=judgement.decision.promote, version=judgement.version or judgement.prod_version or "")
+            versions.update(verdict=judgement.decision.verdict, promoted=judgement.decision.promote, version=judgement.version or judgement.prod_version or "")
         tag_versions(versions)
         flush_labels()
         return versions

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
-from flows.dvc_cli import dvc
+from flows.dvc_cli import AUTH_SIGNS, REACH_SIGNS, default_remote, dvc
 
 ARTIFACT = "model"
 PROD = "prod"
@@ -128,12 +128,41 @@ def _latest_prod_tag(root: Path) -> str:
     return max(tags, key=lambda t: int(t.rsplit("#", 1)[-1]), default="")
 
 
+class ModelUnavailable(TunedeckError):
+    """A registered version's model file could not be had from this clone's DVC cache or remote."""
+
+
 def fetch(root: Path, out: Path, stage: str | None = None, version: str | None = None) -> Path:
     """The model file of a stage or version, through `dvc artifacts get` (DVC's cache, else its remote)."""
     which = ["--stage", stage] if stage else ["--rev", version] if version else []
     out.parent.mkdir(parents=True, exist_ok=True)
-    dvc("artifacts", "get", ".", ARTIFACT, *which, "-o", str(out), "--force", cwd=root)
+    try:
+        dvc("artifacts", "get", ".", ARTIFACT, *which, "-o", str(out), "--force", cwd=root)
+    except TunedeckError as exc:
+        raise ModelUnavailable(unavailable(root, stage, version, str(exc))) from None
     return out
+
+
+def unavailable(root: Path, stage: str | None, version: str | None, dvc_error: str) -> str:
+    """One sentence for a model file DVC could not get: which version, which remote, and what to do.
+
+    DVC's own two lines name neither the version nor the remote, and say nothing a new colleague
+    (whose clone has the registry's tags but not its models) can act on.
+    """
+    found = prod(root) if stage == PROD else next((v for v in versions(root) if v.version == version), None)
+    what = f"{ARTIFACT} {found.version} (commit {found.commit[:12]}{', prod' if stage == PROD else ''})" if found else \
+        f"{ARTIFACT} {version or stage}"
+    name, url = default_remote(root)
+    if not name:
+        return (f"{what} is not in this clone's DVC cache and the clone has no default DVC remote to get it from: "
+                "add the team's with `dvc remote add -d NAME URL`.")
+    low = dvc_error.lower()
+    if any(sign in low for sign in (*AUTH_SIGNS, *REACH_SIGNS)):
+        why = f"could not be fetched from DVC remote '{name}' ({url}) ({dvc_error.split(': ', 1)[-1][:200]})"
+    else:
+        why = f"is in neither this clone's DVC cache nor its DVC remote '{name}' ({url})"
+    return (f"{what} {why}: `dvc push` it from a clone that has it, or point '{name}' at the storage that does "
+            f"(`dvc remote modify {name} url URL`).")
 
 
 def push_tags(root: Path, tags: list[str]) -> str | None:

@@ -20,7 +20,7 @@ from flows.contracts import ModelCard
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import EVAL, MODEL_WEIGHTS, MODELS, PREPARED
-from flows.core.promotion import Decision, Figures, decide
+from flows.core.promotion import Decision, Figures, decide, not_compared
 
 PROMOTION_FILE = "promotion.json"
 CARD_FILE = "MODEL_CARD.md"
@@ -57,31 +57,27 @@ def figures_of(model_path: Path, root: Path, params: Params) -> tuple[Figures, l
 
 
 def judge(root: Path, params: Params, force: bool = False, log=print) -> Judgement:
-    """Apply the promotion gate to root's trained model; write promotion.json (and MODEL_CARD.md when promoted)."""
-    from flows.core.model_file import sha256
+    """Apply the promotion gate to root's trained model; write promotion.json (and MODEL_CARD.md when promoted).
 
-    card = ModelCard.read(root / MODELS)
-    weights = root / MODEL_WEIGHTS
-    if not weights.is_file() or sha256(weights) != card.sha256:
-        raise TunedeckError(f"{weights} does not match {root / MODELS / 'model.json'}: run the train stage again (`dvc repro train`).")
-    if not (root / EVAL / "metrics.json").is_file():
-        raise TunedeckError(f"{root / EVAL / 'metrics.json'} not found: run the evaluate stage first (`dvc repro evaluate`).")
-    candidate, _ = figures_of(weights, root, params)
+    A prod model that cannot be fetched (not in this clone's DVC cache nor its remote) does not fail
+    the gate: its verdict is "could not compare", which promotes nothing, and the sentence says why.
+    """
+    card = check_candidate(root)
+    candidate, _ = figures_of(root / MODEL_WEIGHTS, root, params)
     current = registry.prod(root)
-    prod_figures, notes = None, []
-    if current is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            prod_file = registry.fetch(root, Path(tmp) / "prod.safetensors", stage=registry.PROD)
-            prod_figures, prod_classes = figures_of(prod_file, root, params)
-        if prod_classes != card.classes:
-            notes.append(f"prod {current.version} has other classes ({', '.join(prod_classes)}): it cannot be scored on this test split")
-    decision = decide(candidate, prod_figures, params.promote.tolerance, params.promote.max_class_drop)
+    tolerance, max_drop = params.promote.tolerance, params.promote.max_class_drop
+    try:
+        prod_figures, notes = prod_figures_of(root, params, current, card.classes)
+        decision = decide(candidate, prod_figures, tolerance, max_drop)
+    except registry.ModelUnavailable as exc:
+        prod_figures, notes = None, []
+        decision = not_compared(candidate, str(exc).rstrip("."), tolerance, max_drop)
     if notes and not force:
         decision = Decision(False, [*decision.reasons, *notes, "promote it anyway with --force"], candidate, None,
                             decision.tolerance, decision.max_class_drop, notes)
     elif force and not decision.promote:
         decision = Decision(True, [], candidate, prod_figures, decision.tolerance, decision.max_class_drop,
-                            [f"forced past: {'; '.join(decision.reasons + notes)}"])
+                            [f"forced past: {'; '.join(decision.reasons + notes)}"], decision.compared)
     version = registry.next_version(root) if decision.promote else None
     judgement = Judgement(decision, version, current.version if current else None, card.sha256)
     write_promotion(root, judgement)
@@ -91,10 +87,39 @@ def judge(root: Path, params: Params, force: bool = False, log=print) -> Judgeme
     return judgement
 
 
+def check_candidate(root: Path) -> ModelCard:
+    """root's model card, once its weights and test metrics are there and match it."""
+    from flows.core.model_file import sha256
+
+    card = ModelCard.read(root / MODELS)
+    weights = root / MODEL_WEIGHTS
+    if not weights.is_file() or sha256(weights) != card.sha256:
+        raise TunedeckError(f"{weights} does not match {root / MODELS / 'model.json'}: run the train stage again (`dvc repro train`).")
+    if not (root / EVAL / "metrics.json").is_file():
+        raise TunedeckError(f"{root / EVAL / 'metrics.json'} not found: run the evaluate stage first (`dvc repro evaluate`).")
+    return card
+
+
+def prod_figures_of(root: Path, params: Params, current: registry.Version | None,
+                    classes: list[str]) -> tuple[Figures | None, list[str]]:
+    """Prod's figures on root's test split (None when there is no prod), and notes on why they cannot count.
+
+    Raises registry.ModelUnavailable when prod's model file cannot be fetched.
+    """
+    if current is None:
+        return None, []
+    with tempfile.TemporaryDirectory() as tmp:
+        prod_file = registry.fetch(root, Path(tmp) / "prod.safetensors", stage=registry.PROD)
+        figures, prod_classes = figures_of(prod_file, root, params)
+    if prod_classes != classes:
+        return figures, [f"prod {current.version} has other classes ({', '.join(prod_classes)}): it cannot be scored on this test split"]
+    return figures, []
+
+
 def write_promotion(root: Path, judgement: Judgement) -> None:
     """promotion.json: the verdict, its reasons and both models' figures."""
-    record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "promoted": judgement.decision.promote,
-              "summary": judgement.decision.summary(), "version": judgement.version,
+    record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "verdict": judgement.decision.verdict,
+              "promoted": judgement.decision.promote, "summary": judgement.decision.summary(), "version": judgement.version,
               "prod_version": judgement.prod_version, "candidate_sha256": judgement.candidate_sha256,
               **judgement.decision.to_dict()}
     (root / PROMOTION_FILE).write_text(json.dumps(record, indent=2))
@@ -202,7 +227,7 @@ def _promote_clone(root: Path, params: Params, force: bool) -> dict:
     from flows.dvc_cli import default_remote, sync
 
     judgement = judge(root, params, force)
-    summary = {"promoted": judgement.decision.promote, "decision": judgement.decision.summary(),
+    summary = {"verdict": judgement.decision.verdict, "promoted": judgement.decision.promote, "decision": judgement.decision.summary(),
                "candidate_accuracy": round(judgement.decision.candidate.accuracy, 4),
                "prod_version": judgement.prod_version or "none"}
     if judgement.decision.prod is not None:
