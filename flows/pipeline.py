@@ -21,7 +21,6 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.concurrency.sync import concurrency
 
 from flows import workspace
 from flows.contracts import LABEL, ModelCard, StageProgress, eval_scores, stage_labels
@@ -30,6 +29,7 @@ from flows.dvc_cli import dvc, sync
 from flows.dvc_session import DvcSession
 from flows.gpus import gpu_states, host, slot_name
 from flows.overrides import apply_overrides
+from flows.slot_lease import SlotLease
 from flows.stages.warm import WarmStages
 
 LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
@@ -190,25 +190,28 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
     logger = get_run_logger()
     allowed = os.environ.get("TUNEDECK_GPUS")
     if not allowed:
-        with concurrency(slot_name(None), occupy=1, strict=False, lease_duration=LEASE_SECONDS):
+        cpu = SlotLease(slot_name(None), "this host's CPU", LEASE_SECONDS, logger, run_id())
+        while not cpu.take():
+            time.sleep(poll)
+        try:
             label_run({f"{LABEL}host": host()})
             yield {}
+        finally:
+            cpu.release()
         return
     wanted = [int(i) for i in allowed.split(",") if i.strip()]
     waited = False
     while True:
         for gpu in [g.index for g in gpu_states() if g.free and g.index in wanted]:
-            stack = contextlib.ExitStack()
-            try:
-                stack.enter_context(
-                    concurrency(slot_name(gpu), occupy=1, timeout_seconds=1, strict=True, lease_duration=LEASE_SECONDS)
-                )
-            except TimeoutError:
+            slot = SlotLease(slot_name(gpu), f"GPU {gpu}", LEASE_SECONDS, logger, run_id())
+            if not slot.take():  # held by another run (a slot survives a server restart: flows.slot_lease)
                 continue
-            with stack:
+            try:
                 logger.info("holding GPU %d (%s)", gpu, slot_name(gpu))
                 label_run({f"{LABEL}host": host(), f"{LABEL}gpus": str(gpu)})
                 yield {"CUDA_VISIBLE_DEVICES": str(gpu)}
+            finally:
+                slot.release()
             return
         if not waited:
             logger.info("all of GPUs %s are busy; waiting for one", allowed)

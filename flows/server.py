@@ -103,6 +103,9 @@ def server_env(root: Path | None = None, database_url: str | None = None) -> dic
     # hosts publish telemetry events every few seconds and a silent host shows stale after 10 s:
     # events reach the database within a second, not the default 5
     env.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "1")
+    # concurrency slots' leases on disk, beside the database: in memory (Prefect's default) a restart forgets
+    # them while the database still counts their slots as taken, so a GPU's slot stays taken for good
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
     env.pop("PREFECT_API_URL", None)
     return env
 
