@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,16 @@ import torch
 
 from flows.contracts import ModelMeta
 from flows.core import export
+from flows.core.augment import Normalizer
+from flows.core.calibration import softmax
 from flows.core.errors import TunedeckError
 from flows.core.export import OnnxClassifier, check_parity, export_onnx, parity_images
-from flows.core.model_file import save_model
+from flows.core.model import build_model
+from flows.core.model_file import load_model, read_meta, save_model
+from flows.core.params import parse_params
+from flows.core.prepare import load_split, prepare
+from flows.core.train import train
+from tests.conftest import tiny_params_dict, write_images
 
 SIZE, CLASSES = 32, ["zero", "one", "two", "three", "four"]
 
@@ -63,6 +71,68 @@ def test_export_matches_torch_at_batch_1_and_7(exported):
     assert report["images"] == 10 and report["batch_sizes"] == [1, 7]
     assert report["opset"] == 18 and report["exporter"] in export.EXPORTERS
     assert [p.name for p in onnx_path.parent.iterdir()] == ["model.onnx"]  # no temp or external-data file left
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
+    """(a test_resnet trained by flows.core.train on the tiny image folder, its random initialisation
+    saved with the same meta, every prepared image): trained a few epochs so its softmax is peaked.
+
+    No validation split: the best epoch is then the lowest training loss (with one, the first epoch
+    at val accuracy 1.0 wins, barely trained), and the temperature stays 1.0 (the raw softmax).
+    """
+    folder = tmp_path_factory.mktemp("trained")
+    raw = tiny_params_dict(str(write_images(folder / "images", {"cat": 12, "dog": 12, "fox": 12})))
+    raw["data"].update(val_fraction=0.0, test_fraction=0.3)
+    raw["train"].update(epochs=4, lr=0.02)
+    params = parse_params(raw)
+    prepare(params, folder / "prepared")
+    train(params, folder / "prepared", folder / "models")
+    torch.manual_seed(params.base.seed)  # the Trainer's own start: the same seed, the same build
+    start, _ = build_model(params.model, 3)
+    save_model(folder / "init.safetensors", start.state_dict(), read_meta(folder / "models" / "model.safetensors"))
+    every = np.concatenate([np.asarray(load_split(folder / "prepared", s)[0]) for s in ("train", "test")])
+    return folder / "models" / "model.safetensors", folder / "init.safetensors", every
+
+
+def probabilities(model_path: Path, onnx_path: Path, x_uint8: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(logits / T) of the torch model and of its ONNX export, both fed `batch` images at a time."""
+    model, meta = load_model(model_path, "cpu")
+    with torch.no_grad():
+        x = Normalizer(meta.mean, meta.std, torch.device("cpu"))(torch.from_numpy(x_uint8))
+        ours = np.concatenate([model(part).numpy() for part in x.split(batch)])
+    classifier = OnnxClassifier(onnx_path, threads=1)
+    theirs = np.concatenate([classifier.logits(part.numpy()) for part in x.split(batch)])
+    return softmax(ours, meta.temperature), softmax(theirs, meta.temperature)
+
+
+def test_a_trained_models_export_matches_torch_at_batch_1_and_7(trained, tmp_path):
+    """Parity on weights that training moved (peaked softmax, BatchNorm statistics of real data), not only on noise.
+
+    Tolerance 1e-4 on probabilities: export.max_prob_diff's default; torch and onnxruntime run the same
+    fp32 graph with other kernels (other summation orders), which moves a probability by ~1e-7.
+    Top-1 must agree exactly: every image's winning probability is far above the runner-up.
+    """
+    model_path, init_path, x = trained
+    confidence = {}
+    for name, path in (("trained", model_path), ("init", init_path)):
+        model, meta = load_model(path, "cpu")
+        with torch.no_grad():
+            logits = model(Normalizer(meta.mean, meta.std, torch.device("cpu"))(torch.from_numpy(x))).numpy()
+        confidence[name] = float(softmax(logits, meta.temperature).max(1).mean())
+    # trained: at least halfway from the random start's (near-uniform) confidence to certainty
+    assert confidence["trained"] >= confidence["init"] + 0.5 * (1 - confidence["init"]), confidence
+
+    onnx_path = export_onnx(model_path, tmp_path / "model.onnx", 18)
+    report = check_parity(model_path, onnx_path, x, batch_sizes=(1, 7), max_prob_diff=1e-4)
+    assert report["top1_agreement"] == 1.0 and report["max_prob_diff"] <= 1e-4 and report["images"] == len(x)
+    worst = 0.0
+    for batch in (1, 7):  # 36 images: at 7, five whole batches and a short one
+        p, q = probabilities(model_path, onnx_path, x, batch)
+        assert np.array_equal(p.argmax(1), q.argmax(1)), batch
+        worst = max(worst, float(np.abs(p - q).max()))
+    print(f"\nmean max softmax {confidence}; max |p_torch - p_onnx| at batch 1 and 7: {worst:.2e}")
+    assert worst <= 1e-4, worst
 
 
 def test_batch_dimension_is_dynamic(exported):
@@ -137,15 +207,21 @@ def test_when_every_exporter_fails_one_sentence_names_them(exported, tmp_path, m
     assert list(tmp_path.iterdir()) == []  # no partial file
 
 
-def test_torch_export_takes_over_when_tracing_fails(exported, tmp_path, monkeypatch, capfd):
+def test_torch_export_takes_over_when_tracing_fails(exported, tmp_path, monkeypatch, capfd, caplog):
     model_path, _, _ = exported
 
     def tracing_fails(*_):
         raise RuntimeError("Exporting the operator 'aten::rms_norm' to ONNX opset version 18 is not supported")
 
     monkeypatch.setattr(export, "EXPORTERS", {"torchscript": tracing_fails, "dynamo": export._dynamo})
+    # tunedeck's warning into caplog only: once Prefect is imported (any module importing it, at collection),
+    # its console handler on the root logger prints every WARNING to stderr, and with `pytest -s` to this fd
+    tunedeck_log = logging.getLogger("tunedeck")
+    monkeypatch.setattr(tunedeck_log, "handlers", [caplog.handler])
+    monkeypatch.setattr(tunedeck_log, "propagate", False)
     onnx_path = export_onnx(model_path, tmp_path / "model.onnx", 18)
     assert capfd.readouterr() == ("", "")  # torch.export's progress lines stay quiet too
+    assert "exported with dynamo instead" in caplog.text  # the fallback is said, as a log record
     report = check_parity(model_path, onnx_path, images(8), batch_sizes=(1, 3))
     assert report["exporter"] == "dynamo" and report["top1_agreement"] == 1.0 and report["max_prob_diff"] <= 1e-4
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # its external data folded into the one file

@@ -1,13 +1,25 @@
-"""FedAvg's averaging, FedBN and the non-IID split (flows.core.fedavg): pure functions, no server."""
+"""FedAvg's averaging, FedBN and the non-IID split (flows.core.fedavg), and one round through the silo flow's
+own code: no server."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
+import timm
 import torch
 from torch import nn
 
 from flows.core.fedavg import batchnorm_keys, dirichlet_split, iid_split, keep_local, weighted_average
+from flows.core.params import TrainParams
+from flows.federated import silo
+from flows.federated_exchange import get_state, put_state
+from flows.federated_params import SiloTask, round_folder
+from tests.conftest import write_images
+
+SIZE = 16
 
 
 def small_net(seed: int, bn: bool = True) -> nn.Module:
@@ -44,33 +56,65 @@ def test_integer_buffers_are_the_rounded_weighted_mean_in_their_own_dtype():
     assert out.dtype == torch.int64 and 10 <= out.item() <= 20
 
 
-def full_batch_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict[str, torch.Tensor]:
-    """One step of plain gradient descent on the mean loss over all of (x, y)."""
-    model.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= lr * p.grad
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def silo_folders(root: Path, counts: list[dict[str, int]]) -> tuple[list[Path], Path]:
+    """One image folder per silo, and the same images pooled in one folder (as a centralised run sees them)."""
+    silos = [write_images(root / f"silo-{i}", c, size=SIZE, seed=i) for i, c in enumerate(counts)]
+    pooled = root / "pooled"
+    for i, folder in enumerate(silos):
+        for image in folder.rglob("*.png"):
+            (pooled / image.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(image, pooled / image.parent.name / f"silo-{i}-{image.name}")
+    return silos, pooled
 
 
-def test_one_fedavg_round_equals_one_centralised_full_batch_step():
-    """No BatchNorm, full-batch GD, one local step: the example-weighted mean of the silos' steps is the pooled step."""
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(30, 3, 6, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
-    start = small_net(3, bn=False).state_dict()
-    silos = [slice(0, 4), slice(4, 13), slice(13, 30)]  # unequal sizes: the weights matter
-    states = []
-    for part in silos:
-        model = small_net(0, bn=False)
-        model.load_state_dict(start)
-        states.append(full_batch_step(model, x[part], y[part], lr=0.5))
-    averaged = weighted_average(states, [s.stop - s.start for s in silos])
-    central = small_net(0, bn=False)
-    central.load_state_dict(start)
-    pooled = full_batch_step(central, x, y, lr=0.5)
-    for key in pooled:
-        assert torch.allclose(averaged[key], pooled[key], atol=1e-6, rtol=0), (key, (averaged[key] - pooled[key]).abs().max())
+def silo_round(task: SiloTask, data: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """One silo's round exactly as its flow runs it (without Prefect's engine): its weights and example count."""
+    header = silo.fn(task, data=str(data))
+    state, written = get_state(f"{round_folder(task.exchange, task.run, task.round)}/local.safetensors")
+    assert written == header
+    return state, header["examples"]
+
+
+def test_one_fedavg_round_through_the_silo_flow_equals_one_centralised_full_batch_step(tmp_path, monkeypatch):
+    """The silos' own round (flows.federated.silo: exchange in, local training, exchange out), then the
+    coordinator's example-weighted average, equals one step of the same code on the pooled images.
+
+    Why it is an identity: with no BatchNorm (test_vit), no augmentation, one full batch per silo, one
+    local epoch, a constant LR and no weight decay, each silo moves the global weights by -lr x the gradient
+    of its mean loss: timm's "momentum" is SGD with a fresh momentum buffer every round, and the first
+    step of one is a plain step (buffer = gradient). The pooled mean loss's gradient is the
+    example-weighted mean of the silos' gradients, so the average of the steps is the pooled step.
+    Tolerance 1e-6: in fp32 the silos' and the pooled gradients are sums over other batches in other
+    orders; that rounding (~1e-7 of a gradient, x lr 0.5) lands on weights up to ~1 (LayerNorm's), whose
+    fp32 spacing is 1.2e-7, so a weight may differ by an ulp or a few.
+    """
+    monkeypatch.chdir(tmp_path)  # FedBN's local file would go under ./.tunedeck (off here)
+    counts = [{"cat": 2, "dog": 1, "fox": 1}, {"cat": 3, "dog": 5, "fox": 1}, {"cat": 4, "dog": 2, "fox": 11}]
+    silos, pooled = silo_folders(tmp_path / "data", counts)  # unequal sizes: the example weights matter
+    cfg = TrainParams(optimizer="momentum", lr=0.5, weight_decay=0.0, scheduler="none", batch_size=64, hflip=0.0,
+                      crop_padding=0, label_smoothing=0.0, freeze_epochs=0, epochs=1)
+    task = SiloTask(run="f" * 64, round=0, exchange=str(tmp_path / "exchange"), model_name="test_vit",
+                    classes=["cat", "dog", "fox"], image_size=SIZE, train=cfg.model_dump(mode="json"), seed=0,
+                    first_epoch=0, epochs=1, total_epochs=1, fedbn=False, device="cpu")
+    torch.manual_seed(3)
+    start = timm.create_model("test_vit", pretrained=False, num_classes=3).state_dict()
+    put_state(f"{round_folder(task.exchange, task.run, 0)}/global.safetensors", start, {"run": task.run, "round": 0})
+
+    states, examples = zip(*(silo_round(task, folder) for folder in silos), strict=True)
+    assert list(examples) == [sum(c.values()) for c in counts]
+    averaged = weighted_average(states, examples)
+    central, _ = silo_round(task, pooled)  # the same code on all the images: a centralised full-batch step
+
+    assert averaged.keys() == central.keys() == start.keys()
+    worst = max((averaged[k].double() - central[k].double()).abs().max().item() for k in central)
+    moved = max((central[k].double() - start[k].double()).abs().max().item() for k in central)
+    unweighted = max((weighted_average(states, [1, 1, 1])[k].double() - central[k].double()).abs().max().item()
+                     for k in central)
+    print(f"\nFedAvg round vs pooled step: max |difference| {worst:.2e} (unweighted mean: {unweighted:.2e}); "
+          f"the step moved weights by up to {moved:.2e}")
+    assert worst <= 1e-6, worst
+    assert moved >= 1000 * 1e-6, moved  # the step is large against the tolerance: the equality is not vacuous
+    assert unweighted >= 100 * 1e-6, unweighted  # and the tolerance tells the example weights from none
 
 
 def test_fedbn_keeps_each_silos_batchnorm_and_takes_the_rest_from_the_global_model():
