@@ -187,15 +187,23 @@ def warm_cases(project: Path) -> dict[str, float]:
 
 
 def zombie(project: Path, url: str, host: str) -> float:
-    """A host that dies whole while its run trains: seconds from the SIGKILL until the run reads CRASHED."""
+    """A host that dies whole right after its run's first heartbeat: seconds from the SIGKILL until the run reads
+    CRASHED (the longest wait: the whole threshold, plus how soon the server's detection looks)."""
     proc = worker(project, url, host)
     try:
         run_id = start(url, "pipeline", overrides=["train.epochs=5000"], pull=False, push=False)
-        until(lambda: state(url, run_id) == "RUNNING")
+        until(lambda: heartbeats(url, run_id), poll=0.5)  # detection starts at a heartbeat: none, none to miss
         kill_tree(proc.pid)
         return until(lambda: state(url, run_id) == "CRASHED", poll=0.5, timeout=5 * zombie_after_s())
     finally:
         stop(proc)
+
+
+def heartbeats(url: str, run_id: str) -> int:
+    """How many heartbeats a flow run has sent (the events API)."""
+    found = api(url, "events/filter", {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                                                  "resource": {"id": [f"prefect.flow-run.{run_id}"]}}, "limit": 50})
+    return len(found["events"])
 
 
 def one_round(project: Path, url: str, i: int, with_zombie: bool) -> dict[str, float]:
