@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 STATES = ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLING", "CANCELLED", "PAUSED")
@@ -280,3 +281,26 @@ class MonitorView:
     batches: tuple[MonitoredBatch, ...] = ()
     retrains: tuple[Retrain, ...] = ()
     error: str | None = None
+
+
+NESTED = {"host": HostSample, "gpus": GpuSample, "remote": RemoteHost, "progress": Progress, "processes": GpuProcess, "runs": Run, "running": Run,
+          "deployments": Deployment, "pools": WorkPool}
+"""The dataclass each nested field holds, for build(): a field's name says what it holds, in every dataclass here."""
+
+
+def build(cls: type, data: dict[str, Any]) -> Any:
+    """A frozen dataclass from its asdict() form (lists back to tuples, nested types rebuilt); a key the
+    dataclass lacks is left out. Here, beside the dataclasses, so the replay and the recording both use it."""
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name in NESTED and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            value = tuple(build(NESTED[f.name], v) for v in value)
+        elif f.name in NESTED and isinstance(value, dict):
+            value = build(NESTED[f.name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)

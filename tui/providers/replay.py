@@ -7,48 +7,14 @@ cycles through them, filters runs in memory, and refuses actions (a replay is re
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from flows.core.errors import TunedeckError
 from tui.providers.base import ActionError, Providers
 from tui.providers.fake_dvc import FakeDvc
-from tui.providers.models import (
-    Deployment,
-    GpuProcess,
-    GpuSample,
-    HostSample,
-    MonitorView,
-    Orchestration,
-    Progress,
-    RemoteHost,
-    Run,
-    RunDetail,
-    RunQuery,
-    Telemetry,
-    WorkPool,
-)
-
-NESTED = {"host": HostSample, "gpus": GpuSample, "remote": RemoteHost, "progress": Progress, "processes": GpuProcess, "runs": Run, "running": Run,
-          "deployments": Deployment, "pools": WorkPool}
-
-
-def build(cls: type, data: dict[str, Any]) -> Any:
-    """A frozen dataclass from its asdict() form (lists back to tuples, nested types rebuilt)."""
-    values = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        if f.name in NESTED and isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            value = tuple(build(NESTED[f.name], v) for v in value)
-        elif f.name in NESTED and isinstance(value, dict):
-            value = build(NESTED[f.name], value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        values[f.name] = value
-    return cls(**values)
+from tui.providers.models import MonitorView, Orchestration, RunDetail, RunQuery, Telemetry, build
 
 
 class Recorder:

@@ -5,17 +5,21 @@ started it, the kinds of its tags (``data:``, ``stage:``…), and which labels i
 stage, the progress with its metric names and ETA, the host and GPUs). ``recorded.json`` holds
 runs recorded from a real server (bench/record_fakes.py); the demo's fakes are built from them,
 and tests hold both the fakes and fresh real runs to these shapes.
+
+``recorded.json`` is only ever written by the recorder, through serialise(): tests/tui/test_fakes.py
+checks that the committed file is exactly serialise() of itself, so a field added by hand (or one the
+providers' dataclasses no longer have) fails there, and the field belongs in the recorder instead.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tui.providers.models import FINAL_STATES, Progress, Run
+from tui.providers.models import FINAL_STATES, Progress, RemoteHost, Run, RunDetail, build
 
 RECORDED = Path(__file__).with_name("recorded.json")
 
@@ -45,11 +49,22 @@ def recorded() -> dict[str, Any]:
     return json.loads(RECORDED.read_text())
 
 
+def canonical(record: dict[str, Any]) -> dict[str, Any]:
+    """The recording with every run, host and detail rebuilt as the providers' dataclasses and written back:
+    a key those dataclasses lack is dropped, one they have is filled in, and the keys come in their order."""
+    return {"about": record["about"], "runs": [asdict(build(Run, r)) for r in record["runs"]],
+            "hosts": [asdict(build(RemoteHost, h)) for h in record["hosts"]],
+            "detail": asdict(build(RunDetail, record["detail"]))}
+
+
+def serialise(record: dict[str, Any]) -> str:
+    """recorded.json's text: the canonical recording, one-space indents, ending in a newline."""
+    return json.dumps(canonical(record), indent=1) + "\n"
+
+
 @cache
 def templates() -> dict[str, Run]:
     """The recorded runs by kind(): one real run of each kind, to build fakes from."""
-    from tui.providers.replay import build
-
     found: dict[str, Run] = {}
     for raw in recorded()["runs"]:
         run = build(Run, raw)
