@@ -3,7 +3,9 @@
 The prod model (promoted from a first `dvc repro`) is monitored batch by batch with
 `tunedeck monitor`: a one-batch blip (colour-inverted images between batches of the training
 images) starts nothing; a shift that lasts monitor.consecutive (2 here) batches starts exactly one
-pipeline run through the trigger on `tunedeck.drift.detected`, and that retrain passes the gate.
+pipeline run through the trigger on `tunedeck.drift.detected`, and that retrain passes the gate: it
+trains the same data with the same params as prod, so its model is prod's file and the verdict is
+certain (promoted, as v0.2.0).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from flows import server
+from flows import registry, server
+from flows.contracts import DRIFT_EVENT, MONITOR_EVENT, ModelCard
 from tests.integration.project import api, env, free_port, make_project, run
 from tests.integration.test_deployments import logs, wait
 
@@ -41,6 +44,17 @@ def retrains(url: str) -> list[dict]:
     return [r for r in runs if (r.get("parameters") or {}).get("reason", "").startswith("drift")]
 
 
+def events(url: str, name: str, at_least: int) -> list[dict]:
+    """The server's events named name, once at least at_least are stored (the server files them a moment
+    after it takes them)."""
+    deadline = time.monotonic() + 60  # a hang guard
+    while True:
+        found = api(url, "events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50})["events"]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
     project = make_project(tmp_path / "clone")
     raw = yaml.safe_load((project / "params.yaml").read_text())
@@ -53,6 +67,7 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
     try:
         run(project, "dvc", "repro", "evaluate", PREFECT_API_URL=url)
         run(project, "tunedeck", "promote", PREFECT_API_URL=url)
+        prod_sha256 = ModelCard.read(project / "models").sha256
         assert (project / "eval" / "reference" / "features.npy").is_file()
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
         worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
@@ -69,17 +84,27 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
         # a lasting shift: the second drifted batch in a row emits the event
         last = monitor(shifted)
         assert last["drifted"] and last["streak"] == 2 and last["triggered"]
-        deadline = time.monotonic() + 60
-        while not retrains(url) and time.monotonic() < deadline:
-            time.sleep(1)
-        time.sleep(10)  # long enough for a second, wrong, retrain to show up
-        started = retrains(url)
-        assert len(started) == 1, [r["name"] for r in started]
-        done = wait(url, started[0]["id"], timeout=600)
+        # the monitor's own record of each batch: the retrain event went out once, for the fourth batch
+        history = [json.loads(line) for line in (project / "monitor" / "history.jsonl").read_text().splitlines()]
+        assert [batch["triggered"] for batch in history] == [False, False, False, True]
+        assert len(events(url, DRIFT_EVENT, 1)) == 1, "one drift event on the server, so at most one retrain"
+        deadline = time.monotonic() + 120  # a hang guard: the trigger starts the run within seconds
+        while not retrains(url):
+            assert time.monotonic() < deadline, "the drift event started no retrain"
+            time.sleep(0.5)
+        done = wait(url, retrains(url)[0]["id"], timeout=600)  # a hang guard
         assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-3000:]
-        assert "promotion gate:" in logs(url, done["id"]), "the retrain must pass through the promotion gate"
-        batches = api(url, "events/filter", {"filter": {"event": {"name": ["tunedeck.monitor.batch"]}}, "limit": 50})
-        assert len(batches["events"]) == 4, "every batch is an event the dashboard reads"
+        started = retrains(url)  # the retrain took minutes: a second run from the one event would be here by now
+        assert len(started) == 1, [r["name"] for r in started]
+        assert len(events(url, DRIFT_EVENT, 1)) == 1
+        # the gate's verdict: the retrain's model is prod's own file, so it is certainly promoted
+        artifacts = api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [done["id"]]}}})
+        versions = next(a["data"] for a in artifacts if a["key"] == "versions")
+        assert f"| model_sha256 | {prod_sha256} |" in versions, versions
+        verdict = next(a for a in artifacts if a["key"] == "promotion")
+        assert verdict["description"].startswith("promoted: test accuracy "), verdict["description"]
+        assert registry.prod(project).version == "v0.2.0"
+        assert len(events(url, MONITOR_EVENT, 4)) == 4, "every batch is an event the dashboard reads"
     finally:
         if worker is not None:
             os.killpg(worker.pid, signal.SIGTERM)
