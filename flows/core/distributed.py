@@ -60,6 +60,18 @@ def broadcast_flag(flag: bool, world: World, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def broadcast_value(value: float | None, world: World, device: torch.device) -> float | None:
+    """Rank 0's number (None where it has none), seen by every process.
+
+    Only rank 0 validates: a schedule that steps on the validation metric (plateau) must step on
+    rank 0's figure everywhere, or the ranks' learning rates part ways."""
+    if world.size == 1:
+        return value
+    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return None if torch.isnan(t).item() else float(t.item())
+
+
 PLACEMENT_VARIABLES = ("TUNEDECK_DDP_NODES", "TUNEDECK_DDP_NODE_RANK", "TUNEDECK_DDP_MASTER")
 """How the pipeline run that placed a run over several hosts tells each host's train stage its place."""
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from timm.scheduler import create_scheduler_v2
 from torch import nn
 from tqdm import tqdm
 
 from flows.core import checkpoint as ckpt
 from flows.core.augment import BatchAugment, Normalizer, PolicyImages, crop_and_flip, epoch_order, policy_batches
-from flows.core.distributed import World, all_reduce_sum, broadcast_flag
+from flows.core.distributed import World, all_reduce_sum, broadcast_flag, broadcast_value
 from flows.core.errors import TunedeckError
 from flows.core.model import build_model, preprocessing
 from flows.core.params import Params, save_resolved
@@ -62,6 +63,24 @@ class TrainResult:
     oom_events: int
     precision: str = "fp32"  # bf16, fp16 or fp32: what autocast ran in
     precision_reason: str = ""  # why (train.precision, or what auto found on the device)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg):
+    """timm's schedule named by train.scheduler (None for `none`), stepped once per epoch."""
+    if cfg.scheduler == "none":
+        return None
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.scheduler, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        decay_epochs=max(1, cfg.epochs // 3), decay_milestones=[max(1, cfg.epochs * 2 // 3)],
+        min_lr=cfg.lr * 0.01, warmup_lr=cfg.lr * 0.01,
+    )
+    return scheduler
+
+
+def step_scheduler(scheduler, epoch: int, val_acc: float | None, world: World, device: torch.device) -> None:
+    """Step the schedule at the end of an epoch on rank 0's validation accuracy, on every rank alike."""
+    if scheduler is not None:
+        scheduler.step(epoch + 1, broadcast_value(val_acc, world, device))
 
 
 class Trainer:
@@ -116,16 +135,7 @@ class Trainer:
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _scheduler(self):
-        if self.cfg.scheduler == "none":
-            return None
-        from timm.scheduler import create_scheduler_v2
-
-        scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=self.cfg.scheduler, num_epochs=self.cfg.epochs, warmup_epochs=self.cfg.warmup_epochs,
-            decay_epochs=max(1, self.cfg.epochs // 3), decay_milestones=[max(1, self.cfg.epochs * 2 // 3)],
-            min_lr=self.cfg.lr * 0.01, warmup_lr=self.cfg.lr * 0.01,
-        )
-        return scheduler
+        return make_scheduler(self.optimizer, self.cfg)
 
     def _wrap(self) -> nn.Module:
         """The module the forward pass runs through: DDP and torch.compile around the model."""
@@ -283,8 +293,7 @@ class Trainer:
         """Validate, keep the best, log, step the schedule, checkpoint; True to stop early."""
         if self.world.main:
             self._validate(epoch, metrics)
-        if self.scheduler is not None:
-            self.scheduler.step(epoch + 1, metrics.get("val/acc"))
+        step_scheduler(self.scheduler, epoch, metrics.get("val/acc"), self.world, self.device)
         stop = bool(self.cfg.early_stopping and self.since_best >= self.cfg.early_stopping)
         if self.world.main:
             log.info("epoch %d/%d  %s", epoch + 1, self.cfg.epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("lr/")))
