@@ -32,14 +32,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[ORDER_SEED] = seed
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    """The order and, under CI, the skip rule."""
-    seed = config.stash.get(ORDER_SEED, None)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The order and, under CI, the skip rule, at the top of the output (`-q` hides pytest's own header)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    seed = session.config.stash.get(ORDER_SEED, None)
     order = f"shuffled, TUNEDECK_TEST_ORDER=shuffle:{seed} repeats it" if seed is not None else "as written"
-    lines = [f"test order: {order}"]
-    if under_ci():
-        lines.append("CI is set: a skipped test fails the run")
-    return lines
+    reporter.write_line(f"test order: {order}" + ("; CI is set: a skipped test fails the run" if under_ci() else ""))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

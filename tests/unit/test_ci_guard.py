@@ -76,3 +76,12 @@ def test_a_shuffle_prints_its_seed_and_the_seed_repeats_the_order(pytester: pyte
     assert len(first) == 30 and all(modules.count(m) == 6 for m in set(modules))
     assert modules == sorted(modules, key=modules.index), "a module's tests stay together"
     assert order("shuffle:1")[1] != order("shuffle:2")[1]  # 30 tests: two seeds giving one order is 1 in 10^7
+
+
+def test_the_seed_is_on_the_first_line_even_when_quiet(pytester: pytest.Pytester, monkeypatch):
+    pytester.makepyfile(test_one="def test_one(): pass")
+    monkeypatch.setenv("TUNEDECK_TEST_ORDER", "shuffle:42")
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest(*PLUGINS, "-q")
+    assert result.stdout.lines[0] == ("test order: shuffled, TUNEDECK_TEST_ORDER=shuffle:42 repeats it; "
+                                      "CI is set: a skipped test fails the run")
