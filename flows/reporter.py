@@ -98,7 +98,10 @@ def main() -> int:
         finally:
             watcher.cancel()
             if progress.get("task") is not None and not progress["task"].done():
-                progress.pop("next", None)  # the last one in flight may finish; the run's end comes next
+                # an epoch still waiting is dropped (the run's end comes next), but never the final scores:
+                # evaluate sends them just before it ends, often before the publishing task has even started
+                if not getattr(progress.get("next"), "final", False):
+                    progress.pop("next", None)
                 with contextlib.suppress(asyncio.TimeoutError, Exception):
                     await asyncio.wait_for(asyncio.shield(progress["task"]), timeout=2)
 

@@ -272,10 +272,10 @@ def test_a_dvc_remote_without_credentials_fails_the_run_in_one_sentence(site):
     gh = site.gpu_host
     local = gh / ".dvc" / "config.local"
     saved = local.read_text()
-    local.unlink()  # this host has no key for the remote now
-    shutil.rmtree(gh / ".dvc" / "cache")  # and no data: dvc pull must ask the remote
-    shutil.rmtree(gh / "data" / "tiny", ignore_errors=True)
     try:
+        local.unlink()  # this host has no key for the remote now
+        shutil.rmtree(gh / ".dvc" / "cache", ignore_errors=True)  # and no data (none yet if this test runs first):
+        shutil.rmtree(gh / "data" / "tiny", ignore_errors=True)  # dvc pull must ask the remote
         flow_run, log = finish(site, trigger(site, push=False))
     finally:
         local.write_text(saved)

@@ -23,8 +23,10 @@ HANG_S = 60  # a hang guard on every wait below (each event comes in well under 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
+    """A tiny project, prepared and trained once, so any test may run first (evaluate needs a model)."""
     project = make_project(tmp_path_factory.mktemp("warm"))
     run(project, "python", "-m", "flows.stages.prepare", TUNEDECK_PREFECT="off")
+    run(project, "python", "-m", "flows.stages.train", TUNEDECK_PREFECT="off")
     return project
 
 
