@@ -25,8 +25,11 @@ lint: $(STAMP)
 # The whole suite, in a random order every time (modules shuffled, and the tests within each): no
 # test may depend on another having run first. The header prints the seed; TUNEDECK_TEST_ORDER=shuffle:SEED
 # repeats an order, TUNEDECK_TEST_ORDER=written runs file order. Under CI=true a skipped test fails.
-# Tests marked gpu need a CUDA GPU: bench/gpu_check.sh runs them on one.
-PYTEST := $(BIN)/python -m pytest -q -rs -m "not gpu"
+# Tests marked gpu need a CUDA GPU: bench/gpu_check.sh runs them on one. TEST_JOBS pytest-xdist workers
+# (each module whole on one worker) run side by side: much of an integration test is waiting on a server,
+# a worker or a process starting. TEST_JOBS=0 runs everything in this one process.
+TEST_JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -rs -m "not gpu" -n $(TEST_JOBS) --dist loadfile
 test: lint
 	TUNEDECK_TEST_ORDER=$${TUNEDECK_TEST_ORDER:-shuffle} $(PYTEST) --durations=40
 

@@ -5,7 +5,8 @@
   Only tests marked `gpu` may skip (they need a CUDA GPU; `make test` deselects them).
 - TUNEDECK_TEST_ORDER=shuffle[:SEED] runs the modules in a random order, and the tests within each:
   no test may depend on another having run first. The seed is chosen once, printed in the header
-  and at the end, and TUNEDECK_TEST_ORDER=shuffle:SEED repeats the order.
+  and at the end, and TUNEDECK_TEST_ORDER=shuffle:SEED repeats the order. Under pytest-xdist every
+  worker shuffles with the same seed, and `--dist loadfile` keeps each module on one worker.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import pytest
 
 ORDER_SEED = pytest.StashKey[int | None]()
+SEED_KEY = "tunedeck_order_seed"
 
 
 def under_ci() -> bool:
@@ -24,12 +26,22 @@ def under_ci() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Choose the shuffle's seed before the header is written, so the header can print it."""
+    """Choose the shuffle's seed once, before anything is printed; an xdist worker takes its controller's."""
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        config.stash[ORDER_SEED] = worker.get(SEED_KEY)
+        return
     order = os.environ.get("TUNEDECK_TEST_ORDER", "")
     seed = None
     if order.startswith("shuffle"):
         seed = int(order.partition(":")[2] or random.SystemRandom().randrange(100_000))
     config.stash[ORDER_SEED] = seed
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Every xdist worker shuffles with the controller's seed: they must collect the same order."""
+    node.workerinput[SEED_KEY] = node.config.stash.get(ORDER_SEED, None)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -47,15 +59,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     seed = config.stash.get(ORDER_SEED, None)
     if seed is None:
         return
-    rng = random.Random(seed)
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    groups = list(modules.values())
-    rng.shuffle(groups)
-    for group in groups:
-        rng.shuffle(group)
-    items[:] = [item for group in groups for item in group]
+    names = list(modules)
+    random.Random(seed).shuffle(names)
+    for name in names:  # a module's own order depends on the seed and its name only: run alone, it repeats
+        random.Random(f"{seed}:{name}").shuffle(modules[name])
+    items[:] = [item for name in names for item in modules[name]]
 
 
 @pytest.hookimpl(hookwrapper=True)

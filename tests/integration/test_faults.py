@@ -113,7 +113,10 @@ def test_a_server_restart_under_a_training_run_keeps_the_run_and_its_worker(tmp_
         done = wait(c.url, run_id, timeout=900)  # a hang guard
         assert done["state_type"] == "COMPLETED", (done["state"], logs(c.url, run_id)[-3000:])
         assert any(t.startswith("model:") for t in done["tags"]), done["tags"]
-        assert "the server was unreachable for" in logs(c.url, run_id), "the slot's outage was not said"
+        # said on the worker's output: the run's later log lines may never reach a server that was restarted
+        # (Prefect's log shipper lost them in one CI run of two), the worker's own stream keeps every one
+        said = (tmp_path / "worker.log").read_text()
+        assert "the server was unreachable for" in said, "the slot's outage was not said"
         assert c.worker.poll() is None, "the worker did not outlive the outage"
         after = wait(c.url, start(c.url, "pipeline", overrides=["train.epochs=2"], pull=False, push=False, promote=False), timeout=900)
         assert after["state_type"] == "COMPLETED", (after["state"], logs(c.url, after["id"])[-3000:])

@@ -6,10 +6,14 @@ import re
 
 import pytest
 
+from tests.conftest import ROOT
+
 # the inner runs load the guard alone (the snapshot plugin would clear the outer run's temp folder)
 PLUGINS = ("-p", "tests.ci_guard", "-p", "no:textual-snapshot")
 SUITE = '''
 import pytest
+
+from tests.conftest import ROOT
 
 def test_runs():
     pass
@@ -76,6 +80,10 @@ def test_a_shuffle_prints_its_seed_and_the_seed_repeats_the_order(pytester: pyte
     assert len(first) == 30 and all(modules.count(m) == 6 for m in set(modules))
     assert modules == sorted(modules, key=modules.index), "a module's tests stay together"
     assert order("shuffle:1")[1] != order("shuffle:2")[1]  # 30 tests: two seeds giving one order is 1 in 10^7
+    monkeypatch.setenv("TUNEDECK_TEST_ORDER", f"shuffle:{seed}")
+    alone = pytester.runpytest(*PLUGINS, "-v", "test_c.py")
+    ran_alone = [line.split()[0] for line in alone.stdout.lines if " PASSED" in line]
+    assert ran_alone == [name for name in first if name.startswith("test_c.py")], "a module alone keeps its order"
 
 
 def test_the_seed_is_on_the_first_line_even_when_quiet(pytester: pytest.Pytester, monkeypatch):
@@ -85,3 +93,29 @@ def test_the_seed_is_on_the_first_line_even_when_quiet(pytester: pytest.Pytester
     result = pytester.runpytest(*PLUGINS, "-q")
     assert result.stdout.lines[0] == ("test order: shuffled, TUNEDECK_TEST_ORDER=shuffle:42 repeats it; "
                                       "CI is set: a skipped test fails the run")
+
+
+def test_two_xdist_workers_shuffle_with_one_seed_and_a_skip_still_fails_under_ci(pytester: pytest.Pytester, monkeypatch):
+    """`make test` runs two workers: each shuffles with the controller's seed (each module's tests in the
+    order one process gives that seed), and a skip on a worker still fails the run."""
+    for module in "abcd":
+        pytester.makepyfile(**{f"test_{module}": "\n".join(f"def test_{module}{i}(): pass" for i in range(8))})
+    pytester.makepyfile(test_skip="import pytest\ndef test_skips():\n    pytest.skip('nothing here')")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("TUNEDECK_TEST_ORDER", "shuffle:7")
+    monkeypatch.setenv("CI", "true")
+
+    def per_module(*args: str) -> tuple[pytest.RunResult, dict[str, list[str]]]:
+        result = pytester.runpytest_subprocess(*PLUGINS, "-v", *args)
+        ran = [m.group(1) for line in result.stdout.lines if (m := re.search(r"(test_\w+\.py::\w+)", line))
+               and ("PASSED" in line or "FAILED" in line)]
+        modules: dict[str, list[str]] = {}
+        for name in dict.fromkeys(ran):
+            modules.setdefault(name.split("::")[0], []).append(name)
+        return result, modules
+
+    one, alone = per_module()
+    two, workers = per_module("-n", "2", "--dist", "loadfile")
+    two.assert_outcomes(passed=32, failed=1)
+    two.stdout.fnmatch_lines(["*skipped under CI (nothing here)*"])
+    assert workers == alone and alone["test_a.py"] != sorted(alone["test_a.py"]), (alone, workers)
