@@ -124,7 +124,9 @@ def test_a_run_whose_process_dies_during_a_server_outage_is_crashed_soon_after_t
             time.sleep(0.5)
         crashed = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]["state"]["message"]
         print(f"CRASHED {time.monotonic() - restarted:.1f} s after the restart: {crashed}")
-        assert "while its end could not be recorded" in crashed, crashed
+        # whoever got there first: the reconciliation (its own sentence) or, where one of the worker's client
+        # retries outlived the outage (CI on 7cf2f30), the worker's own report of the killed process
+        assert "while its end could not be recorded" in crashed or "status code -9" in crashed, crashed
         assert worker.poll() is None, "the worker outlived the outage"
     finally:
         if worker is not None and worker.poll() is None:
