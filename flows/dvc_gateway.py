@@ -179,7 +179,11 @@ class CheckpointMirror:
             partial = fs.join(base, f"{LAST}.partial")
             fs.put_file(str(snapshot), partial)
             fs.mv(partial, fs.join(base, LAST))
-            fs.pipe_file(fs.join(base, POINTER), json.dumps({"epoch": epoch, "bytes": snapshot.stat().st_size}).encode())
+            # the pointer too goes through a rename: a plain write truncates first, and a reader on another host
+            # (a resuming run, CI on 5110b57) then read an empty pointer
+            fs.pipe_file(fs.join(base, f"{POINTER}.partial"),
+                         json.dumps({"epoch": epoch, "bytes": snapshot.stat().st_size}).encode())
+            fs.mv(fs.join(base, f"{POINTER}.partial"), fs.join(base, POINTER))
             self.pushed.append(epoch)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"pushing to the {self.where()} failed ({type(exc).__name__}: {str(exc)[:120]})")
