@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import server  # noqa: E402
 from flows.contracts import StageProgress  # noqa: E402
-from tests.integration.project import api, env, free_port, make_project, run  # noqa: E402
+from tests.integration.project import FINAL, api, env, free_port, make_project, run, wait  # noqa: E402
 from tui.providers.fleet import RemoteHosts  # noqa: E402
 from tui.providers.models import RemoteHost, Run, RunDetail, RunQuery  # noqa: E402
 from tui.providers.prefect_api import PrefectApi  # noqa: E402
@@ -42,7 +42,6 @@ from tui.providers.shapes import RECORDED, canonical, serialise  # noqa: E402
 
 HOST = "gpu-box-1"
 HOME = "/home/me"
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 HANG_GUARD_S = 400  # a hang guard: a 3-epoch deployment run took 12 s in a quiet recording, minutes on a 2-core box shared by four test runs
 
 
@@ -99,19 +98,8 @@ def start(url: str, deployment: str, **parameters: Any) -> str:
     return api(url, f"deployments/{found}/create_flow_run", {"parameters": parameters})["id"]
 
 
-def wait(url: str, run_id: str) -> dict:
-    """The flow run once it is in a final state."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while time.monotonic() < deadline:
-        found = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
-        if found["state_type"] in FINAL:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"flow run {run_id} did not finish in {HANG_GUARD_S} s")
-
-
 def _completed(url: str, run_id: str) -> str:
-    done = wait(url, run_id)
+    done = wait(url, run_id, HANG_GUARD_S)
     assert done["state_type"] == "COMPLETED", (done["name"], done["state"])
     return run_id
 

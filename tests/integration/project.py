@@ -90,6 +90,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")  # the flow run states that never change again
+
+
+def wait(url: str, run_id: str, timeout: float = 240) -> dict:
+    """The flow run once it reads a final state; timeout is a hang guard only (a tiny pipeline run takes well
+    under a minute), never a claim on speed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        flow_run = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
+        if flow_run["state_type"] in FINAL:
+            return flow_run
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
+
+
 def api(url: str, path: str, body: dict | None = None, tries: int = 6, auth: str | None = None):
     """POST `body` to the Prefect REST API (as `auth`, "user:password", if given) and return the decoded reply.
 

@@ -17,10 +17,9 @@ import yaml
 from flows import server
 from flows.registry import next_version, prod
 from tests.conftest import write_images
-from tests.integration.project import api, checkpoint_written, env, free_port, make_project, run
+from tests.integration.project import FINAL, api, checkpoint_written, env, free_port, make_project, run, wait
 
 pytestmark = pytest.mark.slow
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +50,6 @@ def deployment_id(url: str, name: str) -> str:
 
 def start(url: str, deployment: str, **parameters) -> str:
     return api(url, f"deployments/{deployment_id(url, deployment)}/create_flow_run", {"parameters": parameters})["id"]
-
-
-def wait(url: str, run_id: str, timeout: float = 240) -> dict:
-    """The flow run once it reads a final state; timeout is a hang guard only (a tiny pipeline run takes well
-    under a minute), never a claim on speed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        flow_run = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]
-        if flow_run["state_type"] in FINAL:
-            return flow_run
-        time.sleep(0.5)
-    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
 
 
 def logs(url: str, run_id: str) -> str:

@@ -9,55 +9,21 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
 from flows import server
-from tests.integration.project import api, checkpoint_written, env, free_port, make_project, run
-from tests.integration.test_deployments import FINAL, _process_tree, logs, start, wait
+from tests.integration.cluster import Cluster, cluster
+from tests.integration.project import FINAL, api, checkpoint_written, wait
+from tests.integration.test_deployments import _process_tree, logs, start
 
 # a hang guard per test (the project's default is 600 s): each starts a server and a worker and runs two or three
 # pipelines; the medians measured are in the commit message
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 OUTAGE_S = 25  # how long the server stays down: the scenario itself (an upgrade, a crash and a restart)
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """A tiny project, its own Prefect server on port, and one worker holding `gpus` stand-in GPUs."""
-
-    project: Path
-    port: int
-    url: str
-    worker: subprocess.Popen
-
-
-@contextlib.contextmanager
-def cluster(folder: Path, gpus: int) -> Iterator[Cluster]:
-    """Each test gets its own: one kills its server, and order must not matter."""
-    project = make_project(folder / "clone")
-    port = free_port()
-    url = server.start(port, root=project)
-    worker = None
-    try:
-        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
-        worker = subprocess.Popen(
-            ["tunedeck", "worker", "--pool", "local", "--gpus", ",".join(map(str, range(gpus)))], cwd=project,
-            env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS=str(gpus), PREFECT_LOGGING_LEVEL="INFO"),
-            stdout=subprocess.DEVNULL, stderr=open(folder / "worker.log", "w"), start_new_session=True)
-        yield Cluster(project, port, url, worker)
-    finally:
-        if worker is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
-        server.stop(root=project)
 
 
 def model_sha256(url: str, run_id: str) -> str:
@@ -115,7 +81,7 @@ def test_a_server_restart_under_a_training_run_keeps_the_run_and_its_worker(tmp_
         assert any(t.startswith("model:") for t in done["tags"]), done["tags"]
         # said on the worker's output: the run's later log lines may never reach a server that was restarted
         # (Prefect's log shipper lost them in one CI run of two), the worker's own stream keeps every one
-        said = (tmp_path / "worker.log").read_text()
+        said = c.log.read_text()
         assert "the server was unreachable for" in said, "the slot's outage was not said"
         assert c.worker.poll() is None, "the worker did not outlive the outage"
         after = wait(c.url, start(c.url, "pipeline", overrides=["train.epochs=2"], pull=False, push=False, promote=False), timeout=900)

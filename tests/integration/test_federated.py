@@ -24,8 +24,8 @@ import pytest
 
 from flows import server
 from tests.conftest import write_images
-from tests.integration.project import api, env, free_port, make_project, run
-from tests.integration.test_deployments import logs, wait
+from tests.integration.project import api, env, free_port, make_project, run, wait
+from tests.integration.test_deployments import logs
 
 pytestmark = [
     pytest.mark.slow,

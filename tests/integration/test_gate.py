@@ -20,8 +20,8 @@ import yaml
 
 from flows import server
 from flows.ship import exp_commit
-from tests.integration.project import api, env, free_port, make_project, run
-from tests.integration.test_deployments import logs, start, wait
+from tests.integration.project import api, env, free_port, make_project, run, wait
+from tests.integration.test_deployments import logs, start
 
 pytestmark = pytest.mark.slow
 

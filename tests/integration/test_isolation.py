@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 from flows import server
-from tests.integration.project import env, free_port, make_project, run
-from tests.integration.test_deployments import logs, start, task_intervals, wait
+from tests.integration.project import env, free_port, make_project, run, wait
+from tests.integration.test_deployments import logs, start, task_intervals
 
 pytestmark = pytest.mark.slow
 RUNS = {"first": ["train.epochs=2", "train.lr=0.003"], "second": ["train.epochs=3", "train.lr=0.0001"],

@@ -24,8 +24,8 @@ from PIL import Image, ImageOps
 
 from flows import registry, server
 from flows.contracts import DRIFT_EVENT, MONITOR_EVENT, ModelCard
-from tests.integration.project import api, env, free_port, make_project, run
-from tests.integration.test_deployments import logs, wait
+from tests.integration.project import api, env, free_port, make_project, run, wait
+from tests.integration.test_deployments import logs
 
 pytestmark = pytest.mark.slow
 

@@ -25,13 +25,12 @@ import pytest
 import yaml
 
 from flows import server
-from tests.integration.project import api, env, make_project
+from tests.integration.project import FINAL, api, env, make_project
 from tests.integration.test_remote import free_port_on, sh
 
 pytestmark = pytest.mark.slow
 
 AUTH = "team:s3cret"
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 SETTINGS = {"model.name": "test_vit", "train.optimizer": "sgd", "train.precision": "fp32", "train.hflip": 0.0, "train.lr": 0.05,
             "train.epochs": 2, "data.image_size": 16}
 TRAIN_STAGE = "flows.stages.train"

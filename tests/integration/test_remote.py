@@ -23,12 +23,11 @@ import pytest
 import yaml
 
 from flows import server
-from tests.integration.project import api, env, make_project
+from tests.integration.project import FINAL, api, env, make_project
 
 pytestmark = pytest.mark.slow
 
 AUTH = "team:s3cret"
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 SSHD = "/usr/sbin/sshd"
 
 

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from flows import server
-from tests.integration.project import api, env, free_port, make_project, run
-from tests.integration.test_deployments import logs, start, wait
+from tests.integration.project import api, env, free_port, make_project, run, wait
+from tests.integration.test_deployments import logs, start
 
 # a hang guard over pyproject's 600 s: on 2 cores at a load average near 30 this test took 887 s
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

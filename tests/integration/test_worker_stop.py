@@ -14,8 +14,9 @@ import psutil
 import pytest
 
 from flows import server
-from tests.integration.project import api, checkpoint_written, env, free_port, make_project, run
-from tests.integration.test_deployments import FINAL, _process_tree, deployment_id, start, wait
+from tests.integration.cluster import cluster
+from tests.integration.project import FINAL, api, checkpoint_written, free_port, wait
+from tests.integration.test_deployments import _process_tree, deployment_id, start
 
 pytestmark = pytest.mark.slow
 STOP_GUARD_S = 60  # a hang guard, >= 5x the measured median (9.3 s; the worker grace is 8 s): SIGTERM to runs final
@@ -26,15 +27,8 @@ def test_sigterm_to_the_worker_leaves_no_process_and_both_its_runs_final(tmp_pat
     """Two runs train on the worker's two stand-in GPUs; SIGTERM to `tunedeck worker` alone. Once it has exited,
     no process of the clone is left on the machine (every process scanned, not a list of children taken before:
     one that slipped out of the family would be missed) and both runs read a final state on the server."""
-    project = make_project(tmp_path / "clone")
-    url = server.start(free_port(), root=project)
-    worker = None
-    try:
-        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
-        log = tmp_path / "worker.log"
-        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1"], cwd=project,
-                                  env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="2"),
-                                  stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    with cluster(tmp_path, gpus=2) as c:
+        project, url, worker = c.project, c.url, c.worker
         # two run keys (epochs differ), so each run's first checkpoint is a file of its own: the event waited on
         runs = [start(url, "pipeline", overrides=[f"train.epochs={n}"], pull=False, push=False) for n in (5000, 5001)]
         deadline = time.monotonic() + 600  # a hang guard: the event is both runs' first checkpoint
@@ -47,14 +41,10 @@ def test_sigterm_to_the_worker_leaves_no_process_and_both_its_runs_final(tmp_pat
         worker.wait(timeout=STOP_GUARD_S)
         print(f"the worker exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         assert clone_processes(project) == [], "left running after the worker exited"
-        assert "stopped by SIGTERM" in log.read_text()
+        assert "stopped by SIGTERM" in c.log.read_text()
         states = [wait(url, r, timeout=STOP_GUARD_S)["state_type"] for r in runs]
         print(f"both runs final {time.monotonic() - signalled:.1f} s after SIGTERM: {states}")
         assert set(states) <= {"CRASHED", "CANCELLED"}, states
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-        server.stop(root=project)
 
 
 def clone_processes(project: Path) -> list[str]:
@@ -81,20 +71,12 @@ def _children(pid: int) -> list[psutil.Process]:
 def test_a_run_whose_process_dies_during_a_server_outage_is_crashed_soon_after_the_server_returns(tmp_path):
     """kill -9 of the server while a deployment run trains, then kill -9 of the run's processes; the server
     restarts: the run reads CRASHED (the worker's reconciliation), never RUNNING."""
-    project = make_project(tmp_path / "clone")
-    port = free_port()
-    url = server.start(port, root=project)
-    worker = None
-    try:
-        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
-        # few client retries (a busy SQLite answers 503 now and then, and the worker must still submit the run):
-        # its own report of the dead run gives up within seconds, as it does in a longer outage with the
-        # default retries, and the server stays down until it has (the event below), so only the reconciliation
-        # can set the run's end. With none at all, one 503 at submission crashed the run (CI on 5c77344, 2 workers).
-        log = tmp_path / "worker.log"
-        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project,
-                                  env=env(PREFECT_API_URL=url, PREFECT_CLIENT_MAX_RETRIES="3"),
-                                  stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    # few client retries (a busy SQLite answers 503 now and then, and the worker must still submit the run):
+    # its own report of the dead run gives up within seconds, as it does in a longer outage with the
+    # default retries, and the server stays down until it has (the event below), so only the reconciliation
+    # can set the run's end. With none at all, one 503 at submission crashed the run (CI on 5c77344, 2 workers).
+    with cluster(tmp_path, PREFECT_CLIENT_MAX_RETRIES="3") as c:
+        project, port, url, worker, log = c.project, c.port, c.url, c.worker, c.log
         deployment = deployment_id(url, "pipeline")  # the run itself keeps Prefect's retries (busy SQLite answers 503)
         run_id = api(url, f"deployments/{deployment}/create_flow_run", {
             "parameters": {"overrides": ["train.epochs=5000"], "pull": False, "push": False},
@@ -125,11 +107,49 @@ def test_a_run_whose_process_dies_during_a_server_outage_is_crashed_soon_after_t
         crashed = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]["state"]["message"]
         print(f"CRASHED {time.monotonic() - restarted:.1f} s after the restart: {crashed}")
         # whoever got there first: the reconciliation (its own sentence) or, where one of the worker's client
-        # retries outlived the outage (CI on 7cf2f30), the worker's own report of the killed process
+        # retries outlived the outage (CI on 7cf2f30), the worker's own report of the killed process; the test
+        # below pins the reconciliation alone
         assert "while its end could not be recorded" in crashed or "status code -9" in crashed, crashed
         assert worker.poll() is None, "the worker outlived the outage"
+
+
+def test_the_reconciliation_marks_a_run_whose_process_went_during_an_outage_crashed_once_the_server_is_back(
+        tmp_path, monkeypatch):
+    """The worker's reconciliation alone, pinned (in the test above either it or the worker's own report, when one
+    of its retries outlives the outage, may end the run): a Running run's process dies while the server is down;
+    the looks during the outage settle nothing, the first after its return marks the run Crashed with its sentence.
+    A run whose process lives is never touched."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.worker import GONE, Reconciler
+
+    port = free_port()
+    url = server.start(port, root=tmp_path)
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    procs = []
+    try:
+        flow = api(url, "flows/", {"name": "reconciled"})["id"]
+        dies, lives = (api(url, "flow_runs/", {"flow_id": flow, "state": {"type": "RUNNING"}})["id"] for _ in range(2))
+        procs = [subprocess.Popen(["sleep", "600"], env={**os.environ, "PREFECT__FLOW_RUN_ID": run_id})
+                 for run_id in (dies, lives)]
+        reconciler = Reconciler(os.getpid())  # this test stands for the worker: the runs' processes are its children
+        with temporary_settings({PREFECT_API_URL: url}):
+            reconciler.tick(0.0)
+            assert reconciler.alive == {dies, lives}
+            server.stop(root=tmp_path)  # the outage
+            procs[0].kill()
+            procs[0].wait()
+            for now in (1.0, 1.0 + Reconciler.GRACE_S, 30.0):
+                reconciler.tick(now)
+            assert set(reconciler.gone) == {dies}, "the run was settled while the server was down"
+            assert server.start(port, root=tmp_path) == url
+            reconciler.tick(31.0)
+        assert reconciler.gone == {}
+        runs = {r["id"]: r for r in api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [dies, lives]}}})}
+        assert (runs[dies]["state_type"], runs[dies]["state"]["message"]) == ("CRASHED", GONE)
+        assert runs[lives]["state_type"] == "RUNNING"
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            worker.wait(timeout=30)
-        server.stop(root=project)
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        server.stop(root=tmp_path)
