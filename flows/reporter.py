@@ -98,10 +98,7 @@ def main() -> int:
         finally:
             watcher.cancel()
             if progress.get("task") is not None and not progress["task"].done():
-                # an epoch still waiting is dropped (the run's end comes next), but never the final scores:
-                # evaluate sends them just before it ends, often before the publishing task has even started
-                if not getattr(progress.get("next"), "final", False):
-                    progress.pop("next", None)
+                progress.pop("next", None)  # an epoch still waiting is dropped: the run's end comes next
                 with contextlib.suppress(asyncio.TimeoutError, Exception):
                     await asyncio.wait_for(asyncio.shield(progress["task"]), timeout=2)
 
@@ -118,6 +115,11 @@ def main() -> int:
             message = reporter_message(line)
             if "log" in message:
                 logger.log(message.get("level", 20), message["log"])
+            elif "progress" in message and message["progress"].final:
+                # the stage's scores (evaluate's, sent just before it ends) are awaited here, in order, never
+                # left to the background: racing the run's end, they were lost in 1 run of 3 on a quiet machine
+                # (a labels write beside the summary artifact's took about 2 s, past the end's wait)
+                await send_labels(message["progress"])
             elif "progress" in message:
                 publish_progress(message["progress"])
             elif "failed" in message:
@@ -149,12 +151,16 @@ def main() -> int:
             progress["task"] = asyncio.create_task(send_progress())
 
     async def send_progress() -> None:
+        while (latest := progress.pop("next", None)) is not None:  # a StageProgress (flows.contracts)
+            await send_labels(latest)
+
+    async def send_labels(update, timeout: float = 5.0) -> None:
+        """The progress's labels on the run; best effort (a server hiccup loses them, never the run)."""
         async with get_client() as client:
-            while (latest := progress.pop("next", None)) is not None:  # a StageProgress (flows.contracts)
-                try:
-                    await asyncio.wait_for(client.update_flow_run_labels(opened["id"], latest.labels()), timeout=5)
-                except Exception:  # noqa: BLE001 - best effort
-                    pass
+            try:
+                await asyncio.wait_for(client.update_flow_run_labels(opened["id"], update.labels()), timeout=timeout)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
 
     def server_down() -> bool:
         """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""

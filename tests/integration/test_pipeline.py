@@ -88,6 +88,28 @@ def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect, re
     seen = {r.id: r for r in PrefectApi(prefect).snapshot(RunQuery(limit=200)).runs}
     for stage, run_id in zip(("prepare", "train", "evaluate"), ids[:3], strict=True):
         assert shape(seen[run_id]) == shape(templates()[f"{stage}:final"]), (stage, seen[run_id])
+    assert dict(seen[ids[2]].scores) == scores_of(project), "the evaluate run lacks its test scores"
+
+
+def scores_of(project) -> dict[str, float]:
+    """What the dashboard's TEST and F1 columns should show for the project's eval/metrics.json."""
+    metrics = json.loads((project / "eval" / "metrics.json").read_text())
+    return {"test/acc": pytest.approx(metrics["accuracy"], abs=1e-6), "test/macro_f1": pytest.approx(metrics["macro_f1"], abs=1e-6)}
+
+
+def test_every_evaluate_run_carries_its_test_scores(project, prefect, reproduced):
+    """evaluate sends its scores just before it ends: they must reach its run every time, not race its end
+    (they were lost in 1 run of 3 on a quiet machine, so the stage runs five times)."""
+    from tui.providers.models import RunQuery
+    from tui.providers.prefect_api import PrefectApi
+
+    for attempt in range(5):
+        before = {r["id"] for r in api(prefect, "flow_runs/filter")}
+        run(project, "python", "-m", "flows.stages.evaluate", PREFECT_API_URL=prefect)
+        new = [r["id"] for r in api(prefect, "flow_runs/filter") if r["id"] not in before]
+        assert len(new) == 1, new
+        seen = {r.id: r for r in PrefectApi(prefect).snapshot(RunQuery(limit=200)).runs}
+        assert dict(seen[new[0]].scores) == scores_of(project), f"run {attempt + 1} of 5 lacks its test scores"
 
 
 def test_second_repro_is_a_noop(reproduced):
