@@ -32,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import server  # noqa: E402
+from flows.host import server  # noqa: E402
 from tests.integration.project import api, env, free_port, make_project, run  # noqa: E402
 from tests.integration.test_deployments import logs, start, wait  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import server  # noqa: E402
+from flows.host import server  # noqa: E402
 from tests.integration.project import free_port, make_project, run  # noqa: E402
 
 IN_PROCESS = """

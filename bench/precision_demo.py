@@ -31,7 +31,7 @@ def main() -> None:
     from flows.core.train import train
     from flows.demo.run import ARMS
     from flows.demo.stats import paired_difference, summarise
-    from flows.overrides import parse_overrides
+    from flows.run.overrides import parse_overrides
 
     base = load_params(ROOT / "params.yaml").to_dict()
     for arm in args.arms:

@@ -32,8 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import server  # noqa: E402
 from flows.contracts import StageProgress  # noqa: E402
+from flows.host import server  # noqa: E402
 from tests.integration.project import FINAL, api, env, free_port, make_project, run, wait  # noqa: E402
 from tui.providers.fleet import RemoteHosts  # noqa: E402
 from tui.providers.models import RemoteHost, Run, RunDetail, RunQuery  # noqa: E402

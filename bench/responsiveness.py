@@ -39,8 +39,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import server  # noqa: E402
-from flows.deploy import zombie_after_s  # noqa: E402
+from flows.host import server  # noqa: E402
+from flows.host.deploy import zombie_after_s  # noqa: E402
 from flows.stages.warm import WarmStages  # noqa: E402
 from tests.integration.project import api, env, free_port, make_project, run  # noqa: E402
 from tests.integration.test_deployments import start  # noqa: E402

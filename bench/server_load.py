@@ -1,6 +1,6 @@
 """The shared server under load: SQLite against PostgreSQL, side by side in one run (issue 12).
 
-For each backend, a fresh tunedeck server (flows.server.start; PostgreSQL through --database's
+For each backend, a fresh tunedeck server (flows.host.server.start; PostgreSQL through --database's
 setting) on 127.0.0.1, a process work pool, WORKERS Prefect workers (one run at a time each)
 and RUNS short flow runs of one deployment, each running three tasks. Once the first run has
 started, DASHBOARDS dashboards poll on top with the dashboard's own provider calls at its
@@ -42,8 +42,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows import server  # noqa: E402
-from flows.server_database import OLD_SETTING, SETTING  # noqa: E402
+from flows.host import server  # noqa: E402
+from flows.host.server_database import OLD_SETTING, SETTING  # noqa: E402
 from tests.integration.postgres import ENV, fresh_database, throwaway_cluster  # noqa: E402
 from tests.integration.project import env, free_port  # noqa: E402
 from tests.integration.test_postgres import deploy_short_flow  # noqa: E402

@@ -1,1 +1,1 @@
-"""tunedeck's terminal side: the ``tunedeck`` command and the Textual dashboard."""
+"""tunedeck's dashboard: the Textual app, screens and widgets over providers that hand them frozen dataclasses."""

@@ -88,7 +88,7 @@ def pick_metric(available: tuple[str, ...], wanted: str | None) -> str | None:
 
 
 EXPERIMENT_FLOWS = ("pipeline", "experiment")
-"""The flows whose run ends as a DVC experiment named after it (flows.pipeline.save_experiment)."""
+"""The flows whose run ends as a DVC experiment named after it (flows.run.pipeline.save_experiment)."""
 
 
 def experiment_name(run: Run) -> str | None:

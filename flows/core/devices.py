@@ -13,7 +13,7 @@ def free_memory(index: int) -> int:
     The visible device is matched to its NVML handle by UUID, so CUDA_VISIBLE_DEVICES and
     CUDA_DEVICE_ORDER are respected; without NVML, torch's mem_get_info answers instead.
     """
-    from flows.gpus import free_bytes_by_uuid
+    from flows.gateways.gpus import free_bytes_by_uuid
 
     free = free_bytes_by_uuid(str(torch.cuda.get_device_properties(index).uuid))
     return free if free is not None else int(torch.cuda.mem_get_info(index)[0])

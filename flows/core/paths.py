@@ -9,7 +9,6 @@ MODEL_WEIGHTS = MODELS / "model.safetensors"
 MODEL_CONFIG = MODELS / "model.json"
 TRAIN_LIVE = Path("dvclive")
 EVAL = Path("eval")
-SPLITS = ("train", "val", "test")
 WEIGHTS = Path("weights")
 CHECKPOINTS = Path("checkpoints")  # a folder per run key below it; TUNEDECK_CHECKPOINTS moves it (checkpoints_base)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
-from flows.dvc_cli import dvc_bin
+from flows.gateways.dvc.cli import dvc_bin
 
 
 @dataclass(frozen=True)

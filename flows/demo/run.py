@@ -23,12 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import server
 from flows.core.errors import TunedeckError
 from flows.core.paths import MODEL_CONFIG, MODEL_WEIGHTS
 from flows.demo.digits import write_digits
 from flows.demo.queue import Queued, child_env, dvc, metric, queue, results, run_queued
 from flows.demo.stats import paired_difference, summarise
+from flows.gateways import prefect_api
+from flows.gateways.git import head
+from flows.host import server
 
 SOURCE_DATA = Path("data/demo/digits-0-4")
 TARGET_DATA = Path("data/demo/digits-5-9")
@@ -91,12 +93,10 @@ def source_backbone() -> float:
 
 def check_project() -> None:
     """The demo runs in a git clone of tunedeck (dvc experiments need a git commit)."""
-    import subprocess
 
     if not Path("dvc.yaml").is_file() or not Path(".dvc").is_dir():
         raise TunedeckError("run `tunedeck demo` from the tunedeck project root (where dvc.yaml is).")
-    head = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True)
-    if head.returncode != 0:
+    if head(Path.cwd()) is None:
         raise TunedeckError("the project is not a git repository with a commit: clone tunedeck with git, then run the demo.")
 
 
@@ -110,7 +110,7 @@ def start_server_and_data(port: int, experiments: list[Queued]) -> str:
         counts = pool.submit(lambda: (write_data(), queue(experiments))[0])
         print("[1/5] Prefect: ", end="", flush=True)
         url = os.environ.get("PREFECT_API_URL") or server.start(port)
-        if not server.healthy(url, timeout=3.0):
+        if not prefect_api.healthy(url, timeout=3.0):
             raise TunedeckError(f"PREFECT_API_URL is {url} but no Prefect server answers there: start it, or unset it.")
         print(f"server at {url.removesuffix('/api')}")
         source_count, target_count = counts.result()

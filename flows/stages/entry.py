@@ -34,7 +34,7 @@ def run_main(name: str, work: Callable[[Params], dict[str, Any]], tags: Callable
         return status
     setup_logging()
     try:
-        from flows.orchestration import run_stage
+        from flows.stages.orchestration import run_stage
 
         params = load_params(PARAMS)
         summary = run_stage(name, lambda: work(params), params.to_dict(), [f"stage:{name}", *tags()])

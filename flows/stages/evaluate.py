@@ -14,7 +14,7 @@ from flows.stages.entry import run_main
 def work(params: Params) -> dict:
     """Evaluate, and return the headline metrics with the data and model versions."""
     from flows.core.evaluate import evaluate
-    from flows.orchestration import report_progress
+    from flows.stages.orchestration import report_progress
 
     metrics = evaluate(params, PREPARED, MODELS, EVAL)
     card = ModelCard.read(MODELS)

@@ -75,7 +75,7 @@ class LiveTracker:
         """Open dvclive afresh: on resume the trainer logs the finished epochs again first."""
         from dvclive import Live
 
-        from flows import gpus
+        from flows.gateways import gpus
 
         self.live = Live(
             dir=str(TRAIN_LIVE), resume=False, dvcyaml=None, save_dvc_exp=False, report=None, monitor_system=gpus.present()
@@ -94,7 +94,7 @@ class LiveTracker:
             self.live.log_metric(key, value)
         self.live.next_step()
         if epoch >= self.first_epoch:
-            from flows.orchestration import report_progress
+            from flows.stages.orchestration import report_progress
 
             report_progress(self.progress(epoch, metrics))
 
@@ -127,13 +127,13 @@ class LiveTracker:
 
 
 def checkpoint_mirror(params: Params):
-    """The run's checkpoints on the DVC remote (flows.dvc_gateway); fetched first when this host has none.
+    """The run's checkpoints on the DVC remote (flows.gateways.dvc.remote); fetched first when this host has none.
 
     Only the stage process fetches (before torchrun starts DDP workers); rank 0 pushes.
     """
     from flows.core.prepare import load_manifest
     from flows.core.train import run_folder, run_key
-    from flows.dvc_gateway import CheckpointMirror
+    from flows.gateways.dvc.remote import CheckpointMirror
 
     try:
         key = run_key(params, load_manifest(PREPARED))

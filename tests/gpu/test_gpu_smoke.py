@@ -1,7 +1,7 @@
 """What only a CUDA machine can show, each through the project's own code (bench/gpu_check.sh runs this).
 
 - resnet18 (random init: no hub here) trains 2 epochs in bf16 autocast on a GPU, with finite weights;
-- NVML (flows.gpus, the one gateway) lists the training process, and the run joiner (flows.runjoin)
+- NVML (flows.gateways.gpus, the one gateway) lists the training process, and the run joiner (flows.run.runjoin)
   names its flow run from the PREFECT__FLOW_RUN_ID a worker starts it with: the join the dashboard
   and the worker's telemetry make;
 - with 2 GPUs, 2 ranks of NCCL DDP at batch 3 train the weights 1 rank does at batch 6.
@@ -23,10 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows import gpus
 from flows.core.params import parse_params
 from flows.core.prepare import prepare
-from flows.runjoin import RunJoiner
+from flows.gateways import gpus
+from flows.run.runjoin import RunJoiner
 from tests.conftest import ROOT, tiny_params_dict, write_images
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]  # the timeout is a hang guard: each test takes under a minute

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import server
+from flows.host import server
 from tests.integration.project import env, free_port, make_project, run
 
 

@@ -94,7 +94,7 @@ def test_only_one_class_left_is_an_error(project, with_params, tmp_path):
 def test_dvc_remote_problems_are_one_sentence_each(tmp_path, monkeypatch):
     """No default remote, and a remote nothing listens on: each named, with what to do (credentials: test_remote)."""
     from flows.core.errors import TunedeckError
-    from flows.dvc_cli import sync
+    from flows.gateways.dvc.cli import sync
 
     monkeypatch.chdir(tmp_path)
     run(tmp_path, "git", "init", "-q")

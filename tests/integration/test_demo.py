@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from flows import server
 from flows.demo.stats import paired_difference, summarise
+from flows.host import server
 from tests.conftest import ROOT
 from tests.integration.project import free_port, make_project, run
 from tests.integration.test_pipeline import flow_runs

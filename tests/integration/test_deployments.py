@@ -14,8 +14,8 @@ import psutil
 import pytest
 import yaml
 
-from flows import server
-from flows.registry import next_version, prod
+from flows.host import server
+from flows.ship.registry import next_version, prod
 from tests.conftest import write_images
 from tests.integration.project import FINAL, api, checkpoint_written, env, free_port, make_project, run, wait
 

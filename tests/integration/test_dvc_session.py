@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from flows.core.errors import TunedeckError
-from flows.dvc_session import DvcSession
+from flows.gateways.dvc.session import DvcSession
 from tests.integration.project import env
 
 pytestmark = pytest.mark.slow

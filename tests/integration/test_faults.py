@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows import server
+from flows.host import server
 from tests.integration.cluster import Cluster, cluster
 from tests.integration.project import FINAL, api, checkpoint_written, wait
 from tests.integration.test_deployments import _process_tree, logs, start

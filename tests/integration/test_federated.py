@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows import server
+from flows.host import server
 from tests.conftest import write_images
 from tests.integration.project import api, env, free_port, make_project, run, wait
 from tests.integration.test_deployments import logs
@@ -77,7 +77,7 @@ def quiet(project: Path, name: str) -> dict:
 
 def create_cpu_slot(url: str) -> None:
     """This host's CPU slot (a global concurrency limit), which every `tunedeck worker` here creates if missing."""
-    from flows.gpus import slot_name
+    from flows.gateways.gpus import slot_name
 
     limits = {c["name"] for c in api(url, "v2/concurrency_limits/filter")}
     if slot_name(None) not in limits:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import server
-from flows.ship import exp_commit
+from flows.host import server
+from flows.ship.gate import exp_commit
 from tests.integration.project import api, env, free_port, make_project, run, wait
 from tests.integration.test_deployments import logs, start
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from flows import server
+from flows.host import server
 from tests.integration.project import env, free_port, make_project, run, wait
 from tests.integration.test_deployments import logs, start, task_intervals
 

@@ -22,8 +22,9 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from flows import registry, server
 from flows.contracts import DRIFT_EVENT, MONITOR_EVENT, ModelCard
+from flows.host import server
+from flows.ship import registry
 from tests.integration.project import api, env, free_port, make_project, run, wait
 from tests.integration.test_deployments import logs
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from flows import server
+from flows.host import server
 from tests.integration.project import FINAL, api, env, make_project
 from tests.integration.test_remote import free_port_on, sh
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from tests.integration.postgres import ENV, fresh_database, throwaway_cluster, unavailable
 from tests.integration.project import api, env, free_port, run
-from tui.cli import main
 from tui.providers.models import RunQuery
 from tui.providers.prefect_api import PrefectApi
 

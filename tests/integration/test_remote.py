@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import server
+from flows.host import server
 from tests.integration.project import FINAL, api, env, make_project
 
 pytestmark = pytest.mark.slow

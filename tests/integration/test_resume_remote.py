@@ -23,7 +23,7 @@ import psutil
 import pytest
 import yaml
 
-from flows import server
+from flows.host import server
 from tests.integration.project import api, env, free_port, make_project, run, wait
 from tests.integration.test_deployments import logs, start
 

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from flows import server
 from flows.core.errors import TunedeckError
+from flows.host import server
 from tests.integration.project import free_port
 
 pytestmark = pytest.mark.slow

@@ -97,12 +97,14 @@ def long_train(project, warm, tmp_path):
     started: list[subprocess.Popen] = []
 
     def start() -> subprocess.Popen:
+        before = {p.pid for p in psutil.Process(warm.proc.pid).children()}  # an earlier test's, still being reaped
         err = (tmp_path / f"stage-{len(started)}.err").open("w")
         proc = subprocess.Popen(
             ["python", "-m", "flows.stages.train"], cwd=project, stdout=subprocess.DEVNULL, stderr=err, text=True,
             env=env(TUNEDECK_PREFECT="off", TUNEDECK_PROGRESS="lines", TUNEDECK_CHECKPOINTS=str(tmp_path), **warm.env()),
         )
         proc.said = lambda: Path(err.name).read_text()  # type: ignore[attr-defined]
+        proc.before = before  # type: ignore[attr-defined]
         started.append(proc)
         return proc
 
@@ -126,8 +128,11 @@ def wait_until(done, proc, what: str) -> None:
 
 
 def wait_for_child(warm, proc) -> psutil.Process:
-    wait_until(lambda: children_of(warm), proc, "its warm child")
-    return children_of(warm)[0]
+    def mine() -> list[psutil.Process]:
+        return [p for p in children_of(warm) if p.pid not in proc.before]
+
+    wait_until(mine, proc, "its warm child")
+    return mine()[0]
 
 
 def wait_for_training(checkpoints: Path, proc) -> None:
@@ -179,8 +184,8 @@ def test_a_child_killed_before_it_says_hello_still_ends_its_stage_process(warm, 
     """Killed right after the fork: the stand-in gets 137 from the server, and must not run the stage itself."""
     proc = long_train()
     deadline = time.monotonic() + HANG_S  # a hang guard
-    while not (kids := psutil.Process(warm.proc.pid).children()):
+    while not (kids := [p for p in psutil.Process(warm.proc.pid).children() if p.pid not in proc.before]):
         assert proc.poll() is None and time.monotonic() < deadline, proc.said()
         time.sleep(0.005)
-    kids[0].kill()
+    kids[0].kill()  # this stage's child (killing the earlier one let this one train on: CI on 71a8b15)
     assert proc.wait(timeout=HANG_S) == 128 + signal.SIGKILL  # a hang guard

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows import server
+from flows.host import server
 from tests.integration.cluster import cluster
 from tests.integration.project import FINAL, api, checkpoint_written, free_port, wait
 from tests.integration.test_deployments import _process_tree, deployment_id, start
@@ -121,7 +121,7 @@ def test_the_reconciliation_marks_a_run_whose_process_went_during_an_outage_cras
     A run whose process lives is never touched."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.worker import GONE, Reconciler
+    from flows.host.worker import GONE, Reconciler
 
     port = free_port()
     url = server.start(port, root=tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import server
+from flows.host import server
 from tests.integration.project import api, env, free_port
 from tests.tui.conftest import settle
 from tui.app import make_app

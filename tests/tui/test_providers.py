@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from flows.runjoin import RunJoiner, live_run_files
+from flows.run.runjoin import RunJoiner
 from tui.experiment_table import diff, table_columns
 from tui.providers.dvc_reader import parse_exp_show
 from tui.providers.fake_dvc import FakeDvc
@@ -54,7 +54,7 @@ def test_no_nvml_shows_cpu_and_says_there_is_no_gpu(monkeypatch):
     def fail():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
-    from flows import gpus
+    from flows.gateways import gpus
 
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
     monkeypatch.delenv(gpus.FAKE_VARIABLE, raising=False)
@@ -76,7 +76,6 @@ def test_join_reads_live_run_files_and_skips_stale_ones(tmp_path):
     (runs / f"{dead.pid}.json").write_text(json.dumps({"flow_run_id": "stale-run"}))
     assert RunJoiner(runs)(os.getpid()) == "live-run"
     assert RunJoiner(runs)(dead.pid) is None
-    assert live_run_files(runs) == {os.getpid(): "live-run"}
 
 
 def test_join_reads_the_environment_of_worker_started_processes_and_their_children(tmp_path):
@@ -144,7 +143,7 @@ def test_fake_experiments_have_curves():
 
 
 def test_monitor_view_reads_the_monitors_events_and_the_runs_drift_started():
-    """What flows.monitor emits (the MonitorBatch contract) comes back as the screen's dataclasses."""
+    """What flows.ship.monitor emits (the MonitorBatch contract) comes back as the screen's dataclasses."""
     from flows.contracts import DriftStatistic, MonitorBatch
     from tui.providers.fake_prefect import fake_monitor
     from tui.providers.monitor_api import read_monitor

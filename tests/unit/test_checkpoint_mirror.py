@@ -1,5 +1,6 @@
-"""The checkpoint copy on the DVC remote never shows a reader half a file: a resuming host reads the
-pointer while the training host rewrites it (CI on 5110b57 read an empty pointer that way)."""
+"""The checkpoint copy on the DVC remote never shows a reader half a file, nor a pointer that disagrees with the
+checkpoint it fetches: a resuming host reads while the training host writes, and that host may die at any step
+(CI on 5110b57 read an empty pointer; CI on 71a8b15 fetched epoch 3's checkpoint under a pointer saying 2)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 
 from dvc.fs import LocalFileSystem
 
-from flows.dvc_gateway import LAST, POINTER, CheckpointMirror, RemoteStore
+from flows.gateways.dvc.remote import LAST, POINTER, CheckpointMirror, RemoteStore
 
 
 class Recording(LocalFileSystem):
@@ -46,9 +47,9 @@ def test_the_checkpoint_and_its_pointer_reach_the_remote_only_by_rename(tmp_path
 
     base = tmp_path / "store" / "tunedeck" / "checkpoints" / "0123456789abcdef"
     assert json.loads((base / POINTER).read_text())["epoch"] == 3
-    assert (base / LAST).read_bytes() == bytes([3]) * 1000
-    assert not [p for p in fs.written if p.endswith((f"/{POINTER}", f"/{LAST}"))], fs.written
-    assert sorted(p.name for p in base.iterdir()) == [POINTER, LAST]
+    assert (base / "epoch-3.pt").read_bytes() == bytes([3]) * 1000
+    assert not [p for p in fs.written if p.endswith((f"/{POINTER}", ".pt"))], fs.written
+    assert sorted(p.name for p in base.iterdir()) == ["epoch-3.pt", POINTER], "older epochs stay behind"
 
 
 def test_a_reader_polling_the_pointer_never_reads_it_torn(tmp_path):
@@ -79,3 +80,33 @@ def test_a_reader_polling_the_pointer_never_reads_it_torn(tmp_path):
         reader.join()
     assert torn == []
     assert json.loads(pointer.read_text())["epoch"] == 199
+
+
+class DiesBeforeThePointer(LocalFileSystem):
+    """A training host that dies after its checkpoint reached the remote, before the pointer was moved."""
+
+    def __init__(self, at_epoch: int) -> None:
+        super().__init__()
+        self.at_epoch, self.epoch = at_epoch, 0
+
+    def put_file(self, source, path, *args, **kwargs):
+        self.epoch = int(path.rsplit("/", 1)[-1].split("-")[1].split(".")[0])
+        return super().put_file(source, path, *args, **kwargs)
+
+    def pipe_file(self, path, *args, **kwargs):
+        if self.epoch == self.at_epoch:
+            raise OSError("the host died here")
+        return super().pipe_file(path, *args, **kwargs)
+
+
+def test_a_host_that_dies_between_checkpoint_and_pointer_leaves_a_pointer_and_the_file_it_names(tmp_path):
+    mirror = mirror_on(tmp_path, DiesBeforeThePointer(at_epoch=3))
+    run = tmp_path / "run"
+    run.mkdir()
+    for epoch in (1, 2, 3):
+        (run / LAST).write_bytes(bytes([epoch]) * 100)
+        mirror._upload(run / LAST, epoch)
+    other_host = mirror_on(tmp_path, LocalFileSystem())
+    resumed = tmp_path / "other-host"
+    assert other_host.fetch(resumed) == 2
+    assert (resumed / LAST).read_bytes() == bytes([2]) * 100, "the fetched checkpoint is not the epoch it says"

@@ -12,11 +12,11 @@ import timm
 import torch
 from torch import nn
 
+from flows.contracts.federated import SiloTask, round_folder
 from flows.core.fedavg import batchnorm_keys, dirichlet_split, iid_split, keep_local, weighted_average
 from flows.core.params import TrainParams
-from flows.federated import silo
-from flows.federated_exchange import get_state, put_state
-from flows.federated_params import SiloTask, round_folder
+from flows.federated.coordinator import silo
+from flows.federated.exchange import get_state, put_state
 from tests.conftest import write_images
 
 SIZE = 16
@@ -76,7 +76,7 @@ def silo_round(task: SiloTask, data: Path) -> tuple[dict[str, torch.Tensor], int
 
 
 def test_one_fedavg_round_through_the_silo_flow_equals_one_centralised_full_batch_step(tmp_path, monkeypatch):
-    """The silos' own round (flows.federated.silo: exchange in, local training, exchange out), then the
+    """The silos' own round (flows.federated.coordinator.silo: exchange in, local training, exchange out), then the
     coordinator's example-weighted average, equals one step of the same code on the pooled images.
 
     Why it is an identity: with no BatchNorm (test_vit), no augmentation, one full batch per silo, one
@@ -155,7 +155,7 @@ def test_dirichlet_split_covers_every_example_once_and_small_alpha_is_skewed():
 
 def test_the_coordinator_refuses_to_run_where_it_can_read_silo_data(tmp_path):
     from flows.core.errors import TunedeckError
-    from flows.federated_rounds import check_unreadable
+    from flows.federated.rounds import check_unreadable
 
     assert check_unreadable([]) is None
     assert "cannot read any of the 1" in check_unreadable([str(tmp_path / "absent")])

@@ -11,11 +11,11 @@ from tests.conftest import tiny_params_dict, write_images
 def test_a_round_checkpoints_a_reopened_coordinator_resumes_and_the_export_is_a_project_model(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from flows.contracts.federated import FederatedParams, round_folder
     from flows.core.model_file import load_model
-    from flows.federated import silo
-    from flows.federated_exchange import get_state, put_state
-    from flows.federated_params import FederatedParams, round_folder
-    from flows.federated_rounds import Federation
+    from flows.federated.coordinator import silo
+    from flows.federated.exchange import get_state, put_state
+    from flows.federated.rounds import Federation
 
     monkeypatch.chdir(tmp_path)
     for i, name in enumerate(("a", "b")):

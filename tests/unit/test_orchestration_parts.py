@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flows.core.errors import TunedeckError
-from flows.gpus import GpuState, gpu_states, slot_name
-from flows.overrides import apply_overrides, parse_overrides
+from flows.gateways.gpus import GpuState, gpu_states, slot_name
+from flows.run.overrides import apply_overrides, parse_overrides
 from tests.conftest import ROOT
 
 
@@ -49,7 +49,7 @@ def test_gpu_slots_and_fake_gpus(monkeypatch):
 
 
 def test_data_changes_are_read_from_dvc_status():
-    from flows.pipeline import data_changed
+    from flows.run.data_watch import data_changed
 
     status = {"prepare": [{"changed deps": {"data/images": "modified", "flows/core/images.py": "modified"}},
                           {"changed outs": {"data/prepared": "deleted"}}]}

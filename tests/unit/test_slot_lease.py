@@ -1,4 +1,4 @@
-"""flows.slot_lease against a scripted server: a slot is kept through an outage, and taken again when the lease is
+"""flows.run.slot_lease against a scripted server: a slot is kept through an outage, and taken again when the lease is
 gone; one line says which (the end-to-end case, a real server killed and restarted: tests/integration/test_faults.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import uuid
 import httpx
 import pytest
 
-from flows import slot_lease
-from flows.slot_lease import SlotLease
+from flows.run import slot_lease
+from flows.run.slot_lease import SlotLease
 
 
 class ScriptedServer:

@@ -35,8 +35,8 @@ def demo_providers(runs: int = 1000, animate: bool = True, hosts: int = 0) -> Pr
 
 def live_providers() -> Providers:
     """NVML (or CPU only) and psutil, the project's Prefect server, DVC in the current directory."""
-    from flows.gpus import host
-    from flows.runjoin import RunJoiner
+    from flows.gateways.gpus import host
+    from flows.run.runjoin import RunJoiner
     from tui.providers.dvc_reader import DvcReader
     from tui.providers.fleet import FleetTelemetry, RemoteHosts
     from tui.providers.prefect_api import PrefectApi

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 from flows.contracts import metric_name
+from flows.core.errors import TunedeckError
+from flows.gateways.git import git
 from tui.providers.models import Curves, Experiment, Progress, Registry, RegistryEvent
 
 CURVES = ("train/loss", "val/loss", "val/acc")
@@ -117,14 +119,14 @@ class DvcReader:
         return Curves(tuple(series))
 
     def _git(self, *args: str) -> str:
-        proc = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True, timeout=30)
-        if proc.returncode != 0:
-            raise RuntimeError(f"`git {' '.join(args)}` failed in {self.root}: {proc.stderr.strip()[:200]}")
-        return proc.stdout
+        try:
+            return git(*args, cwd=self.root, timeout=30)
+        except TunedeckError as exc:
+            raise RuntimeError(str(exc)) from None
 
     def registry(self) -> Registry:
-        """The model registry of this clone (git tags; flows.registry reads them)."""
-        from flows import registry
+        """The model registry of this clone (git tags; flows.ship.registry reads them)."""
+        from flows.ship import registry
 
         prod = registry.prod(self.root)
         history = tuple(RegistryEvent(e.at.timestamp(), e.version, "-> prod" if e.event == "assignment" else "registered", e.message)

@@ -18,7 +18,7 @@ class FakeDvc:
 
     def __init__(self, runs: Sequence[Run] = ()) -> None:
         self.made = _made_by(runs)
-        """The experiments deployment runs saved, named after them (flows.pipeline.save_experiment)."""
+        """The experiments deployment runs saved, named after them (flows.run.pipeline.save_experiment)."""
 
     def progress(self) -> Progress:
         """Epoch 7 (0-based) of 12, with the latest validation metrics."""

@@ -122,7 +122,7 @@ class FakePrefect:
 
 
 def fake_monitor() -> MonitorView:
-    """The shape flows.monitor records: statistics against the monitor params' default thresholds."""
+    """The shape flows.ship.monitor records: statistics against the monitor params' default thresholds."""
     rng = random.Random(3)
     batches = []
     for day in range(12):

@@ -1,6 +1,6 @@
 """Other hosts' GPUs, read from the Prefect server: the telemetry events their workers publish.
 
-Each worker posts a ``tunedeck.host.telemetry`` event every few seconds (flows.telemetry). This
+Each worker posts a ``tunedeck.host.telemetry`` event every few seconds (flows.host.telemetry). This
 reads the newest one of each host (at most every ``every`` seconds: the events API is a
 database query), keeps every host it has seen, and marks one stale when its worker said it
 went offline or its newest sample is older than STALE_AFTER_S.
@@ -30,7 +30,7 @@ class RemoteHosts:
         self._url, self.local_host, self.every, self.clock = url, local_host, every, clock
         import httpx  # here, not at import: the demo's fleet (FleetTelemetry on fakes) starts without it
 
-        from flows.telemetry import auth
+        from flows.gateways.prefect_api import auth
 
         self._http = httpx.Client(timeout=timeout, auth=auth())
         self.known: dict[str, HostTelemetry] = {}

@@ -1,6 +1,6 @@
 """The monitor's batches and the retrains they started, from the Prefect server: every batch is a
 `tunedeck.monitor.batch` event, a retrain is a pipeline run labelled with the drift that started it,
-so any host's dashboard shows the same (flows.monitor emits them)."""
+so any host's dashboard shows the same (flows.ship.monitor emits them)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from flows.telemetry import auth
+from flows.gateways.prefect_api import auth
 from tui.providers.base import ActionError
 from tui.providers.models import MonitorView, Orchestration, Run, RunDetail, RunQuery
 from tui.providers.prefect_parse import (
@@ -31,7 +31,7 @@ RETRIES = 2  # extra tries on 429/502/503, 0.25 s then 0.5 s apart
 
 
 def _default_url() -> str | None:
-    from flows.server import api_url
+    from flows.gateways.prefect_api import api_url
 
     return api_url()
 

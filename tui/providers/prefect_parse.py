@@ -7,6 +7,8 @@ from typing import Any
 
 from flows.contracts import LABEL, SCORE_PREFIX, StageProgress, scores_from_labels
 from flows.contracts import stage_label as stage_label
+from flows.core.errors import TunedeckError
+from flows.run import overrides
 from tui.providers.models import STATES, Deployment, Progress, RunQuery, WorkPool
 
 ONLINE = "ONLINE"
@@ -89,20 +91,24 @@ def pool(p: dict, workers: list[dict]) -> WorkPool:
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-    """``train.lr=0.001 train.epochs=3`` → a nested dict of YAML-typed values; raises ValueError."""
-    import yaml
-
+    """``train.lr=0.001 train.epochs=3`` → a nested dict of YAML-typed values, read by the one overrides
+    parser (flows.run.overrides); raises ValueError with its sentence."""
     result: dict[str, Any] = {}
-    for item in text.split():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"'{item}' is not key=value: write overrides like train.lr=0.001")
+    for key, value in flat_overrides(text).items():
         node = result
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = value
     return result
+
+
+def flat_overrides(text: str) -> dict[str, Any]:
+    """{'train.lr': 0.001, ...} from run-now's text; ValueError with the parser's sentence."""
+    try:
+        return overrides.parse_overrides(text.split())
+    except TunedeckError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def utc(ts: float) -> str:
@@ -113,8 +119,6 @@ def utc(ts: float) -> str:
 def run_parameters(parameter_names: tuple[str, ...], text: str) -> dict[str, Any]:
     """Run-now overrides as parameters: a list for a deployment that takes ``overrides``, else a nested dict."""
     if "overrides" in parameter_names:
-        for item in text.split():
-            if "=" not in item:
-                raise ValueError(f"'{item}' is not key=value: write overrides like train.lr=0.001")
+        flat_overrides(text)  # checked here, in the dialog: a bad one is its sentence, not a failed run
         return {"overrides": text.split()} if text.strip() else {}
     return parse_overrides(text)

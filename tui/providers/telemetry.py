@@ -13,8 +13,8 @@ from typing import Any
 
 import psutil
 
-from flows import gpus
 from flows.contracts import GpuReading
+from flows.gateways import gpus
 from tui.providers.models import GpuProcess, GpuSample, HostSample, Telemetry
 
 
@@ -28,7 +28,7 @@ class PsutilHost:
 
     def sample(self) -> HostSample:
         """One reading; CPU % is since the previous reading."""
-        from flows.telemetry import host_usage  # with httpx: imported by the live host only, not the demo's
+        from flows.host.telemetry import host_usage  # with httpx: imported by the live host only, not the demo's
 
         usage = host_usage(self.disk_path)
         return HostSample(self.hostname, usage["cpu_percent"], int(usage["cpu_count"]), usage["ram_used_gib"],

@@ -1,0 +1,78 @@
+"""`tunedeck promote | rollback | registry | predict`: each runs as a Prefect flow run when a server is
+up (flows.stages.orchestration.run_stage), and plainly when not."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PROMOTE_REJECTED = 1  # exit status of a rejected promotion: not an error, but a script must see it
+
+
+def run_ship_command(args: argparse.Namespace) -> int:
+    """Run one shipping command in the project root (the current folder)."""
+    from flows.core.params import load_params
+    from flows.ship import gate
+    from flows.stages.entry import setup_logging
+    from flows.stages.orchestration import run_stage
+
+    root = Path.cwd()
+    if args.command == "registry":
+        return show_registry(root)
+    setup_logging()
+    params = load_params("params.yaml")
+    if args.command == "promote":
+        summary = run_stage("promote", lambda: gate.promote_clone(root, params, args.force), {"force": args.force}, ["stage:promote"])
+        print(summary["decision"])
+        if summary.get("version"):
+            print(f"{summary['version']} is prod ({summary['tags']}); `dvc artifacts get . model --stage prod` fetches it.")
+        return 0 if summary["promoted"] else PROMOTE_REJECTED
+    if args.command == "rollback":
+        summary = run_stage("rollback", lambda: gate.rollback(root, args.to), {"to": args.to}, ["stage:rollback"])
+        print(f"{summary['prod']} is prod again (was {summary['was']}; tag {summary['tag']}).")
+        return 0
+    if args.command == "monitor":
+        return monitor_command(root, params, args.folder, args.device)
+    from flows.ship.predict import predict_command
+
+    parameters = {"model": args.model, "input": str(args.input), "out": str(args.out), "backend": args.backend}
+    summary = run_stage("predict", lambda: predict_command(root, params, args.model, args.input, args.out, args.backend, args.device),
+                        parameters, ["stage:predict"])
+    return 0 if summary else 1
+
+
+def show_registry(root: Path) -> int:
+    """Print the versions (prod marked) and the history, newest first."""
+    from flows.ship import registry
+
+    versions = registry.versions(root)
+    if not versions:
+        print("no model version is registered yet: `tunedeck promote` registers the first.")
+        return 0
+    prod = registry.prod(root)
+    for v in versions:
+        mark = "  <- prod" if prod and v.version == prod.version else ""
+        print(f"{v.version:<10} {v.commit[:12]}{mark}")
+    print("\nhistory (newest first):")
+    for e in registry.history(root)[:20]:
+        what = f"{e.version} -> {e.stage}" if e.event == "assignment" else f"{e.version} registered"
+        print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {what:<22} {e.message[:70]}")
+    return 0
+
+
+def monitor_command(root: Path, params, folder: Path, device: str | None) -> int:
+    """`tunedeck monitor DIR`: one batch, recorded in monitor/ and (with a server) as Prefect events."""
+    from flows.gateways import prefect_api
+    from flows.ship.monitor import monitor_batch, summary
+    from flows.stages.orchestration import run_stage
+
+    def work() -> dict:
+        url = prefect_api.api_url()
+        batch = monitor_batch(root, params, folder, device, api_url=url if url and prefect_api.healthy(url, timeout=1.0) else None)
+        flagged = {s.name: round(s.value, 4) for s in batch.statistics}
+        return {"summary": summary(batch), "drifted": batch.drifted, "streak": batch.streak, "triggered": batch.triggered,
+                "model_version": batch.model_version, **flagged}
+
+    result = run_stage("monitor", work, {"folder": str(folder)}, ["stage:monitor"])
+    print(result["summary"])
+    return 0

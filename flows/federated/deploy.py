@@ -1,0 +1,59 @@
+"""`tunedeck federated deploy NAME...`: one work pool and one silo deployment per silo, and the coordinator.
+
+Silos are a site's configuration, not the project's: so they are not in prefect.yaml (whose
+`prefect deploy --all` would then need every site's pool on every server). Each silo gets the
+work pool `silo-NAME` and the deployment `silo/NAME`; the coordinator, `federated/coordinator`
+on the pool `local`, is prefect.yaml's (`tunedeck deploy` deploys it too). All use prefect.yaml's
+pull step (the worker's own clone). A site starts
+its worker with its data folder, which only that host reads:
+
+    TUNEDECK_SILO_DATA=/secure/images tunedeck worker --pool silo-NAME
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+from flows.core.errors import TunedeckError
+from flows.host.deploy import DEFAULT_POOL, _ensure_pool, prefect_cli, reachable
+
+SILO_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+ENGINE = "command=python -m prefect.engine"  # one process per run, as prefect.yaml's deployments
+
+
+def pool_of(silo: str) -> str:
+    """The work pool of a silo."""
+    return f"silo-{silo}"
+
+
+def deploy_federated(silos: list[str], root: Path | None = None) -> list[str]:
+    """Create the silos' pools and deployments and the coordinator's; the deployment names."""
+    root = (root or Path.cwd()).resolve()
+    bad = [s for s in silos if not SILO_NAME.match(s)]
+    if not silos or bad:
+        raise TunedeckError(f"silo name '{bad[0] if bad else ''}' is not usable: name silos with lower-case letters, "
+                            "digits and dashes, e.g. `tunedeck federated deploy site-a site-b`.")
+    reachable()
+    names = []
+    for silo in silos:
+        asyncio.run(_ensure_pool(pool_of(silo), create=True))
+        _deploy(root, "flows/federated/coordinator.py:silo", silo, pool_of(silo))
+        names.append(f"silo/{silo}")
+    asyncio.run(_ensure_pool(DEFAULT_POOL, create=True))
+    proc = prefect_cli("deploy", "--name", "coordinator", cwd=root, env={"TUNEDECK_PROJECT": str(root)})  # prefect.yaml's
+    _check(proc, "--name coordinator")
+    return [*names, "federated/coordinator"]
+
+
+def _deploy(root: Path, entrypoint: str, name: str, pool: str) -> None:
+    proc = prefect_cli("deploy", entrypoint, "--name", name, "--pool", pool, "--job-variable", ENGINE, cwd=root,
+                       env={"TUNEDECK_PROJECT": str(root)})
+    _check(proc, f"{entrypoint} --name {name}")
+
+
+def _check(proc, what: str) -> None:
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise TunedeckError(f"`prefect deploy {what}` failed: {' | '.join(tail)}")

@@ -1,0 +1,4 @@
+"""The one door to each external system: Prefect, DVC, git, NVML.
+
+Imports flows.core and flows.contracts only; everything above reaches those systems through here.
+"""

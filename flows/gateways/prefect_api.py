@@ -1,0 +1,80 @@
+"""The door to Prefect's API from any process: where the API is, whether it answers, and its credentials.
+
+The local server's record (``.tunedeck/server.json``, written by flows.host.server) says where this
+project's own server listens; PREFECT_API_URL, when set, wins (a shared server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STATE = Path(".tunedeck")
+
+
+def state_dir(root: Path | None = None) -> Path:
+    """Where the server keeps its database, log and pid (``.tunedeck/`` in the project)."""
+    return (root or Path.cwd()) / STATE
+
+
+def healthy(url: str, timeout: float = 0.5) -> bool:
+    """Whether a Prefect API answers /health at url within timeout seconds."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def answers_401(url: str) -> bool:
+    """Whether an auth-protected server is up (it refuses us without credentials)."""
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=0.5)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def server_record(root: Path | None = None) -> dict | None:
+    """The local server's record (url, pid, database) when its process is alive; None otherwise."""
+    path = state_dir(root) / "server.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if server_alive(record.get("pid", -1)) else None
+
+
+def server_alive(pid: int) -> bool:
+    """Whether pid is a running Prefect server (and not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    return b"prefect" in cmdline and b"server" in cmdline
+
+
+def local_url(root: Path | None = None) -> str | None:
+    """The API URL of this project's local server, when it is running."""
+    record = server_record(root)
+    return record["url"] if record else None
+
+
+def api_url(root: Path | None = None) -> str | None:
+    """The Prefect API stages report to: PREFECT_API_URL if set, else the local server's."""
+    return os.environ.get("PREFECT_API_URL") or local_url(root)
+
+
+def auth() -> tuple[str, str] | None:
+    """The API's basic auth (PREFECT_API_AUTH_STRING, user:password), if set."""
+    user, sep, password = os.environ.get("PREFECT_API_AUTH_STRING", "").partition(":")
+    return (user, password) if sep else None

@@ -1,0 +1,185 @@
+"""`tunedeck deploy` and `tunedeck worker`: Prefect work pools, deployments and GPU-aware workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from flows.core.errors import TunedeckError
+from flows.gateways import prefect_api
+from flows.gateways.gpus import gpu_states, slot_name
+
+DEFAULT_POOL = "local"
+
+
+def reachable() -> str:
+    """The Prefect API URL, or a TunedeckError saying how to start one."""
+    url = prefect_api.api_url()
+    if not url or not prefect_api.healthy(url, timeout=3.0):
+        where = f"at {url} " if url else ""
+        raise TunedeckError(f"the Prefect server {where}does not answer: start it with `tunedeck server start` (or fix PREFECT_API_URL).")
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def prefect_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the prefect CLI of this environment, without prompts."""
+    exe = Path(sys.executable).parent / "prefect"
+    return subprocess.run([str(exe), "--no-prompt", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True)
+
+
+async def _ensure_pool(name: str, create: bool) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(name)
+            return True
+        except ObjectNotFound:
+            if not create:
+                return False
+            await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+
+
+async def _ensure_limits(names: list[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    async with get_client() as client:
+        for name in names:
+            try:
+                await client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                with contextlib.suppress(ObjectAlreadyExists):  # another worker of this host made it meanwhile
+                    await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+ZOMBIE_AUTOMATION = "tunedeck: crash runs whose host went silent"
+HEARTBEAT_S = 30  # a run's heartbeat period (Prefect's shortest); zombie_after_s() without one: Crashed
+ZOMBIE_AFTER_S = 90  # the default: three missed heartbeats, so a slow or busy host is never taken for a dead one
+ZOMBIE_AFTER_VARIABLE = "TUNEDECK_ZOMBIE_AFTER_S"
+
+
+def zombie_after_s() -> int:
+    """Seconds without a heartbeat before a run is marked Crashed: TUNEDECK_ZOMBIE_AFTER_S, else ZOMBIE_AFTER_S.
+
+    Read here only, when `tunedeck deploy` sets up the detection on the server. It must exceed
+    HEARTBEAT_S, or every live run would be taken for a dead one between two heartbeats.
+    """
+    raw = os.environ.get(ZOMBIE_AFTER_VARIABLE, str(ZOMBIE_AFTER_S))
+    try:
+        seconds = int(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= HEARTBEAT_S:
+        raise TunedeckError(f"{ZOMBIE_AFTER_VARIABLE}={raw} is not a whole number of seconds above the "
+                            f"{HEARTBEAT_S} s heartbeat period: set it higher, or unset it for the default ({ZOMBIE_AFTER_S} s).")
+    return seconds
+
+
+async def _ensure_zombie_automation(after_s: int) -> None:
+    """Prefect's zombie detection: a running flow run whose heartbeats stop for after_s seconds is marked Crashed.
+
+    For a host that dies whole (power, kernel, SIGKILL of its worker): nothing on it is left to
+    report the run's end. Created once, by name; updated when after_s changed since.
+    """
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    async with get_client() as client:
+        found = await client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if found and found[0].trigger.within == timedelta(seconds=after_s):
+            return
+        ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+        automation = AutomationCore(
+            name=ZOMBIE_AUTOMATION,
+            description="A run whose process stopped sending heartbeats (its host died) is marked Crashed; run it "
+                        "again to resume from its checkpoint on the DVC remote.",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                within=timedelta(seconds=after_s)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=(
+                f"no heartbeat for {after_s} s: its host or worker died; run it again to resume"))],
+        )
+        if found:
+            await client.update_automation(found[0].id, automation)
+        else:
+            await client.create_automation(automation)
+
+
+def deploy(root: Path | None = None) -> list[str]:
+    """Create the work pool, the zombie detection and prefect.yaml's deployments; return their names."""
+    root = root or Path.cwd()
+    after_s = zombie_after_s()
+    reachable()
+    asyncio.run(_ensure_pool(DEFAULT_POOL, create=True))
+    asyncio.run(_ensure_zombie_automation(after_s))
+    proc = prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())})
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise TunedeckError(f"`prefect deploy --all` failed: {' | '.join(tail)}")
+    import yaml
+
+    return [d["name"] for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]]
+
+
+def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
+                   root: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """Check the project, pool and GPUs, create their slots; the prefect worker command and its environment."""
+    root = (root or Path.cwd()).resolve()
+    if not (root / "dvc.yaml").is_file():
+        raise TunedeckError(f"{root} has no dvc.yaml: start `tunedeck worker` in the project's folder (a clone of it on this host).")
+    if git_pull and not (root / ".git").exists():
+        raise TunedeckError(f"--git-pull needs a git clone, and {root} is not one: clone the project's repository here first.")
+    reachable()
+    if not asyncio.run(_ensure_pool(pool, create=False)):
+        raise TunedeckError(f"work pool '{pool}' does not exist on the server: run `tunedeck deploy` (it creates '{DEFAULT_POOL}') or name another with --pool.")
+    env = {
+        "PREFECT_API_URL": os.environ["PREFECT_API_URL"],
+        # poll for scheduled runs twice a second (Prefect's default is every 10 s) so a run starts promptly
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "0.5"),
+        "PREFECT_WORKER_PREFETCH_SECONDS": os.environ.get("PREFECT_WORKER_PREFETCH_SECONDS", "1"),
+        # runs send a heartbeat every 30 s (Prefect's default: 180): a dead host's run is Crashed 90 s after
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S)),
+        # runs use this host's clone (flows.host.steps.checkout), and import its code before any other copy
+        "TUNEDECK_PROJECT": str(root),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        # the deployments' command is `python -m prefect.engine`: this environment's python
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    if git_pull:
+        env["TUNEDECK_GIT_PULL"] = "1"
+    if gpus:
+        try:
+            wanted = [int(i) for i in gpus.split(",")]
+        except ValueError:
+            raise TunedeckError(f"--gpus '{gpus}' is not a list of GPU indices like 0,1.") from None
+        present = [g.index for g in gpu_states()]
+        missing = [i for i in wanted if i not in present]
+        if missing:
+            have = ",".join(map(str, present)) or "none"
+            raise TunedeckError(f"GPU {missing[0]} does not exist on this host (its GPUs: {have}): fix --gpus.")
+        slots = [slot_name(i) for i in wanted]
+        env["TUNEDECK_GPUS"] = ",".join(map(str, wanted))
+    else:
+        slots = [slot_name(None)]
+    asyncio.run(_ensure_limits(slots))
+    exe = Path(sys.executable).parent / "prefect"
+    cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots))]
+    return cmd, env

@@ -1,0 +1,192 @@
+"""`tunedeck worker`: a Prefect process worker on this host, and a stop that leaves nothing behind.
+
+Beside it, this host's GPU, CPU and RAM telemetry goes to the Prefect server every few seconds
+(flows.host.telemetry), so a dashboard on any host shows this host's GPUs and the runs on them.
+
+SIGTERM (what a supervisor sends) or Ctrl-C to `tunedeck worker` stops the whole family: the
+runs it had started get SIGTERM first (a stage ends as stopped, its flow run Crashed), then
+the Prefect worker; whatever is left after a grace period is killed. A run whose flow run is
+still open after that is marked Crashed through the API, so no run stays Running with nobody
+behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+import psutil
+
+from flows.host.deploy import worker_command
+
+GRACE_SECONDS = 8.0  # the runs' and the worker's time to end on SIGTERM, then SIGKILL (the goal is a clean host in 10 s)
+
+
+def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
+    """Start a Prefect process worker on this host that runs one flow run per GPU (or one on the CPU)."""
+    cmd, env = worker_command(pool, gpus, git_pull)
+    code = f"{env['TUNEDECK_PROJECT']}" + (" (git pull before each run)" if git_pull else "")
+    print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}, code in {code}: {' '.join(cmd[1:])}",
+          flush=True)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    publisher = start_publisher(pool, env)
+    Reconciler(proc.pid).start()
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if publisher is not None:  # first: dashboards show this host offline now, not after the runs' grace period
+            publisher.stop()
+        stopped = stop_family(proc.pid)
+        print(f"tunedeck worker: stopped by {signal.Signals(signum).name}: the Prefect worker and "
+              f"{len(stopped)} run(s) it had started" + (f" ({', '.join(stopped)}: marked Crashed)" if stopped else ""),
+              file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = proc.wait()
+    if publisher is not None:
+        publisher.stop()
+    return code
+
+
+def start_publisher(pool: str, env: dict[str, str]):
+    """This host's telemetry, published through the Prefect server while the worker runs (flows.host.telemetry)."""
+    from pathlib import Path
+
+    from flows.gateways.prefect_api import api_url
+    from flows.host.telemetry import HostPublisher
+
+    url = env.get("PREFECT_API_URL") or api_url()
+    if not url:
+        return None
+    return HostPublisher(url, worker=pool, project=Path(env.get("TUNEDECK_PROJECT") or ".")).start()
+
+
+def flow_run_of(process: psutil.Process) -> str | None:
+    """The flow run a process belongs to (the worker starts each run with PREFECT__FLOW_RUN_ID)."""
+    with contextlib.suppress(psutil.Error):
+        return process.environ().get("PREFECT__FLOW_RUN_ID")
+    return None
+
+
+def stop_family(worker_pid: int, grace: float = GRACE_SECONDS) -> list[str]:
+    """SIGTERM the worker's runs and then the worker, SIGKILL what outlives the grace; the runs' ids.
+
+    The runs go first: the Prefect worker, told to stop, would no longer report their end.
+    """
+    try:
+        worker = psutil.Process(worker_pid)
+        family = worker.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    runs = sorted({run for run in map(flow_run_of, family) if run})
+    for process in family:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace / 2)
+    with contextlib.suppress(psutil.Error):
+        worker.terminate()
+    _, left = psutil.wait_procs([worker, *alive], timeout=grace / 2)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(left, timeout=2)
+    mark_crashed(runs)
+    return runs
+
+
+STOPPED = "its worker was stopped (tunedeck worker got a stop signal); run it again to resume"
+GONE = ("its process ended while its end could not be recorded (the Prefect server was unreachable); "
+        "run it again to resume from its checkpoint")
+
+
+def mark_crashed(run_ids: list[str]) -> None:
+    """At the worker's stop: its runs that are not final yet are Crashed; a server that is down is said."""
+    missed = sorted(set(run_ids) - set(crash_unfinished(run_ids, STOPPED)))
+    if missed:
+        print(f"tunedeck worker: could not mark runs {', '.join(missed)} Crashed (the server does not answer); "
+              "they show Running until its zombie detection marks them.", file=sys.stderr, flush=True)
+
+
+class Reconciler:
+    """Marks Crashed a run this worker started whose process is gone while the server still says it runs.
+
+    Normally a run ends its own flow run, or the Prefect worker marks it Crashed when its process
+    fails. Neither can when the server is down at that moment (an outage, a restart): the run
+    would show Running forever. Every POLL_S this looks at the runs below the Prefect worker;
+    GRACE_S after one's process has gone, a run that is still not final on the server is marked
+    Crashed, retried until the server answers again.
+    """
+
+    POLL_S = 2.0
+    GRACE_S = 5.0  # the Prefect worker's own report comes first when the server is up
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self.alive: set[str] = set()
+        self.gone: dict[str, float] = {}  # run id -> when its process was last seen
+
+    def start(self) -> Reconciler:
+        import threading
+
+        threading.Thread(target=self._loop, name="tunedeck-reconcile", daemon=True).start()
+        return self
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            time.sleep(self.POLL_S)
+            with contextlib.suppress(Exception):  # never let bookkeeping stop the worker
+                self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """One look: which runs are still here, and which that went are not final on the server."""
+        try:
+            family = psutil.Process(self.worker_pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        current = {run for run in map(flow_run_of, family) if run}
+        for run in self.alive - current:
+            self.gone.setdefault(run, now)
+        self.alive = current
+        due = [run for run, since in self.gone.items() if now - since >= self.GRACE_S and run not in current]
+        if due:
+            for run in crash_unfinished(due, GONE):
+                self.gone.pop(run, None)
+
+
+def crash_unfinished(run_ids: list[str], why: str) -> list[str]:
+    """Mark those of run_ids that are not final Crashed (their processes are gone); the ids settled.
+
+    A server that does not answer at once settles none (not the client's minute of retries).
+    """
+    if not run_ids:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from flows.gateways.prefect_api import api_url, healthy
+
+    url = api_url()
+    if not url or not healthy(url, timeout=1.0):
+        return []
+    settled = []
+    try:
+        with get_client(sync_client=True) as client:
+            for run_id in run_ids:
+                state = client.read_flow_run(run_id).state
+                if state is None or not state.is_final():
+                    client.set_flow_run_state(run_id, Crashed(message=why), force=True)
+                    print(f"tunedeck worker: flow run {run_id} had no process left; marked Crashed", file=sys.stderr,
+                          flush=True)
+                settled.append(run_id)
+    except Exception:  # noqa: BLE001 - the server went away meanwhile: the rest next time
+        pass
+    return settled

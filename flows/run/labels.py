@@ -1,0 +1,102 @@
+"""A run's labels on the Prefect server: what any host's dashboard reads of it (stage, epoch k/N, metrics, ETA, scores).
+
+Published from a thread of its own (Labeller), in order, so the stages never wait on the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from flows.contracts import StageProgress, eval_scores
+
+
+class Labeller:
+    """Publishes this flow run's labels (and a progress artifact for Prefect's UI) from a thread of its own,
+    in order: the stages never wait on the server.
+
+    One client for the run's life; flush() at the end sends what is queued. A server hiccup
+    loses an update (the log has every epoch), never the run.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        import queue
+        import threading
+
+        self.run_id = run_id
+        self.queue: queue.Queue[tuple | None] = queue.Queue()
+        self.failed = 0
+        self.artifacts: dict[str, object] = {}  # progress artifact key -> its id
+        self.thread = threading.Thread(target=self._send, name="tunedeck-labels", daemon=True)
+        self.thread.start()
+
+    def _send(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            while (item := self.queue.get()) is not None:
+                try:
+                    self._one(client, *item)
+                except Exception:  # noqa: BLE001
+                    self.failed += 1
+
+    def _one(self, client, labels: dict, progress: tuple[str, float] | None, task_run_id) -> None:
+        client.update_flow_run_labels(self.run_id, labels)
+        if progress is None:
+            return
+        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+        key, percent = progress
+        if key in self.artifacts:
+            client.update_artifact(self.artifacts[key], ArtifactUpdate(data=percent))
+        else:
+            self.artifacts[key] = client.create_artifact(ArtifactCreate(
+                type="progress", key=key, data=percent, description="epochs done", flow_run_id=self.run_id,
+                task_run_id=task_run_id)).id
+
+    def put(self, labels: dict, progress: tuple[str, float] | None, task_run_id) -> None:
+        self.queue.put((labels, progress, task_run_id))
+
+    def flush(self, timeout: float = 10.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
+_LABELLER: Labeller | None = None
+
+
+def label_run(labels: dict, progress: tuple[str, float] | None = None) -> None:
+    """Merge labels into this flow run's soon, in the background (outside a flow run: nothing).
+
+    progress: (artifact key, percent done) for a progress artifact in Prefect's UI.
+    """
+    global _LABELLER
+    from prefect.runtime import flow_run, task_run
+
+    if not flow_run.id:
+        return
+    if _LABELLER is None or _LABELLER.run_id != flow_run.id or not _LABELLER.thread.is_alive():
+        _LABELLER = Labeller(flow_run.id)
+    _LABELLER.put(labels, progress, task_run.id)
+
+
+def flush_labels() -> None:
+    """Send the labels still queued (the run is ending)."""
+    global _LABELLER
+    if _LABELLER is not None:
+        _LABELLER.flush()
+        if _LABELLER.failed:
+            get_run_logger().warning(f"{_LABELLER.failed} progress update(s) did not reach the server; the log has them")
+        _LABELLER = None
+
+
+def label_scores(ws: Path) -> None:
+    """The test scores of the run's model (eval/metrics.json) on its labels: the evaluate stage sends them as it ends,
+    and a stage DVC skipped as up to date sent none."""
+    with contextlib.suppress(OSError, ValueError):
+        scores = eval_scores(json.loads((ws / "eval/metrics.json").read_text()))
+        if scores:
+            label_run(StageProgress.scores("evaluate", scores).labels())

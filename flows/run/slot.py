@@ -1,0 +1,53 @@
+"""The run's device: a free GPU of its worker (a Prefect concurrency slot of 1 per GPU, held for the whole run), or the host's CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+
+from prefect import get_run_logger
+
+from flows.contracts import LABEL
+from flows.gateways.gpus import gpu_states, host, slot_name
+from flows.run.labels import label_run
+from flows.run.slot_lease import SlotLease
+from flows.run.workspace import run_id
+
+LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
+
+
+@contextlib.contextmanager
+def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
+    """Hold a free GPU of this worker (TUNEDECK_GPUS) for the run, or the host's CPU slot."""
+    logger = get_run_logger()
+    allowed = os.environ.get("TUNEDECK_GPUS")
+    if not allowed:
+        cpu = SlotLease(slot_name(None), "this host's CPU", LEASE_SECONDS, logger, run_id())
+        while not cpu.take():
+            time.sleep(poll)
+        try:
+            label_run({f"{LABEL}host": host()})
+            yield {}
+        finally:
+            cpu.release()
+        return
+    wanted = [int(i) for i in allowed.split(",") if i.strip()]
+    waited = False
+    while True:
+        for gpu in [g.index for g in gpu_states() if g.free and g.index in wanted]:
+            slot = SlotLease(slot_name(gpu), f"GPU {gpu}", LEASE_SECONDS, logger, run_id())
+            if not slot.take():  # held by another run (a slot survives a server restart: flows.run.slot_lease)
+                continue
+            try:
+                logger.info("holding GPU %d (%s)", gpu, slot_name(gpu))
+                label_run({f"{LABEL}host": host(), f"{LABEL}gpus": str(gpu)})
+                yield {"CUDA_VISIBLE_DEVICES": str(gpu)}
+            finally:
+                slot.release()
+            return
+        if not waited:
+            logger.info("all of GPUs %s are busy; waiting for one", allowed)
+            waited = True
+        time.sleep(poll)

@@ -1,0 +1,111 @@
+"""A GPU (or CPU) slot held for a run's whole length, through an outage or a restart of the Prefect server.
+
+Prefect's `concurrency()` renews its slot's lease from a thread that gives up after three tries
+a few seconds apart, then ends the run (strict) or lets the slot lapse (not strict). A server
+restarted half a minute after a `kill -9` so ended hours of training as Crashed (issue 28).
+This holder renews every RENEW_FRACTION of the lease, keeps trying while the server does not
+answer, and, when the server no longer knows the lease (it ran out and was revoked while the
+server was away), takes the slot again at once; either way it logs one line that says so.
+The local server keeps its leases on disk (flows.host.server), so a restart alone loses none; the
+guarantee that two runs never share a slot stays the server's (a slot is only ever taken by an
+increment that the server grants).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+RENEW_FRACTION = 1 / 6  # renew every 10 s of a 60 s lease: an outage up to ~50 s keeps the very same lease
+RETRY_S = 2.0  # while the server does not answer, or the slot is someone else's
+GONE, LOCKED = 410, 423  # the server's answers: no such lease; the slot is taken
+
+
+class SlotLease:
+    """One slot of one Prefect global concurrency limit, leased and kept; `take()` once, then `release()`."""
+
+    def __init__(self, name: str, what: str, lease_s: float, logger, run_id: str | None = None) -> None:
+        self.name, self.what, self.lease_s, self.logger = name, what, lease_s, logger
+        self.holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id)) if run_id else None
+        self.lease_id: UUID | None = None
+        self._said_taken = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name=f"tunedeck-slot-{name}", daemon=True)
+
+    def take(self) -> bool:
+        """Try once: True when the slot is now ours (renewed from then on), False when it is taken."""
+        if not self._increment():
+            return False
+        self._thread.start()
+        return True
+
+    def release(self) -> None:
+        """Stop renewing and free the slot; a server that is down lets the lease run out instead."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.lease_id is None:
+            return
+        try:
+            with get_client(sync_client=True) as client:
+                client.release_concurrency_slots_with_lease(self.lease_id)
+        except (httpx.HTTPError, OSError) as exc:
+            self.logger.warning(f"{self.what}'s slot could not be freed ({type(exc).__name__}); "
+                                f"it frees itself within {self.lease_s:.0f} s")
+
+    def _increment(self) -> bool:
+        """One request for the slot; its lease id kept when granted."""
+        try:
+            with get_client(sync_client=True) as client:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[self.name], slots=1, mode="concurrency", lease_duration=self.lease_s, holder=self.holder)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == LOCKED:
+                return False
+            raise
+        self.lease_id = UUID(response.json()["lease_id"])
+        return True
+
+    def _renew(self) -> None:
+        with get_client(sync_client=True) as client:
+            client.renew_concurrency_lease(lease_id=self.lease_id, lease_duration=self.lease_s)
+
+    def _keep(self) -> None:
+        """Renew until release(); through an outage, keep trying; a lease the server lost, take again."""
+        away_since: float | None = None  # when the server first failed to renew (None: all is well)
+        lost = False  # the lease is gone and the slot is not ours again yet
+        while not self._stop.wait(self.lease_s * RENEW_FRACTION if away_since is None else RETRY_S):
+            try:
+                if lost:
+                    if not self._increment():
+                        self._taken_meanwhile()
+                        continue
+                    self._say(away_since, "re-taken")
+                else:
+                    self._renew()
+                    if away_since is not None:
+                        self._say(away_since, "kept")
+                away_since, lost = None, False
+            except httpx.HTTPStatusError as exc:
+                away_since = away_since or time.monotonic()
+                if exc.response.status_code == GONE and not lost:
+                    lost = True
+                    self.logger.warning(f"the server no longer holds {self.what}'s slot for this run; taking it again")
+            except (httpx.HTTPError, OSError):
+                away_since = away_since or time.monotonic()
+
+    def _taken_meanwhile(self) -> None:
+        """Said once: another run was granted the slot while this one's lease was gone; both now use the device."""
+        if not self._said_taken:
+            self._said_taken = True
+            self.logger.warning(f"{self.what}'s slot was given to another run while the server was away; this run "
+                                "goes on and takes the slot back as soon as it is free")
+
+    def _say(self, away_since: float | None, how: str) -> None:
+        away = time.monotonic() - away_since if away_since is not None else 0.0
+        self.logger.warning(f"the server was unreachable for {away:.0f} s; {self.what}'s slot was {how} "
+                            "and the run went on")

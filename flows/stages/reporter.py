@@ -1,0 +1,215 @@
+"""``python -m flows.stages.reporter``: the Prefect flow run of one stage, run beside the stage's process.
+
+The stage process starts this reporter as a child and goes straight on with its work, so
+importing Prefect and opening the flow run happen on another core, at the same time. The
+stage streams JSON lines to the reporter's stdin:
+
+  {"name", "api_url", "parameters", "tags"}   first line: which flow run to open
+  {"log": text, "level": n}                   a log line of the stage, sent to the run's logs
+  {"progress": StageProgress}                 a finished epoch: set as the run's labels (flows.contracts)
+  {"done": summary}                           success: the run ends Completed, summary as an artifact
+  {"failed": sentence}                        bad input: the run ends Failed with that sentence
+
+If stdin closes with none of the last two (the stage was killed), the run ends Crashed at once.
+If the server does not answer when the run ends (it is down, or restarting), the reporter
+tells the stage so and stays behind it, setting the run's final state as soon as the server
+answers again (for up to SETTLE_S), so no run stays Running after an outage.
+A run cancelled from the API (the dashboard, the Prefect UI or CLI) is noticed within
+CANCEL_POLL_S: the reporter stops the stage process (SIGTERM; its checkpoints stay, so a later
+run resumes) and the run ends Cancelled.
+The reporter answers on stdout: {"flow_run_id", "url"} once the run is open, {"final": state}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+CANCEL_POLL_S = 2.0
+SETTLE_S = 900.0  # how long a reporter keeps trying to set a run's final state through an outage
+SETTLE_POLL_S = 2.0
+
+
+def answer(message: dict[str, Any]) -> None:
+    """One JSON line to the stage process (ignored if it has gone)."""
+    try:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def markdown(name: str, summary: dict[str, Any]) -> str:
+    """The stage's summary (versions, metrics) as a small markdown table."""
+    rows = "\n".join(f"| {key} | {value} |" for key, value in summary.items())
+    return f"# {name}\n\n| | |\n|---|---|\n{rows}\n"
+
+
+def main() -> int:
+    """Open the flow run, relay the stage's lines into it, close it with the stage's outcome."""
+    stage_pid = os.getppid()  # the stage process that started this reporter
+    from flows.contracts import ReporterOpen, reporter_message
+
+    spec = ReporterOpen.model_validate_json(sys.stdin.readline()).model_dump()
+    os.environ["PREFECT_API_URL"] = spec["api_url"]
+    # a server that is down answers nothing for a while: give up on it in seconds (the stage waits
+    # for the run's end), then settle() keeps trying behind the stage
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+    from prefect import flow, get_run_logger, tags
+    from prefect.artifacts import acreate_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+    from prefect.states import Cancelled, Completed, Crashed, Failed
+
+    name = spec["name"]
+    opened: dict[str, Any] = {}  # the run's id, and the state it is to end in once the stage is done
+
+    @flow(name=name, persist_result=False, validate_parameters=False)
+    async def stage(params: dict[str, Any]) -> Any:
+        run = get_run_context().flow_run
+        opened["id"] = str(run.id)
+        ui = spec["api_url"].removesuffix("/api")
+        answer({"flow_run_id": str(run.id), "url": f"{ui}/runs/flow-run/{run.id}", "name": run.name})
+        logger = get_run_logger()
+        cancelled = asyncio.Event()
+
+        async def watch_for_cancel() -> None:
+            async with get_client() as client:
+                while True:
+                    await asyncio.sleep(CANCEL_POLL_S)
+                    try:
+                        current = await client.read_flow_run(run.id)
+                    except Exception:  # noqa: BLE001 - a server hiccup: look again next time
+                        continue
+                    if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
+                        cancelled.set()
+                        if os.getppid() == stage_pid:  # never signal whoever adopted an orphan
+                            os.kill(stage_pid, signal.SIGTERM)
+                        return
+
+        watcher = asyncio.create_task(watch_for_cancel())
+        try:
+            return await relay(logger, cancelled)
+        finally:
+            watcher.cancel()
+            if progress.get("task") is not None and not progress["task"].done():
+                progress.pop("next", None)  # an epoch still waiting is dropped: the run's end comes next
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(progress["task"]), timeout=2)
+
+    async def relay(logger, cancelled: asyncio.Event) -> Any:
+        while True:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line:
+                if cancelled.is_set():
+                    opened["end"] = Cancelled(message=f"cancelled: the {name} stage process was stopped (its checkpoints stay)")
+                else:
+                    opened["end"] = Crashed(message=f"the {name} stage process ended before finishing (killed?)")
+                server_down()
+                return opened["end"]
+            message = reporter_message(line)
+            if "log" in message:
+                logger.log(message.get("level", 20), message["log"])
+            elif "progress" in message and message["progress"].final:
+                # the stage's scores (evaluate's, sent just before it ends) are awaited here, in order, never
+                # left to the background: racing the run's end, they were lost in 1 run of 3 on a quiet machine
+                # (a labels write beside the summary artifact's took about 2 s, past the end's wait)
+                await send_labels(message["progress"])
+            elif "progress" in message:
+                publish_progress(message["progress"])
+            elif "failed" in message:
+                opened["end"] = Failed(message=message["failed"])
+                server_down()
+                return opened["end"]
+            elif "done" in message:
+                summary = message["done"]
+                opened["end"] = Completed(message=f"the {name} stage finished")
+                if server_down():
+                    return summary
+                try:
+                    await acreate_markdown_artifact(markdown=markdown(name, summary), key=f"{name}-summary")
+                except Exception:  # noqa: BLE001 - the server went away just now: the run's end matters more
+                    server_down()
+                return summary
+
+    progress: dict[str, Any] = {}  # the newest epoch not yet published, and the task publishing
+
+    def publish_progress(raw) -> None:
+        """A training epoch's progress as the run's labels, in the background: the relay never waits on it.
+
+        Only the newest epoch matters, so one waiting replaces another; a server that is down
+        loses these updates (the stage's log has every epoch), never the run's end.
+        """
+        progress["next"] = raw
+        task = progress.get("task")
+        if task is None or task.done():
+            progress["task"] = asyncio.create_task(send_progress())
+
+    async def send_progress() -> None:
+        while (latest := progress.pop("next", None)) is not None:  # a StageProgress (flows.contracts)
+            await send_labels(latest)
+
+    async def send_labels(update, timeout: float = 5.0) -> None:
+        """The progress's labels on the run; best effort (a server hiccup loses them, never the run)."""
+        async with get_client() as client:
+            try:
+                await asyncio.wait_for(client.update_flow_run_labels(opened["id"], update.labels()), timeout=timeout)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
+    def server_down() -> bool:
+        """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""
+        from flows.gateways.prefect_api import healthy
+
+        if healthy(spec["api_url"], timeout=1.0):
+            return False
+        if not opened.get("told"):
+            opened["told"] = True
+            answer({"final": "PENDING"})
+        return True
+
+    try:
+        with tags("tunedeck", "dvc", *spec["tags"]):
+            state = asyncio.run(stage(spec["parameters"], return_state=True))
+    except Exception as exc:  # noqa: BLE001 - the server went away while the run was open
+        if "id" not in opened:
+            raise
+        state = Crashed(message=f"the {name} stage's reporter failed ({type(exc).__name__})")
+    if not state.is_final() or opened.get("told"):  # the engine could not tell the server how the run ended
+        if not opened.get("told"):
+            answer({"final": "PENDING"})
+        code = settle(opened["id"], opened.get("end") or state)
+        sys.stderr.flush()
+        os._exit(code)  # not Prefect's exit-time log flush: it would retry lines the outage lost, at a server maybe gone again
+    answer({"final": state.type.value})
+    return 0
+
+
+def settle(run_id: str, state, give_up_after: float = SETTLE_S) -> int:
+    """Set the run's final state once the server answers again; the stage has gone on meanwhile."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + give_up_after
+    while time.monotonic() < deadline:
+        try:
+            with get_client(sync_client=True) as client:
+                current = client.read_flow_run(run_id).state
+                if current is None or not current.is_final():  # the engine's own retries may have got there first
+                    client.set_flow_run_state(run_id, state, force=True)
+            print(f"tunedeck reporter: flow run {run_id} ends {state.type.value}, set after an outage", file=sys.stderr)
+            return 0
+        except Exception:  # noqa: BLE001 - still down: try again
+            time.sleep(SETTLE_POLL_S)
+    print(f"tunedeck reporter: gave up setting flow run {run_id} to {state.type.value}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The floor plan holds: no import cycle between any two of our modules, every folder says what it holds, and
+git runs only through its gateway.
+
+import-linter's layers contract (pyproject.toml) orders the folders; it does not see a cycle inside one
+folder, which this finds (imports inside functions included: grimp reads them all).
+"""
+
+from __future__ import annotations
+
+import ast
+
+import grimp
+import networkx as nx
+
+from tests.conftest import ROOT
+
+PACKAGES = ("cli", "flows", "tui")
+
+
+def test_no_import_cycle_between_our_modules():
+    graph = grimp.build_graph(*PACKAGES, include_external_packages=False)
+    edges = nx.DiGraph()
+    for module in graph.modules:
+        edges.add_node(module)
+        for imported in graph.find_modules_directly_imported_by(module):
+            edges.add_edge(module, imported)
+    cycles = [sorted(c) for c in nx.strongly_connected_components(edges) if len(c) > 1]
+    assert cycles == [], f"modules that import each other, directly or around a ring: {cycles}"
+
+
+def test_the_cycle_finder_finds_a_ring(tmp_path, monkeypatch):
+    """The check above can fail: a two-module ring in a throwaway package is found."""
+    package = tmp_path / "ringpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from ringpkg import b\n")
+    (package / "b.py").write_text("from ringpkg import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    graph = grimp.build_graph("ringpkg", include_external_packages=False)
+    ring = nx.DiGraph((m, i) for m in graph.modules for i in graph.find_modules_directly_imported_by(m))
+    assert [sorted(c) for c in nx.strongly_connected_components(ring) if len(c) > 1] == [["ringpkg.a", "ringpkg.b"]]
+
+
+def test_every_folder_opens_with_a_docstring():
+    folders = [p for name in PACKAGES for p in (ROOT / name).rglob("__init__.py") if "__pycache__" not in p.parts]
+    bare = [str(p.relative_to(ROOT)) for p in folders if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert bare == [], f"folders without a docstring saying what they hold: {bare}"
+
+
+def test_git_runs_only_through_its_gateway():
+    """Every git command goes through flows/gateways/git.py, which checks its exit status (a list literal or
+    call starting with "git" anywhere else is a git subprocess that may not)."""
+    gateway = ROOT / "flows" / "gateways" / "git.py"
+    found = []
+    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
+        if path == gateway:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            first = node.elts[0] if isinstance(node, (ast.List, ast.Tuple)) and node.elts else None
+            if isinstance(first, ast.Constant) and first.value == "git":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == [], f"git run outside flows/gateways/git.py: {found}"
