@@ -12,7 +12,7 @@ so the tests now wait on the event and this bench measures how soon it comes:
   warm term   SIGTERM to a warm stage's stand-in -> it exits with its child's status goal <= 30 s
   warm 137    the forked child killed outright -> its stand-in exits 137            goal <= 15 s
   zombie      a host dies whole (worker and run, SIGKILL) -> its run reads CRASHED  goal <= 240 s (test_resume_remote;
-              --zombie: a round takes about TUNEDECK_ZOMBIE_AFTER_S, 90 s by default)
+              --zombie: a round takes about TUNEDECK_ZOMBIE_AFTER_S, 180 s by default)
 
 Each goal is the limit a test used to assert; the tests now wait on the event under a hang guard of
 at least 5x these medians. Not measured here: a multi-node rank killed -> both runs end (two network
@@ -218,7 +218,7 @@ def one_round(project: Path, url: str, i: int, with_zombie: bool) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--zombie", action="store_true", help="also time the dead host's run (a round: ~90 s)")
+    parser.add_argument("--zombie", action="store_true", help="also time the dead host's run (a round: ~180 s)")
     args = parser.parse_args()
     seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,7 +65,10 @@ async def _ensure_limits(names: list[str]) -> None:
 
 ZOMBIE_AUTOMATION = "tunedeck: crash runs whose host went silent"
 HEARTBEAT_S = 30  # a run's heartbeat period (Prefect's shortest); zombie_after_s() without one: Crashed
-ZOMBIE_AFTER_S = 90  # the default: three missed heartbeats, so a slow or busy host is never taken for a dead one
+# the default: six missed heartbeats, so a slow or busy host is never taken for a dead one. It was three (90 s), and a
+# live run on a loaded 2-core box (CI on d89e8e2, seed 93616: two test workers, two servers, four trainings) went 90 s
+# with no heartbeat reaching the server's trigger and was marked Crashed while it trained
+ZOMBIE_AFTER_S = 180
 ZOMBIE_AFTER_VARIABLE = "TUNEDECK_ZOMBIE_AFTER_S"
 
 
@@ -155,7 +158,7 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
         # poll for scheduled runs twice a second (Prefect's default is every 10 s) so a run starts promptly
         "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "0.5"),
         "PREFECT_WORKER_PREFETCH_SECONDS": os.environ.get("PREFECT_WORKER_PREFETCH_SECONDS", "1"),
-        # runs send a heartbeat every 30 s (Prefect's default: 180): a dead host's run is Crashed 90 s after
+        # runs send a heartbeat every 30 s (Prefect's default: 180): a dead host's run is Crashed ZOMBIE_AFTER_S after
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S)),
         # runs use this host's clone (flows.host.steps.checkout), and import its code before any other copy
         "TUNEDECK_PROJECT": str(root),

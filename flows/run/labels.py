@@ -6,9 +6,15 @@ Published from a thread of its own (Labeller), in order, so the stages never wai
 from __future__ import annotations
 
 import json
+import queue
+import threading
+import time
 from pathlib import Path
 
 from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+from prefect.runtime import flow_run, task_run
 
 from flows.contracts import StageProgress, eval_scores
 
@@ -22,9 +28,6 @@ class Labeller:
     """
 
     def __init__(self, run_id: str) -> None:
-        import queue
-        import threading
-
         self.run_id = run_id
         self.queue: queue.Queue[tuple | None] = queue.Queue()
         self.failed = 0
@@ -33,8 +36,6 @@ class Labeller:
         self.thread.start()
 
     def _send(self) -> None:
-        from prefect.client.orchestration import get_client
-
         with get_client(sync_client=True) as client:
             while (item := self.queue.get()) is not None:
                 try:
@@ -46,8 +47,6 @@ class Labeller:
         client.update_flow_run_labels(self.run_id, labels)
         if progress is None:
             return
-        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
-
         key, percent = progress
         if key in self.artifacts:
             client.update_artifact(self.artifacts[key], ArtifactUpdate(data=percent))
@@ -73,7 +72,6 @@ def label_run(labels: dict, progress: tuple[str, float] | None = None) -> None:
     progress: (artifact key, percent done) for a progress artifact in Prefect's UI.
     """
     global _LABELLER
-    from prefect.runtime import flow_run, task_run
 
     if not flow_run.id:
         return
@@ -96,10 +94,7 @@ def label_scores(ws: Path, give_up_after: float = 60.0) -> None:
     """The test scores of the run's model (eval/metrics.json) on its labels, now and for sure: the evaluate stage's own
     line reaches them in the background, which a busy server may drop (a pipeline run ended without them in CI on
     d67e283, two workers), and a stage DVC skipped as up to date sent none. Retried for up to give_up_after seconds."""
-    import time
 
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
 
     try:
         scores = eval_scores(json.loads((ws / "eval/metrics.json").read_text()))

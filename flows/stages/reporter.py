@@ -78,29 +78,30 @@ def main() -> int:
         logger = get_run_logger()
         cancelled = asyncio.Event()
 
-        async def watch_for_cancel() -> None:
-            async with get_client() as client:
-                while True:
-                    await asyncio.sleep(CANCEL_POLL_S)
-                    try:
-                        current = await client.read_flow_run(run.id)
-                    except Exception:  # noqa: BLE001 - a server hiccup: look again next time
-                        continue
-                    if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
-                        cancelled.set()
-                        if os.getppid() == stage_pid:  # never signal whoever adopted an orphan
-                            os.kill(stage_pid, signal.SIGTERM)
-                        return
+        async def watch_for_cancel(client) -> None:
+            while True:
+                await asyncio.sleep(CANCEL_POLL_S)
+                try:
+                    current = await client.read_flow_run(run.id)
+                except Exception:  # noqa: BLE001 - a server hiccup: look again next time
+                    continue
+                if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
+                    cancelled.set()
+                    if os.getppid() == stage_pid:  # never signal whoever adopted an orphan
+                        os.kill(stage_pid, signal.SIGTERM)
+                    return
 
-        watcher = asyncio.create_task(watch_for_cancel())
-        try:
-            return await relay(logger, cancelled)
-        finally:
-            watcher.cancel()
-            if progress.get("task") is not None and not progress["task"].done():
-                progress.pop("next", None)  # an epoch still waiting is dropped: the run's end comes next
-                with contextlib.suppress(asyncio.TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(progress["task"]), timeout=2)
+        async with get_client() as client:  # one client for the run's life: the cancel watch and every label update
+            opened["client"] = client
+            watcher = asyncio.create_task(watch_for_cancel(client))
+            try:
+                return await relay(logger, cancelled)
+            finally:
+                watcher.cancel()
+                if progress.get("task") is not None and not progress["task"].done():
+                    progress.pop("next", None)  # an epoch still waiting is dropped: the run's end comes next
+                    with contextlib.suppress(asyncio.TimeoutError, Exception):
+                        await asyncio.wait_for(asyncio.shield(progress["task"]), timeout=2)
 
     async def relay(logger, cancelled: asyncio.Event) -> Any:
         while True:
@@ -156,11 +157,11 @@ def main() -> int:
 
     async def send_labels(update, timeout: float = 5.0) -> None:
         """The progress's labels on the run; best effort (a server hiccup loses them, never the run)."""
-        async with get_client() as client:
-            try:
-                await asyncio.wait_for(client.update_flow_run_labels(opened["id"], update.labels()), timeout=timeout)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
+        try:
+            await asyncio.wait_for(opened["client"].update_flow_run_labels(opened["id"], update.labels()),
+                                   timeout=timeout)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
 
     def server_down() -> bool:
         """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""

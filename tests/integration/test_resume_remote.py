@@ -7,7 +7,7 @@ no checkpoint: it fetches the pushed one, resumes from its epoch, and ends with 
 a run that was never interrupted (trained meanwhile by a plain `dvc repro train` in a third clone).
 The dead host's run, which nothing was left to end, is marked Crashed by Prefect's zombie detection:
 no heartbeat for TUNEDECK_ZOMBIE_AFTER_S, set to 60 s here (twice the 30 s heartbeat; the default,
-90 s, is three) so that the wait for it costs less.
+180 s, is six) so that the wait for it costs less.
 """
 
 from __future__ import annotations
