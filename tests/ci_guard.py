@@ -66,9 +66,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     random.Random(seed).shuffle(names)
     if getattr(config, "workerinput", None) is not None:
         # under xdist each idle worker takes the next module, so one long module taken last leaves the other
-        # worker idle for its length: the integration modules (20-400 s each) go first, the short ones fill
-        # the end; still shuffled within each tier (a stable sort)
-        names.sort(key=lambda name: 0 if name.startswith("tests/integration/") else 1)
+        # worker idle for its length: the modules with a slow test (20-400 s each, tests/tui/test_fakes.py's
+        # 155 s among them) go first, the short ones fill the end; still shuffled within each tier (a stable sort)
+        slow = {name for name, tests in modules.items() if any(t.get_closest_marker("slow") for t in tests)}
+        names.sort(key=lambda name: 0 if name in slow else 1)
     for name in names:  # a module's own order depends on the seed and its name only: run alone, it repeats
         random.Random(f"{seed}:{name}").shuffle(modules[name])
     items[:] = [item for name in names for item in modules[name]]

@@ -50,16 +50,16 @@ def front_matter(facts: CardFacts) -> dict:
 
 
 def render(facts: CardFacts) -> str:
-    """The whole MODEL_CARD.md."""
-    card, m, p = facts.card, facts.metrics, facts.params
-    rows = "\n".join(f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
-                     for name, s in facts.per_class.items())
-    train = p.get("train", {})
-    return f"""---
-{yaml.safe_dump(front_matter(facts), sort_keys=False).strip()}
----
+    """The whole MODEL_CARD.md: front matter, then its sections in the order a reader asks about them."""
+    front = yaml.safe_dump(front_matter(facts), sort_keys=False).strip()
+    sections = (_use(facts), _limitations(facts), _training(facts), _test_metrics(facts), _calibration(facts),
+                _lineage(facts))
+    return f"---\n{front}\n---\n\n" + "\n".join(sections)
 
-# {card.model_name} fine-tuned by tunedeck — {facts.version}
+
+def _use(facts: CardFacts) -> str:
+    card = facts.card
+    return f"""# {card.model_name} fine-tuned by tunedeck — {facts.version}
 
 A {card.model_name} image classifier over {len(card.classes)} classes ({", ".join(card.classes)}),
 fine-tuned from `{card.weights_from}` at {card.image_size} px.
@@ -74,8 +74,12 @@ dvc artifacts get . model --rev {facts.version} -o model.safetensors
 The `.safetensors` file's metadata holds the classes, input size, normalisation
 (mean {[round(x, 4) for x in card.mean]}, std {[round(x, 4) for x in card.std]}, {card.interpolation}) and the
 temperature {card.temperature}; predict divides the logits by it before the softmax.
+"""
 
-## Intended use and limitations
+
+def _limitations(facts: CardFacts) -> str:
+    card, m, p = facts.card, facts.metrics, facts.params
+    return f"""## Intended use and limitations
 
 - Intended for images like those of the training folder (`{p.get("data", {}).get("source", "")}`): same
   kind of subject, framing and classes. It always answers one of its {len(card.classes)} classes; an image of
@@ -83,8 +87,13 @@ temperature {card.temperature}; predict divides the logits by it before the soft
 - Measured on {m.get("n_test", 0)} test images; a class with few test images has a wide uncertainty on its
   figures. Watch new data for drift before trusting it on another source.
 - Not evaluated for fairness, robustness to adversarial inputs, or any safety-critical use.
+"""
 
-## Training
+
+def _training(facts: CardFacts) -> str:
+    card, p = facts.card, facts.params
+    train = p.get("train", {})
+    return f"""## Training
 
 | param | value |
 |---|---|
@@ -96,20 +105,30 @@ temperature {card.temperature}; predict divides the logits by it before the soft
 | frozen epochs | {train.get("freeze_epochs")} |
 | seed | {p.get("base", {}).get("seed")} |
 | train time | {card.train_seconds} s |
+"""
 
-## Test metrics
+
+def _test_metrics(facts: CardFacts) -> str:
+    m = facts.metrics
+    rows = "\n".join(f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
+                     for name, s in facts.per_class.items())
+    return f"""## Test metrics
 
 | metric | value |
 |---|---|
 | accuracy | {m.get("accuracy", 0):.4f} |
 | macro F1 | {m.get("macro_f1", 0):.4f} |
-| val accuracy (best epoch) | {card.val_accuracy} |
+| val accuracy (best epoch) | {facts.card.val_accuracy} |
 
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|
 {rows}
+"""
 
-## Calibration
+
+def _calibration(facts: CardFacts) -> str:
+    card, m = facts.card, facts.metrics
+    return f"""## Calibration
 
 | | raw | with temperature {card.temperature} |
 |---|---|---|
@@ -118,8 +137,12 @@ temperature {card.temperature}; predict divides the logits by it before the soft
 | Brier | | {m.get("brier", float("nan")):.4f} |
 
 The reliability diagram is the DVC plot `eval/reliability.json` (`dvc plots show`).
+"""
 
-## Lineage
+
+def _lineage(facts: CardFacts) -> str:
+    card = facts.card
+    return f"""## Lineage
 
 | | |
 |---|---|

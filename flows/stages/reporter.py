@@ -53,66 +53,107 @@ def markdown(name: str, summary: dict[str, Any]) -> str:
 def main() -> int:
     """Open the flow run, relay the stage's lines into it, close it with the stage's outcome."""
     stage_pid = os.getppid()  # the stage process that started this reporter
-    from flows.contracts import ReporterOpen, reporter_message
+    from flows.contracts import ReporterOpen
 
     spec = ReporterOpen.model_validate_json(sys.stdin.readline()).model_dump()
+    # Prefect reads its settings when first imported: these go into the environment before it is (below)
     os.environ["PREFECT_API_URL"] = spec["api_url"]
     # a server that is down answers nothing for a while: give up on it in seconds (the stage waits
     # for the run's end), then settle() keeps trying behind the stage
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
-    from prefect import flow, get_run_logger, tags
-    from prefect.artifacts import acreate_markdown_artifact
-    from prefect.client.orchestration import get_client
-    from prefect.context import get_run_context
-    from prefect.states import Cancelled, Completed, Crashed, Failed
+    return Reporter(spec, stage_pid).run()
 
-    name = spec["name"]
-    opened: dict[str, Any] = {}  # the run's id, and the state it is to end in once the stage is done
 
-    @flow(name=name, persist_result=False, validate_parameters=False)
-    async def stage(params: dict[str, Any]) -> Any:
+class Reporter:
+    """One stage's flow run: opened, fed the stage's lines in order, closed with the stage's outcome.
+
+    run_id, end (the state the run is to end in once the stage is done) and told (the stage was
+    told the server is down) are what the run's end is decided from; client is the run's one client.
+    """
+
+    def __init__(self, spec: dict[str, Any], stage_pid: int) -> None:
+        self.spec, self.name, self.stage_pid = spec, spec["name"], stage_pid
+        self.run_id: str | None = None
+        self.end = None
+        self.told = False
+        self.client = None
+        self.next_progress = None  # the newest epoch not yet published
+        self.progress_task: asyncio.Task | None = None  # the task publishing it
+
+    def run(self) -> int:
+        """The flow run, start to end; the process's exit code."""
+        from prefect import flow, tags
+        from prefect.states import Crashed
+
+        stage = flow(name=self.name, persist_result=False, validate_parameters=False)(self.stage)
+        try:
+            with tags("tunedeck", "dvc", *self.spec["tags"]):
+                state = asyncio.run(stage(self.spec["parameters"], return_state=True))
+        except Exception as exc:  # noqa: BLE001 - the server went away while the run was open
+            if self.run_id is None:
+                raise
+            state = Crashed(message=f"the {self.name} stage's reporter failed ({type(exc).__name__})")
+        if not state.is_final() or self.told:  # the engine could not tell the server how the run ended
+            if not self.told:
+                answer({"final": "PENDING"})
+            code = settle(self.run_id, self.end or state)
+            sys.stderr.flush()
+            os._exit(code)  # not Prefect's exit-time log flush: it would retry lines the outage lost, at a server maybe gone again
+        answer({"final": state.type.value})
+        return 0
+
+    async def stage(self, params: dict[str, Any]) -> Any:
+        """The flow's body: announce the run, watch for a cancel, relay the stage's lines until its end."""
+        from prefect import get_run_logger
+        from prefect.client.orchestration import get_client
+        from prefect.context import get_run_context
+
         run = get_run_context().flow_run
-        opened["id"] = str(run.id)
-        ui = spec["api_url"].removesuffix("/api")
-        answer({"flow_run_id": str(run.id), "url": f"{ui}/runs/flow-run/{run.id}", "name": run.name})
-        logger = get_run_logger()
+        self.run_id = str(run.id)
+        ui = self.spec["api_url"].removesuffix("/api")
+        answer({"flow_run_id": self.run_id, "url": f"{ui}/runs/flow-run/{run.id}", "name": run.name})
         cancelled = asyncio.Event()
-
-        async def watch_for_cancel(client) -> None:
-            while True:
-                await asyncio.sleep(CANCEL_POLL_S)
-                try:
-                    current = await client.read_flow_run(run.id)
-                except Exception:  # noqa: BLE001 - a server hiccup: look again next time
-                    continue
-                if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
-                    cancelled.set()
-                    if os.getppid() == stage_pid:  # never signal whoever adopted an orphan
-                        os.kill(stage_pid, signal.SIGTERM)
-                    return
-
         async with get_client() as client:  # one client for the run's life: the cancel watch and every label update
-            opened["client"] = client
-            watcher = asyncio.create_task(watch_for_cancel(client))
+            self.client = client
+            watcher = asyncio.create_task(self.watch_for_cancel(cancelled))
             try:
-                return await relay(logger, cancelled)
+                return await self.relay(get_run_logger(), cancelled)
             finally:
                 watcher.cancel()
-                if progress.get("task") is not None and not progress["task"].done():
-                    progress.pop("next", None)  # an epoch still waiting is dropped: the run's end comes next
+                if self.progress_task is not None and not self.progress_task.done():
+                    self.next_progress = None  # an epoch still waiting is dropped: the run's end comes next
                     with contextlib.suppress(asyncio.TimeoutError, Exception):
-                        await asyncio.wait_for(asyncio.shield(progress["task"]), timeout=2)
+                        await asyncio.wait_for(asyncio.shield(self.progress_task), timeout=2)
 
-    async def relay(logger, cancelled: asyncio.Event) -> Any:
+    async def watch_for_cancel(self, cancelled: asyncio.Event) -> None:
+        """A run cancelled from the API: stop the stage process (its checkpoints stay)."""
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            try:
+                current = await self.client.read_flow_run(self.run_id)
+            except Exception:  # noqa: BLE001 - a server hiccup: look again next time
+                continue
+            if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
+                cancelled.set()
+                if os.getppid() == self.stage_pid:  # never signal whoever adopted an orphan
+                    os.kill(self.stage_pid, signal.SIGTERM)
+                return
+
+    async def relay(self, logger, cancelled: asyncio.Event) -> Any:
+        """The stage's lines, in order, into the run, until its end (or stdin closes: killed or cancelled)."""
+        from prefect.states import Cancelled, Crashed, Failed
+
+        from flows.contracts import reporter_message
+
         while True:
             line = await asyncio.to_thread(sys.stdin.readline)
             if not line:
                 if cancelled.is_set():
-                    opened["end"] = Cancelled(message=f"cancelled: the {name} stage process was stopped (its checkpoints stay)")
+                    self.end = Cancelled(message=f"cancelled: the {self.name} stage process was stopped (its checkpoints stay)")
                 else:
-                    opened["end"] = Crashed(message=f"the {name} stage process ended before finishing (killed?)")
-                server_down()
-                return opened["end"]
+                    self.end = Crashed(message=f"the {self.name} stage process ended before finishing (killed?)")
+                self.server_down()
+                return self.end
             message = reporter_message(line)
             if "log" in message:
                 logger.log(message.get("level", 20), message["log"])
@@ -120,75 +161,62 @@ def main() -> int:
                 # the stage's scores (evaluate's, sent just before it ends) are awaited here, in order, never
                 # left to the background: racing the run's end, they were lost in 1 run of 3 on a quiet machine
                 # (a labels write beside the summary artifact's took about 2 s, past the end's wait)
-                await send_labels(message["progress"])
+                await self.send_labels(message["progress"])
             elif "progress" in message:
-                publish_progress(message["progress"])
+                self.publish_progress(message["progress"])
             elif "failed" in message:
-                opened["end"] = Failed(message=message["failed"])
-                server_down()
-                return opened["end"]
+                self.end = Failed(message=message["failed"])
+                self.server_down()
+                return self.end
             elif "done" in message:
-                summary = message["done"]
-                opened["end"] = Completed(message=f"the {name} stage finished")
-                if server_down():
-                    return summary
-                try:
-                    await acreate_markdown_artifact(markdown=markdown(name, summary), key=f"{name}-summary")
-                except Exception:  # noqa: BLE001 - the server went away just now: the run's end matters more
-                    server_down()
-                return summary
+                return await self.done(message["done"])
 
-    progress: dict[str, Any] = {}  # the newest epoch not yet published, and the task publishing
+    async def done(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Success: the run ends Completed, with the stage's summary as an artifact if the server is there."""
+        from prefect.artifacts import acreate_markdown_artifact
+        from prefect.states import Completed
 
-    def publish_progress(raw) -> None:
+        self.end = Completed(message=f"the {self.name} stage finished")
+        if self.server_down():
+            return summary
+        try:
+            await acreate_markdown_artifact(markdown=markdown(self.name, summary), key=f"{self.name}-summary")
+        except Exception:  # noqa: BLE001 - the server went away just now: the run's end matters more
+            self.server_down()
+        return summary
+
+    def publish_progress(self, raw) -> None:
         """A training epoch's progress as the run's labels, in the background: the relay never waits on it.
 
         Only the newest epoch matters, so one waiting replaces another; a server that is down
         loses these updates (the stage's log has every epoch), never the run's end.
         """
-        progress["next"] = raw
-        task = progress.get("task")
-        if task is None or task.done():
-            progress["task"] = asyncio.create_task(send_progress())
+        self.next_progress = raw
+        if self.progress_task is None or self.progress_task.done():
+            self.progress_task = asyncio.create_task(self.send_progress())
 
-    async def send_progress() -> None:
-        while (latest := progress.pop("next", None)) is not None:  # a StageProgress (flows.contracts)
-            await send_labels(latest)
+    async def send_progress(self) -> None:
+        while (latest := self.next_progress) is not None:  # a StageProgress (flows.contracts)
+            self.next_progress = None
+            await self.send_labels(latest)
 
-    async def send_labels(update, timeout: float = 5.0) -> None:
+    async def send_labels(self, update, timeout: float = 5.0) -> None:
         """The progress's labels on the run; best effort (a server hiccup loses them, never the run)."""
         try:
-            await asyncio.wait_for(opened["client"].update_flow_run_labels(opened["id"], update.labels()),
-                                   timeout=timeout)
+            await asyncio.wait_for(self.client.update_flow_run_labels(self.run_id, update.labels()), timeout=timeout)
         except Exception:  # noqa: BLE001 - best effort
             pass
 
-    def server_down() -> bool:
+    def server_down(self) -> bool:
         """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""
         from flows.gateways.prefect_api import healthy
 
-        if healthy(spec["api_url"], timeout=1.0):
+        if healthy(self.spec["api_url"], timeout=1.0):
             return False
-        if not opened.get("told"):
-            opened["told"] = True
+        if not self.told:
+            self.told = True
             answer({"final": "PENDING"})
         return True
-
-    try:
-        with tags("tunedeck", "dvc", *spec["tags"]):
-            state = asyncio.run(stage(spec["parameters"], return_state=True))
-    except Exception as exc:  # noqa: BLE001 - the server went away while the run was open
-        if "id" not in opened:
-            raise
-        state = Crashed(message=f"the {name} stage's reporter failed ({type(exc).__name__})")
-    if not state.is_final() or opened.get("told"):  # the engine could not tell the server how the run ended
-        if not opened.get("told"):
-            answer({"final": "PENDING"})
-        code = settle(opened["id"], opened.get("end") or state)
-        sys.stderr.flush()
-        os._exit(code)  # not Prefect's exit-time log flush: it would retry lines the outage lost, at a server maybe gone again
-    answer({"final": state.type.value})
-    return 0
 
 
 def settle(run_id: str, state, give_up_after: float = SETTLE_S) -> int:

@@ -1,5 +1,5 @@
-"""The floor plan holds: no import cycle between any two of our modules, every folder says what it holds, and
-git runs only through its gateway.
+"""The floor plan holds: no import cycle between any two of our modules, every folder says what it holds,
+git runs only through its gateway, and no file or function outgrows a reading.
 
 import-linter's layers contract (pyproject.toml) orders the folders; it does not see a cycle inside one
 folder, which this finds (imports inside functions included: grimp reads them all).
@@ -60,3 +60,24 @@ def test_git_runs_only_through_its_gateway():
             if isinstance(first, ast.Constant) and first.value == "git":
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert found == [], f"git run outside flows/gateways/git.py: {found}"
+
+
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_prod_file_or_function_outgrows_a_reading():
+    """A file a newcomer reads in one sitting (≤ 400 lines) and a function seen whole on one screen (≤ 60 lines),
+    nested functions counted with their parent."""
+    too_long = []
+    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
+        source = path.read_text()
+        where = path.relative_to(ROOT)
+        if source.count("\n") > MAX_FILE_LINES:
+            too_long.append(f"{where}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{where}:{node.lineno} {node.name}(): {length} lines")
+    assert too_long == [], f"split these by what they do: {too_long}"

@@ -14,14 +14,11 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
 from tui.join_view import gpus_by_run, progress_owner
-from tui.messages import ActionFinished, OrchestrationFetched, TelemetrySampled
-from tui.providers.base import ActionError
-from tui.providers.models import FINAL_STATES, Orchestration, Progress, Run, RunQuery, Telemetry
-from tui.providers.prefect_parse import run_parameters
+from tui.messages import OrchestrationFetched, TelemetrySampled
+from tui.providers.models import Orchestration, Progress, Run, RunQuery, Telemetry
 from tui.query import describe, parse_filter
-from tui.screens.ask import AskScreen
-from tui.screens.confirm import ConfirmScreen
 from tui.screens.jump import to_experiment
+from tui.screens.run_actions import RunActions
 from tui.screens.run_detail import RunDetailScreen
 from tui.widgets.deployments_table import DeploymentsTable
 from tui.widgets.gpu_panel import GpuPanel
@@ -33,7 +30,7 @@ VIEWS = {"runs": "#runs", "run": "#runs", "deployments": "#deployments", "deploy
          "gpus": "#gpu-table", "gpu": "#gpu-table"}
 
 
-class DashboardScreen(Screen[None]):
+class DashboardScreen(RunActions, Screen[None]):
     """GPU panel on top, runs in the middle, deployments below; `:` commands and `/` filter at the bottom."""
 
     BINDINGS = [
@@ -325,82 +322,8 @@ class DashboardScreen(Screen[None]):
         if run:
             to_experiment(self.app, run)
 
-    # -- actions (side effects live here) --
+    # -- actions: their side effects live in RunActions --
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         """--readonly hides and blocks every action."""
         return not (action in ACTIONS and self.app.readonly)
-
-    def action_cancel_run(self) -> None:
-        """c: cancel the highlighted run, after a confirmation."""
-        run = self.query_one(RunsTable).current_run
-        if run:
-            self.confirm_cancel(run)
-
-    def confirm_cancel(self, run: Run) -> None:
-        """Ask, then cancel."""
-        if run.state in FINAL_STATES:
-            self.notify(f"Run {run.name} is already {run.state.lower()}; nothing to cancel.", severity="warning")
-            return
-        question = f"Cancel run [b]{run.name}[/b] ({run.flow}, {run.state.lower()})?"
-        self.app.push_screen(ConfirmScreen(question), lambda yes: yes and self._act(self.app.providers.orchestrator.cancel, run.id))
-
-    def action_retry_run(self) -> None:
-        """R: retry the highlighted run."""
-        run = self.query_one(RunsTable).current_run
-        if run:
-            self.retry(run)
-
-    def retry(self, run: Run) -> None:
-        """Schedule a finished run again (the server decides whether it can)."""
-        if run.state not in FINAL_STATES:
-            self.notify(f"Run {run.name} is {run.state.lower()}; only a finished run can be retried.", severity="warning")
-            return
-        self._act(self.app.providers.orchestrator.retry, run.id)
-
-    def action_toggle_pause(self) -> None:
-        """p: pause the highlighted deployment's schedule (after a confirmation), or resume it."""
-        dep = self.query_one(DeploymentsTable).current_deployment
-        if dep is None:
-            return
-        set_paused = self.app.providers.orchestrator.set_paused
-        if dep.paused or not dep.schedule_active:  # resuming also turns on a schedule that is off
-            self._act(set_paused, dep.id, False)
-        else:
-            question = f"Pause the schedule of [b]{dep.flow}/{dep.name}[/b] ({dep.schedule})? No new runs start until resumed."
-            self.app.push_screen(ConfirmScreen(question), lambda yes: yes and self._act(set_paused, dep.id, True))
-
-    def action_run_now(self) -> None:
-        """r: run the highlighted deployment now, asking for parameter overrides."""
-        dep = self.query_one(DeploymentsTable).current_deployment
-        if dep is None:
-            self.notify("No deployment to run: create one with `prefect deploy`, then press r.", severity="warning")
-            return
-
-        def go(text: str | None) -> None:
-            if text is None:
-                return
-            try:
-                params = run_parameters(dep.parameter_names, text)
-            except ValueError as exc:
-                self.notify(f"{exc}.", severity="error")
-                return
-            self._act(self.app.providers.orchestrator.run_now, dep.id, params)
-
-        self.app.push_screen(AskScreen(f"Run [b]{dep.flow}/{dep.name}[/b] now. Overrides (empty for the defaults):",
-                                       "train.lr=0.0003 train.epochs=3"), go)
-
-    @work(thread=True, group="action", exit_on_error=False)
-    def _act(self, call, *args) -> None:
-        try:
-            self.post_message(ActionFinished(call(*args)))
-        except ActionError as exc:
-            self.post_message(ActionFinished(str(exc), failed=True))
-        except Exception as exc:  # a server that vanished mid-action: one sentence, never a traceback
-            self.post_message(ActionFinished(f"The action failed: {exc}", failed=True))
-
-    def on_action_finished(self, message: ActionFinished) -> None:
-        """Say what happened, and show it at once."""
-        self.notify(message.text, severity="error" if message.failed else "information")
-        self._refetch()
-
