@@ -8,7 +8,9 @@ TUNEDECK_PROJECT), and, on a worker started with `--git-pull`, the latest commit
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
@@ -16,7 +18,13 @@ from flows.gateways.git import failure, git
 
 
 def checkout(directory: str | None = None) -> dict[str, str]:
-    """Enter the worker's project folder (else `directory`); `git pull --ff-only` there if asked."""
+    """Enter the worker's project folder (else `directory`); `git pull --ff-only` there if asked.
+
+    It runs first in every deployment run's process, so it also arms that process's stack dump:
+    `kill -USR1 PID` (and `tunedeck worker` as it stops a run) writes where each of its threads
+    is to the worker's log, the one way to see a run that hangs without a word.
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     folder = Path(os.environ.get("TUNEDECK_PROJECT") or directory or ".").resolve()
     if not (folder / "dvc.yaml").is_file():
         raise TunedeckError(

@@ -17,6 +17,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from types import FrameType
 
 import psutil
@@ -86,6 +88,7 @@ def stop_family(worker_pid: int, grace: float = GRACE_SECONDS) -> list[str]:
     except psutil.NoSuchProcess:
         return []
     runs = sorted({run for run in map(flow_run_of, family) if run})
+    dump_stacks(family)
     for process in family:
         with contextlib.suppress(psutil.Error):
             process.terminate()
@@ -99,6 +102,26 @@ def stop_family(worker_pid: int, grace: float = GRACE_SECONDS) -> list[str]:
     psutil.wait_procs(left, timeout=2)
     mark_crashed(runs)
     return runs
+
+
+def dump_stacks(family: list[psutil.Process]) -> None:
+    """Each run's own process (not its stages) writes its threads' stacks to the worker's log before it is stopped
+    (flows.host.steps arms SIGUSR1 for it): a run that hung says where."""
+    roots = [p for p in family if flow_run_of(p) and not _parent_is_run(p)]
+    for process in roots:
+        with contextlib.suppress(psutil.Error):
+            print(f"tunedeck worker: the threads of flow run {flow_run_of(process)} (pid {process.pid}) as it is stopped:",
+                  file=sys.stderr, flush=True)
+            process.send_signal(signal.SIGUSR1)
+    if roots:
+        time.sleep(0.5)  # the dump is a few lines written by the process itself
+
+
+def _parent_is_run(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        parent = process.parent()
+        return parent is not None and flow_run_of(parent) is not None
+    return False
 
 
 STOPPED = "its worker was stopped (tunedeck worker got a stop signal); run it again to resume"
@@ -133,14 +156,10 @@ class Reconciler:
         self.gone: dict[str, float] = {}  # run id -> when its process was last seen
 
     def start(self) -> Reconciler:
-        import threading
-
         threading.Thread(target=self._loop, name="tunedeck-reconcile", daemon=True).start()
         return self
 
     def _loop(self) -> None:
-        import time
-
         while True:
             time.sleep(self.POLL_S)
             with contextlib.suppress(Exception):  # never let bookkeeping stop the worker

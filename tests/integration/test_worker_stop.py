@@ -41,7 +41,11 @@ def test_sigterm_to_the_worker_leaves_no_process_and_both_its_runs_final(tmp_pat
         worker.wait(timeout=STOP_GUARD_S)
         print(f"the worker exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         assert clone_processes(project) == [], "left running after the worker exited"
-        assert "stopped by SIGTERM" in c.log.read_text()
+        log = c.log.read_text()
+        assert "stopped by SIGTERM" in log
+        # where each run was as it was stopped, written by the run's own process (a hung run says where it hangs)
+        assert all(f"the threads of flow run {r}" in log for r in runs), log[-3000:]
+        assert log.count("(most recent call first)") >= 2, log[-3000:]
         states = [wait(url, r, timeout=STOP_GUARD_S)["state_type"] for r in runs]
         print(f"both runs final {time.monotonic() - signalled:.1f} s after SIGTERM: {states}")
         assert set(states) <= {"CRASHED", "CANCELLED"}, states
