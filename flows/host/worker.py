@@ -19,11 +19,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 import psutil
 
 from flows.host.deploy import worker_command
+from flows.run.slot_lease import release_dead
 
 GRACE_SECONDS = 8.0  # the runs' and the worker's time to end on SIGTERM, then SIGKILL (the goal is a clean host in 10 s)
 
@@ -36,14 +38,14 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
           flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, **env})
     publisher = start_publisher(pool, env)
-    Reconciler(proc.pid).start()
+    Reconciler(proc.pid, Path(env["TUNEDECK_PROJECT"])).start()
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if publisher is not None:  # first: dashboards show this host offline now, not after the runs' grace period
             publisher.stop()
-        stopped = stop_family(proc.pid)
+        stopped = stop_family(proc.pid, Path(env["TUNEDECK_PROJECT"]))
         print(f"tunedeck worker: stopped by {signal.Signals(signum).name}: the Prefect worker and "
               f"{len(stopped)} run(s) it had started" + (f" ({', '.join(stopped)}: marked Crashed)" if stopped else ""),
               file=sys.stderr, flush=True)
@@ -59,8 +61,6 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
 
 def start_publisher(pool: str, env: dict[str, str]):
     """This host's telemetry, published through the Prefect server while the worker runs (flows.host.telemetry)."""
-    from pathlib import Path
-
     from flows.gateways.prefect_api import api_url
     from flows.host.telemetry import HostPublisher
 
@@ -77,7 +77,7 @@ def flow_run_of(process: psutil.Process) -> str | None:
     return None
 
 
-def stop_family(worker_pid: int, grace: float = GRACE_SECONDS) -> list[str]:
+def stop_family(worker_pid: int, root: Path | None = None, grace: float = GRACE_SECONDS) -> list[str]:
     """SIGTERM the worker's runs and then the worker, SIGKILL what outlives the grace; the runs' ids.
 
     The runs go first: the Prefect worker, told to stop, would no longer report their end.
@@ -101,6 +101,9 @@ def stop_family(worker_pid: int, grace: float = GRACE_SECONDS) -> list[str]:
             process.kill()
     psutil.wait_procs(left, timeout=2)
     mark_crashed(runs)
+    if root is not None:
+        for run in runs:
+            free_slots(root, run)
     return runs
 
 
@@ -150,8 +153,8 @@ class Reconciler:
     POLL_S = 2.0
     GRACE_S = 5.0  # the Prefect worker's own report comes first when the server is up
 
-    def __init__(self, worker_pid: int) -> None:
-        self.worker_pid = worker_pid
+    def __init__(self, worker_pid: int, root: Path | None = None) -> None:
+        self.worker_pid, self.root = worker_pid, root
         self.alive: set[str] = set()
         self.gone: dict[str, float] = {}  # run id -> when its process was last seen
 
@@ -176,9 +179,19 @@ class Reconciler:
             self.gone.setdefault(run, now)
         self.alive = current
         due = [run for run, since in self.gone.items() if now - since >= self.GRACE_S and run not in current]
+        if due and self.root is not None:  # every process of these runs has ended: their GPUs are free now
+            for run in due:
+                free_slots(self.root, run)
         if due:
             for run in crash_unfinished(due, GONE):
                 self.gone.pop(run, None)
+
+
+def free_slots(root: Path, run_id: str) -> None:
+    """The slots a dead run of this clone held, freed now (not when their leases run out); said in the log."""
+    for slot in release_dead(root, run_id):
+        print(f"tunedeck worker: flow run {run_id} has no process left; its slot {slot} is free again",
+              file=sys.stderr, flush=True)
 
 
 def crash_unfinished(run_ids: list[str], why: str) -> list[str]:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from prefect import get_run_logger
 
@@ -15,7 +16,7 @@ from flows.run.labels import label_run
 from flows.run.slot_lease import SlotLease
 from flows.run.workspace import run_id
 
-LEASE_SECONDS = 60  # the shortest lease Prefect allows: a killed run's GPU slot frees within about a minute
+LEASE_SECONDS = 60  # the shortest lease Prefect allows; a killed run's slot is freed by its worker (flows.run.slot_lease)
 
 
 @contextlib.contextmanager
@@ -23,8 +24,9 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
     """Hold a free GPU of this worker (TUNEDECK_GPUS) for the run, or the host's CPU slot."""
     logger = get_run_logger()
     allowed = os.environ.get("TUNEDECK_GPUS")
+    root = Path.cwd()  # the clone (flows.host.steps.checkout entered it): its worker frees a dead run's slot
     if not allowed:
-        cpu = SlotLease(slot_name(None), "this host's CPU", LEASE_SECONDS, logger, run_id())
+        cpu = SlotLease(slot_name(None), "this host's CPU", LEASE_SECONDS, logger, run_id(), root)
         while not cpu.take():
             time.sleep(poll)
         try:
@@ -37,7 +39,7 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
     waited = False
     while True:
         for gpu in [g.index for g in gpu_states() if g.free and g.index in wanted]:
-            slot = SlotLease(slot_name(gpu), f"GPU {gpu}", LEASE_SECONDS, logger, run_id())
+            slot = SlotLease(slot_name(gpu), f"GPU {gpu}", LEASE_SECONDS, logger, run_id(), root)
             if not slot.take():  # held by another run (a slot survives a server restart: flows.run.slot_lease)
                 continue
             try:

@@ -9,12 +9,19 @@ server was away), takes the slot again at once; either way it logs one line that
 The local server keeps its leases on disk (flows.host.server), so a restart alone loses none; the
 guarantee that two runs never share a slot stays the server's (a slot is only ever taken by an
 increment that the server grants).
+
+A run's lease id is also written under its clone (`.tunedeck/leases/RUN.SLOT`): when a run's
+processes are killed, `tunedeck worker` sees them gone and frees the slot at once (release_dead),
+so the rerun takes its GPU in seconds, not after the lease runs out (measured: a rerun after
+kill -9 waited about 75 s for its GPU).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 from uuid import UUID
 
 import httpx
@@ -29,9 +36,11 @@ GONE, LOCKED = 410, 423  # the server's answers: no such lease; the slot is take
 class SlotLease:
     """One slot of one Prefect global concurrency limit, leased and kept; `take()` once, then `release()`."""
 
-    def __init__(self, name: str, what: str, lease_s: float, logger, run_id: str | None = None) -> None:
+    def __init__(self, name: str, what: str, lease_s: float, logger, run_id: str | None = None,
+                 root: Path | None = None) -> None:
         self.name, self.what, self.lease_s, self.logger = name, what, lease_s, logger
         self.holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id)) if run_id else None
+        self.record = lease_file(root, run_id, name) if root is not None and run_id else None
         self.lease_id: UUID | None = None
         self._said_taken = False
         self._stop = threading.Event()
@@ -56,6 +65,8 @@ class SlotLease:
         except (httpx.HTTPError, OSError) as exc:
             self.logger.warning(f"{self.what}'s slot could not be freed ({type(exc).__name__}); "
                                 f"it frees itself within {self.lease_s:.0f} s")
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
 
     def _increment(self) -> bool:
         """One request for the slot; its lease id kept when granted."""
@@ -68,6 +79,11 @@ class SlotLease:
                 return False
             raise
         self.lease_id = UUID(response.json()["lease_id"])
+        if self.record is not None:  # through a rename: a worker reading it never sees half an id
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.record.with_name(f".{self.record.name}.{os.getpid()}")
+            partial.write_text(str(self.lease_id))
+            partial.replace(self.record)
         return True
 
     def _renew(self) -> None:
@@ -109,3 +125,33 @@ class SlotLease:
         away = time.monotonic() - away_since if away_since is not None else 0.0
         self.logger.warning(f"the server was unreachable for {away:.0f} s; {self.what}'s slot was {how} "
                             "and the run went on")
+
+
+LEASES = Path(".tunedeck") / "leases"
+
+
+def lease_file(root: Path, run_id: str, slot: str) -> Path:
+    """Where a run of the clone at root records the lease of one slot it holds."""
+    return root / LEASES / f"{run_id}.{slot}"
+
+
+def release_dead(root: Path, run_id: str) -> list[str]:
+    """Free the slots a run of the clone at root held, once its processes are gone; the slots freed.
+
+    Only for a run known dead (the worker saw every process of it end): a live run's slot must
+    never be freed under it. A slot the server no longer knows (it ran out) is freed all the same.
+    """
+    freed = []
+    for record in sorted((root / LEASES).glob(f"{run_id}.*")):
+        try:
+            lease_id = UUID(record.read_text().strip())
+            with get_client(sync_client=True) as client:
+                client.release_concurrency_slots_with_lease(lease_id)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in (GONE, 404):
+                continue  # the server is busy: the next look frees it
+        except (httpx.HTTPError, OSError, ValueError):
+            continue
+        record.unlink(missing_ok=True)
+        freed.append(record.name.split(".", 1)[1])
+    return freed
