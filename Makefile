@@ -29,7 +29,9 @@ lint: $(STAMP)
 # (each module whole on one worker) run side by side: much of an integration test is waiting on a server,
 # a worker or a process starting. TEST_JOBS=0 runs everything in this one process.
 TEST_JOBS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -rs -m "not gpu" -n $(TEST_JOBS) --dist loadfile
+# --no-loadscope-reorder: xdist would hand out the modules with the most tests first, the unit modules, and
+# leave the slow ones (one or two tests of minutes each) to the end, one worker idle while the other finishes.
+PYTEST := $(BIN)/python -m pytest -q -rs -m "not gpu" -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 test: lint
 	TUNEDECK_TEST_ORDER=$${TUNEDECK_TEST_ORDER:-shuffle} $(PYTEST) --durations=40
 
