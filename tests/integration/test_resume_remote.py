@@ -91,7 +91,7 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
         def worker(clone, host):
             proc = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=clone,
                                     env=env(PREFECT_API_URL=url, TUNEDECK_HOST=host), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
+                                    stderr=open(tmp_path / f"{host}.log", "wb"), start_new_session=True)
             workers.append(proc)
             return proc
 
@@ -107,11 +107,15 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_the_pushed_checkpoint(
         assert killed_at < 60, "the run finished before host A died"
         print(f"\nhost A killed at epoch {killed_at}, {died - began:.0f} s in")
 
-        worker(b, "host-b")
+        host_b = worker(b, "host-b")
         again = wait(url, start(url, "pipeline", overrides=OVERRIDES, pull=False, push=False), timeout=HANG_S)
         print(f"host B's run ended {time.monotonic() - died:.0f} s after host A died")
         text = logs(url, again["id"])
-        assert again["state_type"] == "COMPLETED", text[-2000:]
+        if again["state_type"] != "COMPLETED":  # SIGTERM to its worker first: a run still alive writes its stacks there
+            host_b.terminate()
+            host_b.wait(timeout=60)
+            stacks = (tmp_path / "host-b.log").read_text(errors="replace")[-6000:]
+            pytest.fail(f"{again['state']['message']}\n{text[-2000:]}\nhost B's worker:\n{stacks}")
         assert again["labels"]["tunedeck.host"] == "host-b", again["labels"]
         assert "fetched the checkpoint of epoch" in text and "from the DVC remote 'shared'" in text, text[-3000:]
         resumed = int(text.split("fetched the checkpoint of epoch ")[1].split()[0])
