@@ -27,6 +27,34 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test first has every flow run process it left alive write its threads' stacks (SIGUSR1, armed by
+    flows.host.steps.checkout) to its worker's log under the test's tmp folder: a run that hung says where."""
+    report = yield
+    if report.when == "call" and report.failed:
+        import signal
+        import time
+
+        import psutil
+
+        base = str(item.config._tmp_path_factory.getbasetemp())  # this xdist worker's tmp folders only
+        signalled = []
+        for proc in psutil.process_iter(["pid"]):
+            try:  # a run's own process: its parent (the worker) is no run, unlike its stages'
+                parent = proc.parent()
+                if ("PREFECT__FLOW_RUN_ID" in proc.environ() and proc.cwd().startswith(base) and parent is not None
+                        and "PREFECT__FLOW_RUN_ID" not in parent.environ()):
+                    proc.send_signal(signal.SIGUSR1)
+                    signalled.append(proc.pid)
+            except (psutil.Error, OSError):
+                continue
+        if signalled:
+            time.sleep(1)
+            report.sections.append(("flow run stacks", f"SIGUSR1 to {signalled}: their stacks are in the worker logs under {base}"))
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """No test reaches the Hugging Face Hub, and none reports to a Prefect server by accident."""

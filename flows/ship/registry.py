@@ -8,6 +8,8 @@ whole history stays in git. The model file of any version comes back with
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +20,23 @@ from flows.gateways.git import failure, probe
 
 ARTIFACT = "model"
 PROD = "prod"
+
+
+def gto_api() -> types.ModuleType:
+    """gto.api, imported so that it leaves this process's logging alone.
+
+    Importing gto runs its gto.log module, a `logging.config.dictConfig` call, which flushes and
+    closes every handler of the process while it holds logging's lock. In a deployment run that
+    hung the run for good: Prefect's API log handler flushes by waiting for its log worker, and the
+    worker's HTTP client was waiting for that same lock (stacks in the closing note of 2026-12-07:
+    a pipeline run at its first promotion, only on a busy machine). So gto.log is replaced by an
+    empty module before gto is imported; gto's loggers then log through the process's own handlers.
+    """
+    if "gto.log" not in sys.modules:
+        sys.modules["gto.log"] = types.ModuleType("gto.log", "stands in for gto's logging setup: see gto_api()")
+    import gto.api
+
+    return gto.api
 
 
 @dataclass(frozen=True)
@@ -75,10 +94,8 @@ def prod(root: Path) -> Version | None:
 
 def history(root: Path) -> list[Event]:
     """Registrations and prod assignments, newest first."""
-    import gto.api
-
     try:
-        rows = gto.api.history(str(root), ARTIFACT)
+        rows = gto_api().history(str(root), ARTIFACT)
     except Exception:  # noqa: BLE001 - no registry yet
         return []
     return [Event(row["timestamp"], row["event"], row["version"], row["stage"], row["commit"], (row["message"] or "").strip())
@@ -96,11 +113,10 @@ def next_version(root: Path) -> str:
 
 def register_prod(root: Path, commit: str, version: str, message: str) -> list[str]:
     """Register commit as version and make it prod; the tags created."""
-    import gto.api
-
+    gto = gto_api()
     try:
-        gto.api.register(str(root), ARTIFACT, commit, version=version, message=message)
-        gto.api.assign(str(root), ARTIFACT, PROD, version=version, message=message)
+        gto.register(str(root), ARTIFACT, commit, version=version, message=message)
+        gto.assign(str(root), ARTIFACT, PROD, version=version, message=message)
     except Exception as exc:  # noqa: BLE001 - gto's errors are plain sentences already
         raise TunedeckError(f"GTO could not tag {commit[:12]} as {ARTIFACT} {version} in {root}: {exc}") from None
     return [f"{ARTIFACT}@{version}", _latest_prod_tag(root)]
@@ -108,8 +124,6 @@ def register_prod(root: Path, commit: str, version: str, message: str) -> list[s
 
 def assign_prod(root: Path, version: str, message: str) -> str:
     """Make an earlier registered version prod again (a new tag; nothing is deleted); the tag created."""
-    import gto.api
-
     known = [v.version for v in versions(root)]
     if version not in known:
         listed = ", ".join(known) if known else "none yet"
@@ -118,7 +132,7 @@ def assign_prod(root: Path, version: str, message: str) -> str:
     if current is not None and current.version == version:
         raise TunedeckError(f"{version} is already prod: nothing to roll back.")
     # force: GTO keeps every earlier assignment, so v0.1.0 still counts as "in prod" by its old tag
-    gto.api.assign(str(root), ARTIFACT, PROD, version=version, message=message, force=True)
+    gto_api().assign(str(root), ARTIFACT, PROD, version=version, message=message, force=True)
     return _latest_prod_tag(root)
 
 

@@ -30,11 +30,11 @@ def cluster(tmp_path_factory):
     workers = []
     try:
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
-        for _ in range(2):
+        for n in range(2):
             workers.append(subprocess.Popen(
                 ["tunedeck", "worker", "--pool", "local", "--gpus", "0"], cwd=project,
                 env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="1", PREFECT_LOGGING_LEVEL="INFO"),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=open(project.parent / f"worker-{n}.log", "w"), start_new_session=True,
             ))
         yield project, url
     finally:

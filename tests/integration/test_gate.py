@@ -34,7 +34,7 @@ def deployed(project: Path) -> Iterator[str]:
     try:
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
         worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                  stdout=subprocess.DEVNULL, stderr=open(project.parent / "worker.log", "w"), start_new_session=True)
         yield url
     finally:
         if worker is not None:

@@ -42,7 +42,7 @@ def test_two_overlapping_runs_on_two_slots_each_train_with_their_own_params(tmp_
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
         worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1"], cwd=project,
                                   env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="2"), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+                                  stderr=open(tmp_path / "worker.log", "w"), start_new_session=True)
         status = run(project, "git", "status", "--porcelain", "--untracked-files=all").stdout
         ids = {name: start(url, "pipeline", overrides=overrides, pull=False, push=False) for name, overrides in RUNS.items()}
         done = {name: wait(url, run_id, timeout=600) for name, run_id in ids.items()}

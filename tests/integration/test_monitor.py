@@ -72,7 +72,7 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
         assert (project / "eval" / "reference" / "features.npy").is_file()
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
         worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                  stdout=subprocess.DEVNULL, stderr=open(project.parent / "worker.log", "w"), start_new_session=True)
         normal = shutil.copytree(project / "data" / "tiny", tmp_path / "normal")  # the training images: no drift
         shifted = inverted(normal, tmp_path / "shifted")
 
