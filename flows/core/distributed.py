@@ -72,37 +72,6 @@ def broadcast_value(value: float | None, world: World, device: torch.device) -> 
     return None if torch.isnan(t).item() else float(t.item())
 
 
-PLACEMENT_VARIABLES = ("TUNEDECK_DDP_NODES", "TUNEDECK_DDP_NODE_RANK", "TUNEDECK_DDP_MASTER")
-"""How the pipeline run that placed a run over several hosts tells each host's train stage its place."""
-
-
-@dataclass(frozen=True)
-class Placement:
-    """This host's place in one run over several hosts: node_rank of nodes, node 0's rendezvous at master."""
-
-    nodes: int
-    node_rank: int
-    master: str  # host:port of the c10d store torchrun serves on node 0
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Placement | None:
-        """The placement the environment carries, None when it carries none."""
-        env = os.environ if env is None else env
-        if not env.get("TUNEDECK_DDP_MASTER"):
-            return None
-        return cls(int(env["TUNEDECK_DDP_NODES"]), int(env["TUNEDECK_DDP_NODE_RANK"]), env["TUNEDECK_DDP_MASTER"])
-
-    def env(self) -> dict[str, str]:
-        """The variables that carry this placement to a train stage."""
-        return dict(zip(PLACEMENT_VARIABLES, (str(self.nodes), str(self.node_rank), self.master), strict=True))
-
-    def torchrun_args(self, nproc: int, join_s: int) -> list[str]:
-        """torchrun's arguments: a static rendezvous (node ranks as placed, so node 0 holds rank 0) on node 0's store."""
-        host, port = self.master.rsplit(":", 1)
-        return [f"--nnodes={self.nodes}", f"--node_rank={self.node_rank}", f"--nproc_per_node={nproc}",
-                "--rdzv_backend=static", f"--master_addr={host}", f"--master_port={port}", f"--rdzv_conf=timeout={join_s}"]
-
-
 def interface_of(address: str) -> str | None:
     """The network interface that holds address (gloo must talk on it, not on whatever the hostname resolves to)."""
     import psutil

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from prefect import flow, get_run_logger
 
-from flows.core.distributed import Placement
+from flows.contracts.placement import Placement
 from flows.core.errors import TunedeckError
 from flows.gateways.dvc.cli import sync
 from flows.gateways.git import git

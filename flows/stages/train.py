@@ -195,7 +195,8 @@ JOIN_SECONDS = int(os.environ.get("TUNEDECK_DDP_JOIN_S", "300"))
 
 def node_placement(params: Params, env: dict[str, str]):
     """This host's place in a run over base.nodes hosts (None for one host); gloo told which interface to use."""
-    from flows.core.distributed import Placement, interface_of
+    from flows.contracts.placement import Placement
+    from flows.core.distributed import interface_of
 
     if params.base.nodes == 1:
         return None
