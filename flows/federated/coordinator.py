@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.contracts.federated import FederatedParams, SiloTask, round_folder
 from flows.core.errors import TunedeckError
+from flows.gateways.prefect_api import end_run
 
 SILO_DATA_ENV = "TUNEDECK_SILO_DATA"
 
@@ -122,7 +123,7 @@ def _cancel(run_id) -> None:
     from prefect.states import Cancelling
 
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(run_id, Cancelling(message="the coordinator stopped waiting"), force=True)
+        end_run(client, run_id, Cancelling(message="the coordinator stopped waiting"), if_open=False)
 
 
 @flow(name="federated", log_prints=True)

@@ -74,6 +74,18 @@ def api_url(root: Path | None = None) -> str | None:
     return os.environ.get("PREFECT_API_URL") or local_url(root)
 
 
+def end_run(client, run_id, state, if_open: bool = True) -> bool:
+    """Force flow run run_id into state (a Prefect State: Crashed, Cancelling, a stage's end) through client
+    (a sync PrefectClient); the one place tunedeck ends a run that its own engine cannot. With if_open, a
+    run already final keeps its state (its engine got there first). True when the state was set."""
+    if if_open:
+        current = client.read_flow_run(run_id).state
+        if current is not None and current.is_final():
+            return False
+    client.set_flow_run_state(run_id, state, force=True)
+    return True
+
+
 def auth() -> tuple[str, str] | None:
     """The API's basic auth (PREFECT_API_AUTH_STRING, user:password), if set."""
     user, sep, password = os.environ.get("PREFECT_API_AUTH_STRING", "").partition(":")

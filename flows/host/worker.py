@@ -204,7 +204,7 @@ def crash_unfinished(run_ids: list[str], why: str) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
-    from flows.gateways.prefect_api import api_url, healthy
+    from flows.gateways.prefect_api import api_url, end_run, healthy
 
     url = api_url()
     if not url or not healthy(url, timeout=1.0):
@@ -213,9 +213,7 @@ def crash_unfinished(run_ids: list[str], why: str) -> list[str]:
     try:
         with get_client(sync_client=True) as client:
             for run_id in run_ids:
-                state = client.read_flow_run(run_id).state
-                if state is None or not state.is_final():
-                    client.set_flow_run_state(run_id, Crashed(message=why), force=True)
+                if end_run(client, run_id, Crashed(message=why)):
                     print(f"tunedeck worker: flow run {run_id} had no process left; marked Crashed", file=sys.stderr,
                           flush=True)
                 settled.append(run_id)

@@ -33,6 +33,7 @@ from flows.contracts.placement import Placement
 from flows.core.errors import TunedeckError
 from flows.gateways.dvc.cli import sync
 from flows.gateways.git import git
+from flows.gateways.prefect_api import end_run
 from flows.run.labels import flush_labels
 from flows.run.session import dvc_session, open_session
 from flows.run.slot import device_slot
@@ -186,7 +187,7 @@ def end_nodes(run_ids: list, logger, grace: float = 30.0) -> None:
                 time.sleep(1)
         for run_id in pending:
             logger.warning(f"node run {run_id} still open after the train stage ended: cancelling it")
-            client.set_flow_run_state(run_id, Cancelling(), force=True)
+            end_run(client, run_id, Cancelling(), if_open=False)
 
 
 @flow(name="ddp-node", log_prints=True)

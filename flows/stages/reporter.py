@@ -30,6 +30,8 @@ import signal
 import sys
 from typing import Any
 
+from flows.gateways.prefect_api import end_run, healthy
+
 CANCEL_POLL_S = 2.0
 SETTLE_S = 900.0  # how long a reporter keeps trying to set a run's final state through an outage
 SETTLE_POLL_S = 2.0
@@ -209,8 +211,6 @@ class Reporter:
 
     def server_down(self) -> bool:
         """Whether the server is unreachable now; if so the stage is told at once, not after the engine's retries."""
-        from flows.gateways.prefect_api import healthy
-
         if healthy(self.spec["api_url"], timeout=1.0):
             return False
         if not self.told:
@@ -228,10 +228,8 @@ def settle(run_id: str, state, give_up_after: float = SETTLE_S) -> int:
     deadline = time.monotonic() + give_up_after
     while time.monotonic() < deadline:
         try:
-            with get_client(sync_client=True) as client:
-                current = client.read_flow_run(run_id).state
-                if current is None or not current.is_final():  # the engine's own retries may have got there first
-                    client.set_flow_run_state(run_id, state, force=True)
+            with get_client(sync_client=True) as client:  # the engine's own retries may have got there first
+                end_run(client, run_id, state)
             print(f"tunedeck reporter: flow run {run_id} ends {state.type.value}, set after an outage", file=sys.stderr)
             return 0
         except Exception:  # noqa: BLE001 - still down: try again

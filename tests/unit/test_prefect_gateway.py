@@ -1,0 +1,30 @@
+"""flows.gateways.prefect_api.end_run: the one place tunedeck forces a flow run's state."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from prefect.states import Cancelling, Completed, Crashed, Running
+
+from flows.gateways.prefect_api import end_run
+
+
+class Client:
+    """Records what end_run asks of a sync PrefectClient (only the two calls it makes)."""
+
+    def __init__(self, state):
+        self.state, self.set = state, []
+
+    def read_flow_run(self, run_id):
+        return SimpleNamespace(id=run_id, state=self.state)
+
+    def set_flow_run_state(self, run_id, state, force=False):
+        self.set.append((run_id, state.type.value, force))
+
+
+def test_an_open_run_is_ended_and_a_final_one_keeps_its_state_unless_told_otherwise():
+    running, done, unknown = Client(Running()), Client(Completed()), Client(None)
+    assert end_run(running, "a", Crashed(message="gone")) and running.set == [("a", "CRASHED", True)]
+    assert end_run(unknown, "b", Crashed()) and unknown.set == [("b", "CRASHED", True)]
+    assert not end_run(done, "c", Crashed()) and done.set == [], "its engine got there first"
+    assert end_run(done, "c", Cancelling(), if_open=False) and done.set == [("c", "CANCELLING", True)]
