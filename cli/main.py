@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", help="GPU indices this worker hands out, e.g. 0,1 (default: CPU only)")
     worker.add_argument("--git-pull", action="store_true",
                         help="git pull --ff-only this clone before each run (for remote GPU hosts)")
+    worker.add_argument("--cpu-slots", type=int, default=1, metavar="N",
+                        help="without --gpus: runs at once on the CPU, each with its share of the cores (default 1)")
     promote = sub.add_parser("promote", help="the promotion gate: this clone's trained model becomes prod if no worse than prod")
     promote.add_argument("--force", action="store_true", help="promote even when the gate rejects it (recorded as forced)")
     rollback = sub.add_parser("rollback", help="make an earlier registered model version prod again")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from flows.host.worker import run_worker
 
-            return run_worker(args.pool, args.gpus, args.git_pull)
+            return run_worker(args.pool, args.gpus, args.git_pull, args.cpu_slots)
         if args.command == "federated":
             from cli.federated import federated_command
 

@@ -1,23 +1,23 @@
 """``tunedeck demo``: a real transfer-learning story that needs no internet, measured over seeds.
 
-1. a local Prefect server (so every stage is a flow run), 2. real images from scikit-learn's
-bundled digits, versioned with ``dvc add``, 3. a source backbone trained on digits 0-4 through
-the normal pipeline (a `dvc exp run`), 4. every seed's two arms, two at a time in DVC's queue:
-a linear probe on that backbone (the params.yaml defaults) and a training from scratch with the
-same epochs, batch and LR, 5. mean ± std per arm and the paired difference's 95 % interval,
-with every seed's figures.
+1. a local Prefect server, 2. real images from scikit-learn's bundled digits, versioned with
+``dvc add``, 3. a source backbone trained on digits 0-4, 4. every seed's two arms: a linear
+probe on that backbone (the params.yaml defaults) and a training from scratch with the same
+epochs, batch and LR, 5. mean ± std per arm and the paired difference's 95 % interval, with
+every seed's figures.
 
 The target task is digits 5-9 with 3 labels per class. A seed draws other labelled images and
 another initialisation, so the claim is about the method, not one lucky draw: on a few labels
-one seed's margin moves by 15 points from one CPU to another. Every run is a DVC experiment
-run by DVC's queue in a workspace of its own (`dvc exp show` lists them), and every stage of
-it a Prefect flow run.
+one seed's margin moves by 15 points from one CPU to another. Every experiment is the run a
+deployment makes (flows.demo.runs): a flow run of the `experiment` flow on a worker the demo
+starts, in a workspace of its own, saved as a DVC experiment (`dvc exp show` lists them); the
+clone's params.yaml is never written. The scratch arms need no backbone, so they start beside
+the source's training; the transfer arms once its weights are in weights/.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,16 +26,19 @@ from pathlib import Path
 from flows.core.errors import TunedeckError
 from flows.core.paths import MODEL_CONFIG, MODEL_WEIGHTS
 from flows.demo.digits import write_digits
-from flows.demo.queue import Queued, child_env, dvc, metric, queue, results, run_queued
+from flows.demo.runs import DemoRuns, Planned
 from flows.demo.stats import paired_difference, summarise
 from flows.gateways import prefect_api
+from flows.gateways.dvc import experiments
+from flows.gateways.dvc.cli import dvc
 from flows.gateways.git import head
 from flows.host import server
+from flows.ship.gate import exp_commit
 
 SOURCE_DATA = Path("data/demo/digits-0-4")
 TARGET_DATA = Path("data/demo/digits-5-9")
 SOURCE_WEIGHTS = Path("weights/demo-source.safetensors")
-SOURCE = Queued("demo-source", [
+SOURCE = Planned("demo-source", [
     f"data.source={SOURCE_DATA}",
     "data.limit_per_class=null",
     "data.test_fraction=0.15",
@@ -44,7 +47,7 @@ SOURCE = Queued("demo-source", [
     "train.epochs=8",
     "train.freeze_epochs=0",
     "train.head_lr_scale=1.0",
-])  # run in the workspace (its weights must be on disk before any transfer arm starts)
+])
 ARMS = {  # the params.yaml defaults are the transfer arm; scratch changes only what makes it scratch
     "transfer": [],
     "scratch": ["model.pretrained=false", "train.freeze_epochs=0", "train.head_lr_scale=1.0"],
@@ -62,37 +65,24 @@ class Trial:
     accuracy: float
 
 
-def trial(arm: str, seed: int) -> Queued:
+def trial(arm: str, seed: int) -> Planned:
     """The experiment of one arm and seed, e.g. demo-s3-transfer (base.seed=3)."""
-    copy = [str(TARGET_DATA), f"{TARGET_DATA}.dvc"]  # the folder first: it makes data/demo/ for the .dvc file
-    if arm == "transfer":
-        copy += [str(SOURCE_WEIGHTS), str(SOURCE_WEIGHTS.with_suffix(".json"))]
-    return Queued(f"demo-s{seed}-{arm}", [f"base.seed={seed}", *ARMS[arm]], copy)
+    return Planned(f"demo-s{seed}-{arm}", [f"base.seed={seed}", *ARMS[arm]])
 
 
-def source_backbone() -> float:
-    """Pretrain resnet18 on digits 0-4 (a `dvc exp run` in the workspace) and export it; its test accuracy.
-
-    params.yaml is put back as it was (the experiment applied its overrides to the workspace).
-    """
-    import json
-
-    params_text = Path("params.yaml").read_text()
-    args = ["exp", "run", "-n", SOURCE.name, "evaluate"]  # up to evaluate: no export of the source model
-    for item in SOURCE.overrides:
-        args += ["-S", item]
-    try:
-        dvc("exp", "remove", SOURCE.name, quiet=True, check=False)
-        dvc(*args, quiet=True)
-    finally:
-        Path("params.yaml").write_text(params_text)
-    shutil.copy2(MODEL_WEIGHTS, SOURCE_WEIGHTS)
-    shutil.copy2(MODEL_CONFIG, SOURCE_WEIGHTS.with_suffix(".json"))
-    return json.loads(Path("eval/metrics.json").read_text())["accuracy"]
+def export_source(root: Path) -> float:
+    """The source experiment's model into weights/ (from the DVC cache its run filled); its test accuracy."""
+    commit = exp_commit(root, SOURCE.name)
+    for path, target in ((MODEL_WEIGHTS, SOURCE_WEIGHTS), (MODEL_CONFIG, SOURCE_WEIGHTS.with_suffix(".json"))):
+        part = root / target.with_name(target.name + ".part")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(experiments.read_output(root, str(path), commit))
+        part.replace(root / target)  # a new file: workspaces that linked the old one keep it
+    return metric(experiments.rows(root)[SOURCE.name], "accuracy")
 
 
 def check_project() -> None:
-    """The demo runs in a git clone of tunedeck (dvc experiments need a git commit)."""
+    """The demo runs in a git clone of tunedeck (its runs work in git worktrees of a commit)."""
 
     if not Path("dvc.yaml").is_file() or not Path(".dvc").is_dir():
         raise TunedeckError("run `tunedeck demo` from the tunedeck project root (where dvc.yaml is).")
@@ -100,14 +90,10 @@ def check_project() -> None:
         raise TunedeckError("the project is not a git repository with a commit: clone tunedeck with git, then run the demo.")
 
 
-def start_server_and_data(port: int, experiments: list[Queued]) -> str:
-    """The Prefect server (or PREFECT_API_URL's); while it starts, the digits folders and the queued experiments.
-
-    Queueing needs no server, and the transfer arms' source weights are copied into their
-    workspaces when each one starts, not now.
-    """
+def start_server_and_data(port: int) -> str:
+    """The Prefect server (or PREFECT_API_URL's); while it starts, the digits folders, versioned with dvc add."""
     with ThreadPoolExecutor(1) as pool:
-        counts = pool.submit(lambda: (write_data(), queue(experiments))[0])
+        counts = pool.submit(write_data)
         print("[1/5] Prefect: ", end="", flush=True)
         url = os.environ.get("PREFECT_API_URL") or server.start(port)
         if not prefect_api.healthy(url, timeout=3.0):
@@ -123,7 +109,7 @@ def start_server_and_data(port: int, experiments: list[Queued]) -> str:
 def write_data() -> tuple[int, int]:
     """The two digits folders, versioned with `dvc add`; their image counts."""
     counts = write_digits(SOURCE_DATA, range(0, 5)), write_digits(TARGET_DATA, range(5, 10))
-    dvc("add", "-q", str(SOURCE_DATA), str(TARGET_DATA), quiet=True)
+    dvc("add", "-q", str(SOURCE_DATA), str(TARGET_DATA))
     return counts
 
 
@@ -131,23 +117,44 @@ def run_demo(port: int = server.DEFAULT_PORT, seeds: tuple[int, ...] = SEEDS, jo
     """The whole demo; returns every seed's trials (transfer and scratch)."""
     check_project()
     tic = time.perf_counter()
+    root = Path.cwd()
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
-    transfer, scratch = ([trial(arm, seed) for seed in seeds] for arm in ("transfer", "scratch"))
-    url = start_server_and_data(port, [q for pair in zip(transfer, scratch, strict=True) for q in pair])
-    env = child_env(PREFECT_API_URL=url)  # the queued workspaces have no server record of their own
-    if jobs > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")  # a core each: runs side by side, not threads that fight
-    print("[3/5] source backbone: resnet18 from scratch on digits 0-4 (all labels)")
-    print(f"    exported to {SOURCE_WEIGHTS} (test accuracy on 0-4: {source_backbone():.1%})")
-    print(f"[4/5] digits 5-9, 3 labels per class, seeds {', '.join(map(str, seeds))}: a linear probe on the source "
-          f"backbone (params.yaml as committed) and from scratch; DVC's queue, {jobs} at a time")
-    run_queued(jobs, env)
-    rows = results([t.name for t in transfer + scratch])
-    trials = [Trial(q.name, arm, seed, metric(rows[q.name], "accuracy"))
-              for arm, runs in (("transfer", transfer), ("scratch", scratch)) for seed, q in zip(seeds, runs, strict=True)]
+    url = start_server_and_data(port)
+    with DemoRuns(root, url, jobs) as runs:
+        print("[3/5] source backbone: resnet18 from scratch on digits 0-4 (all labels); beside it, the scratch arms")
+        print(f"    deployment runs of experiment/demo on a worker of this clone, {jobs} at a time "
+              "(`tunedeck dash` shows them)")
+        source = runs.start(SOURCE)
+        scratch = [runs.start(trial("scratch", seed)) for seed in seeds]
+        runs.wait([source])
+        print(f"    exported to {SOURCE_WEIGHTS} (test accuracy on 0-4: {export_source(root):.1%})")
+        print(f"[4/5] digits 5-9, 3 labels per class, seeds {', '.join(map(str, seeds))}: a linear probe on the source "
+              f"backbone (params.yaml as committed) and from scratch")
+        runs.wait(scratch + [runs.start(trial("transfer", seed)) for seed in seeds])
+    rows = results(root, [trial(arm, seed).name for arm in ARMS for seed in seeds])
+    trials = [Trial(trial(arm, seed).name, arm, seed, metric(rows[trial(arm, seed).name], "accuracy"))
+              for arm in ("transfer", "scratch") for seed in seeds]
     print("[5/5] results: test accuracy on digits 5-9, each figure one DVC experiment")
     print_table(trials, url, time.perf_counter() - tic)
     return trials
+
+
+def results(root: Path, names: list[str]) -> dict[str, dict]:
+    """name -> that experiment's row of `dvc exp show`; a missing or failed one is an error."""
+    rows = experiments.rows(root)
+    for name in names:
+        state = rows[name].get("State") if name in rows else "missing"
+        if state not in (None, "Success"):
+            raise TunedeckError(f"the experiment {name} is {state} in `dvc exp show`: its flow run's log says why.")
+    return {name: rows[name] for name in names}
+
+
+def metric(row: dict, name: str, path: str = "eval/metrics.json") -> float:
+    """One metric of an experiment's row (`dvc exp show` names a column by its file only when two files share it)."""
+    for key in (name, f"{path}:{name}"):
+        if isinstance(row.get(key), float):
+            return row[key]
+    raise TunedeckError(f"the experiment {row.get('Experiment')} has no '{name}' in {path}.")
 
 
 def print_table(trials: list[Trial], url: str, total: float) -> None:

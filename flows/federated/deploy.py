@@ -12,15 +12,13 @@ its worker with its data folder, which only that host reads:
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
-from flows.host.deploy import DEFAULT_POOL, _ensure_pool, prefect_cli, reachable
+from flows.host.deploy import DEFAULT_POOL, check_deployed, deploy_flow, ensure_pool, prefect_cli, reachable
 
 SILO_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
-ENGINE = "command=python -m prefect.engine"  # one process per run, as prefect.yaml's deployments
 
 
 def pool_of(silo: str) -> str:
@@ -38,22 +36,10 @@ def deploy_federated(silos: list[str], root: Path | None = None) -> list[str]:
     reachable()
     names = []
     for silo in silos:
-        asyncio.run(_ensure_pool(pool_of(silo), create=True))
-        _deploy(root, "flows/federated/coordinator.py:silo", silo, pool_of(silo))
+        ensure_pool(pool_of(silo))
+        deploy_flow(root, "flows/federated/coordinator.py:silo", silo, pool_of(silo))
         names.append(f"silo/{silo}")
-    asyncio.run(_ensure_pool(DEFAULT_POOL, create=True))
+    ensure_pool(DEFAULT_POOL)
     proc = prefect_cli("deploy", "--name", "coordinator", cwd=root, env={"TUNEDECK_PROJECT": str(root)})  # prefect.yaml's
-    _check(proc, "--name coordinator")
+    check_deployed(proc, "--name coordinator")
     return [*names, "federated/coordinator"]
-
-
-def _deploy(root: Path, entrypoint: str, name: str, pool: str) -> None:
-    proc = prefect_cli("deploy", entrypoint, "--name", name, "--pool", pool, "--job-variable", ENGINE, cwd=root,
-                       env={"TUNEDECK_PROJECT": str(root)})
-    _check(proc, f"{entrypoint} --name {name}")
-
-
-def _check(proc, what: str) -> None:
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise TunedeckError(f"`prefect deploy {what}` failed: {' | '.join(tail)}")

@@ -22,6 +22,7 @@ MAX_USED_FRACTION = 0.10  # a GPU with more memory in use than this is busy
 MAX_UTILISATION = 10  # percent
 MIB = 1024**2
 FAKE_VARIABLE = "TUNEDECK_FAKE_GPUS"
+CPU_SLOTS_VARIABLE = "TUNEDECK_CPU_SLOTS"  # a CPU worker's --cpu-slots, handed to its runs (flows.run.slot)
 
 
 @dataclass(frozen=True)
@@ -178,5 +179,10 @@ def host() -> str:
 
 
 def slot_name(gpu: int | None) -> str:
-    """The Prefect global concurrency limit (1 slot) that guards one GPU, or this host's CPU."""
+    """The Prefect global concurrency limit (1 slot) that guards one GPU, or this host's (first) CPU slot."""
     return f"tunedeck-{host()}-gpu{gpu}" if gpu is not None else f"tunedeck-{host()}-cpu"
+
+
+def cpu_slot_name(index: int) -> str:
+    """The limit of CPU slot index (a worker with --cpu-slots N runs N CPU runs at once); slot 0 is slot_name(None)."""
+    return slot_name(None) if index == 0 else f"tunedeck-{host()}-cpu{index}"

@@ -90,3 +90,26 @@ def auth() -> tuple[str, str] | None:
     """The API's basic auth (PREFECT_API_AUTH_STRING, user:password), if set."""
     user, sep, password = os.environ.get("PREFECT_API_AUTH_STRING", "").partition(":")
     return (user, password) if sep else None
+
+
+def start_deployment_run(deployment: str, parameters: dict, name: str | None = None) -> str:
+    """A new flow run of deployment FLOW/NAME with parameters (and a run name), for its work pool's workers; its id."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(deployment)
+        return str(client.create_flow_run_from_deployment(found.id, parameters=parameters, name=name).id)
+
+
+def run_states(run_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+    """run id -> (state type, e.g. COMPLETED; state name; its message) of each flow run, in one request."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in run_ids])),
+                                     limit=len(run_ids))
+    return {str(r.id): (r.state.type.value, r.state.name, r.state.message or "") if r.state else ("PENDING", "Pending", "")
+            for r in runs}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api
-from flows.gateways.gpus import gpu_states, slot_name
+from flows.gateways.gpus import CPU_SLOTS_VARIABLE, cpu_slot_name, gpu_states, slot_name
 
 DEFAULT_POOL = "local"
 
@@ -47,6 +47,11 @@ async def _ensure_pool(name: str, create: bool) -> bool:
                 return False
             await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
             return True
+
+
+def ensure_pool(name: str) -> None:
+    """The process work pool `name` on the server, created when missing."""
+    asyncio.run(_ensure_pool(name, create=True))
 
 
 async def _ensure_limits(names: list[str]) -> None:
@@ -126,26 +131,48 @@ async def _ensure_zombie_automation(after_s: int) -> None:
             await client.create_automation(automation)
 
 
+ENGINE = "command=python -m prefect.engine"  # one process per run (Prefect's default adds a supervisor: +1 s), as prefect.yaml's
+
+
+def deploy_flow(root: Path, entrypoint: str, name: str, pool: str) -> str:
+    """`prefect deploy ENTRYPOINT --name NAME --pool POOL` with prefect.yaml's pull step (the worker's own clone);
+    the deployment's full name, FLOW/NAME."""
+    proc = prefect_cli("deploy", entrypoint, "--name", name, "--pool", pool, "--job-variable", ENGINE, cwd=root,
+                       env={"TUNEDECK_PROJECT": str(root)})
+    check_deployed(proc, f"{entrypoint} --name {name}")
+    return name
+
+
+def check_deployed(proc: subprocess.CompletedProcess, what: str) -> None:
+    """A failed `prefect deploy` in one sentence, with the last lines it printed."""
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise TunedeckError(f"`prefect deploy {what}` failed: {' | '.join(tail)}")
+
+
 def deploy(root: Path | None = None) -> list[str]:
     """Create the work pool, the zombie detection and prefect.yaml's deployments; return their names."""
     root = root or Path.cwd()
     after_s = zombie_after_s()
     reachable()
-    asyncio.run(_ensure_pool(DEFAULT_POOL, create=True))
+    ensure_pool(DEFAULT_POOL)
     asyncio.run(_ensure_zombie_automation(after_s))
-    proc = prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())})
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise TunedeckError(f"`prefect deploy --all` failed: {' | '.join(tail)}")
+    check_deployed(prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())}), "--all")
     import yaml
 
     return [d["name"] for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]]
 
 
-def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
-                   root: Path | None = None) -> tuple[list[str], dict[str, str]]:
-    """Check the project, pool and GPUs, create their slots; the prefect worker command and its environment."""
+def worker_command(pool: str, gpus: str | None, git_pull: bool = False, root: Path | None = None,
+                   cpu_slots: int = 1) -> tuple[list[str], dict[str, str]]:
+    """Check the project, pool and GPUs, create their slots; the prefect worker command and its environment.
+
+    Without GPUs the worker runs cpu_slots runs at once on the CPU, each with its share of the cores.
+    """
     root = (root or Path.cwd()).resolve()
+    if cpu_slots < 1 or (gpus and cpu_slots != 1):
+        raise TunedeckError(f"--cpu-slots {cpu_slots}: give 1 or more, and only on a worker without --gpus "
+                            "(a GPU worker runs one run per GPU).")
     if not (root / "dvc.yaml").is_file():
         raise TunedeckError(f"{root} has no dvc.yaml: start `tunedeck worker` in the project's folder (a clone of it on this host).")
     if git_pull and not (root / ".git").exists():
@@ -181,7 +208,8 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False,
         slots = [slot_name(i) for i in wanted]
         env["TUNEDECK_GPUS"] = ",".join(map(str, wanted))
     else:
-        slots = [slot_name(None)]
+        slots = [cpu_slot_name(i) for i in range(cpu_slots)]
+        env[CPU_SLOTS_VARIABLE] = str(cpu_slots)
     asyncio.run(_ensure_limits(slots))
     exe = Path(sys.executable).parent / "prefect"
     cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots))]

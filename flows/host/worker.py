@@ -30,12 +30,12 @@ from flows.run.slot_lease import release_dead
 GRACE_SECONDS = 8.0  # the runs' and the worker's time to end on SIGTERM, then SIGKILL (the goal is a clean host in 10 s)
 
 
-def run_worker(pool: str, gpus: str | None, git_pull: bool = False) -> int:
-    """Start a Prefect process worker on this host that runs one flow run per GPU (or one on the CPU)."""
-    cmd, env = worker_command(pool, gpus, git_pull)
+def run_worker(pool: str, gpus: str | None, git_pull: bool = False, cpu_slots: int = 1) -> int:
+    """Start a Prefect process worker on this host that runs one flow run per GPU (or cpu_slots on the CPU)."""
+    cmd, env = worker_command(pool, gpus, git_pull, cpu_slots=cpu_slots)
     code = f"{env['TUNEDECK_PROJECT']}" + (" (git pull before each run)" if git_pull else "")
-    print(f"worker for pool '{pool}' on {env.get('TUNEDECK_GPUS', 'the CPU')}, code in {code}: {' '.join(cmd[1:])}",
-          flush=True)
+    where = f"GPUs {env['TUNEDECK_GPUS']}" if gpus else "the CPU" + (f" ({cpu_slots} runs at once)" if cpu_slots > 1 else "")
+    print(f"worker for pool '{pool}' on {where}, code in {code}: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd, env={**os.environ, **env})
     publisher = start_publisher(pool, env)
     Reconciler(proc.pid, Path(env["TUNEDECK_PROJECT"])).start()

@@ -47,8 +47,10 @@ def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool =
     return run_pipeline(overrides or [], pull, push, run_name(), promote)
 
 
-def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promote: bool = False) -> dict:
-    """The stages in the run's own workspace, each a task; the results saved as DVC experiment `name`."""
+def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promote: bool = False,
+                 until: str | None = None) -> dict:
+    """The stages in the run's own workspace, each a task (up to `until` when given); the results saved as DVC
+    experiment `name`."""
     logger = get_run_logger()
     code = code_version()
     logger.info(f"code: {code}")
@@ -60,7 +62,8 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
             sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
         elif workspace.tracks_dvc_data(ws):  # .dvc-tracked data (or a committed dvc.lock), linked from the shared cache
             timed("data checked out", lambda: dvc_session().run(["checkout", "--allow-missing"], on_line=logger.info))
-        for stage in dvc_session().stage_order():
+        stages = stages_until(dvc_session().stage_order(), until)
+        for stage in stages:
             if stage == "train" and (nodes := node_count(ws)) > 1:  # one run over several hosts: flows.run.multinode
                 label_run({f"{LABEL}nodes": nodes})  # a retry would find no nodes to meet: none
                 train_across_nodes(ws, overrides, nodes, lambda more: run_stage.with_options(retries=0)("train", {**env, **more}))
@@ -73,7 +76,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         # prod and claim the same next version
         with host_lock(clone, "registry") if promote else contextlib.nullcontext():
             judgement = promotion_gate(ws) if promote else None
-            timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name))
+            timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name, stages))
             if judgement is not None and judgement.decision.promote:
                 from flows.ship.gate import exp_commit, register
 
@@ -85,6 +88,15 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         tag_versions(versions)
         flush_labels()
         return versions
+
+
+def stages_until(order: list[str], until: str | None) -> list[str]:
+    """dvc.yaml's stages in order, up to and including `until` (all without it); an unknown one in one sentence."""
+    if until is None:
+        return order
+    if until not in order:
+        raise TunedeckError(f"until={until!r} is not a stage of dvc.yaml (its stages: {', '.join(order)}): name one of them.")
+    return order[:order.index(until) + 1]
 
 
 def node_count(ws: Path) -> int:
@@ -109,23 +121,26 @@ def promotion_gate(ws: Path):
     return judgement
 
 
-def save_experiment(clone: Path, ws: Path, name: str) -> None:
-    """`dvc exp save` of the workspace as experiment <name>, one run of this clone at a time (shared git refs)."""
-    git("add", "-A", cwd=ws)  # dvc.lock, metrics and plots: what `dvc exp run` would commit
+def save_experiment(clone: Path, ws: Path, name: str, stages: list[str] | None = None) -> None:
+    """`dvc exp save` of the workspace as experiment <name> (of the stages that ran), one run of this clone at a
+    time (shared git refs)."""
+    # dvc.lock, metrics and plots: what `dvc exp run` would commit; not the link to an untracked data.source
+    git("add", "-A", "--", ".", *(f":(exclude){link}" for link in workspace.source_links(ws)), cwd=ws)
     with host_lock(clone, "exp-save"):
-        dvc_session().run(["exp", "save", "--force", "-n", name])
+        dvc_session().run(["exp", "save", "--force", "-n", name, *(stages or [])])
     get_run_logger().info(f"results saved as DVC experiment '{name}' (dvc exp show)")
 
 
 @flow(name="experiment", log_prints=True)
-def experiment(overrides: list[str] | None = None, name: str | None = None) -> dict:
-    """An ad-hoc experiment, what `dvc exp run -n NAME -S ...` does: the stages with the overrides in the
-    run's own workspace, saved as DVC experiment NAME (the flow run's name by default) for `dvc exp show`.
+def experiment(overrides: list[str] | None = None, name: str | None = None, until: str | None = None) -> dict:
+    """An ad-hoc experiment, what `dvc exp run -n NAME -S ... [STAGE]` does: the stages (up to `until`, e.g.
+    evaluate, when given) with the overrides in the run's own workspace, saved as DVC experiment NAME (the flow
+    run's name by default) for `dvc exp show`.
 
     Not `dvc exp run` itself: it moves git refs every workspace of the clone shares for the whole
     run, so two at once on one host would trip over each other; `dvc exp save` takes a second.
     """
-    return run_pipeline(overrides or [], False, False, name or run_name())
+    return run_pipeline(overrides or [], False, False, name or run_name(), until=until)
 
 
 def code_version() -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from flows.contracts import LABEL
-from flows.gateways.gpus import gpu_states, host, slot_name
+from flows.gateways.gpus import CPU_SLOTS_VARIABLE, cpu_slot_name, gpu_states, host, slot_name
 from flows.run.labels import label_run
 from flows.run.slot_lease import SlotLease
 from flows.run.workspace import run_id
@@ -21,19 +21,13 @@ LEASE_SECONDS = 60  # the shortest lease Prefect allows; a killed run's slot is 
 
 @contextlib.contextmanager
 def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
-    """Hold a free GPU of this worker (TUNEDECK_GPUS) for the run, or the host's CPU slot."""
+    """Hold a free GPU of this worker (TUNEDECK_GPUS) for the run, or one of the host's CPU slots."""
     logger = get_run_logger()
     allowed = os.environ.get("TUNEDECK_GPUS")
     root = Path.cwd()  # the clone (flows.host.steps.checkout entered it): its worker frees a dead run's slot
     if not allowed:
-        cpu = SlotLease(slot_name(None), "this host's CPU", LEASE_SECONDS, logger, run_id(), root)
-        while not cpu.take():
-            time.sleep(poll)
-        try:
-            label_run({f"{LABEL}host": host()})
-            yield {}
-        finally:
-            cpu.release()
+        with cpu_slot(int(os.environ.get(CPU_SLOTS_VARIABLE) or 1), root, poll) as env:
+            yield env
         return
     wanted = [int(i) for i in allowed.split(",") if i.strip()]
     waited = False
@@ -52,4 +46,27 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
         if not waited:
             logger.info("all of GPUs %s are busy; waiting for one", allowed)
             waited = True
+        time.sleep(poll)
+
+
+@contextlib.contextmanager
+def cpu_slot(slots: int, root: Path, poll: float) -> Iterator[dict[str, str]]:
+    """Hold one of the host's CPU slots (the worker's --cpu-slots); with more than one, the run's share of the cores.
+
+    Runs side by side on the CPU each get cores // slots threads (OMP_NUM_THREADS for the stages):
+    threads of two runs fighting over the same cores are slower than each run on its own cores.
+    """
+    logger = get_run_logger()
+    while True:
+        for index in range(slots):
+            lease = SlotLease(cpu_slot_name(index), "this host's CPU" + (f" (slot {index})" if slots > 1 else ""),
+                              LEASE_SECONDS, logger, run_id(), root)
+            if not lease.take():
+                continue
+            try:
+                label_run({f"{LABEL}host": host()})
+                yield {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // slots))} if slots > 1 else {}
+            finally:
+                lease.release()
+            return
         time.sleep(poll)

@@ -87,6 +87,17 @@ def link_untracked_source(clone: Path, path: Path, source: str) -> None:
         (path / source).symlink_to(clone / source, target_is_directory=True)
 
 
+def source_links(path: Path) -> list[str]:
+    """The links link_untracked_source made in workspace path (data.source, when neither git nor DVC brought it)."""
+    import yaml
+
+    try:
+        source = str((yaml.safe_load((path / "params.yaml").read_text()) or {}).get("data", {}).get("source") or "")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    return [source] if source and not Path(source).is_absolute() and (path / source).is_symlink() else []
+
+
 def tracks_dvc_data(path: Path) -> bool:
     """Whether the commit has anything for `dvc checkout` to bring: a .dvc file or a dvc.lock (git's index, no DVC)."""
     return bool(git("ls-files", "--", "*.dvc", "dvc.lock", cwd=path).strip())

@@ -185,6 +185,10 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if (threads := os.environ.get("OMP_NUM_THREADS", "")).isdigit() and int(threads) > 0:
+        import torch  # imported by the server: a cold process reads OMP_NUM_THREADS at that import, a fork must be told
+
+        torch.set_num_threads(int(threads))
     for name in [m for m in sys.modules if m == "flows" or m.startswith("flows.")]:
         del sys.modules[name]  # the stage's code is its workspace's, not the server's
     sys.path[0] = request["cwd"]

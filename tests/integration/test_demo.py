@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import psutil
 import pytest
 
 from flows.demo.stats import paired_difference, summarise
@@ -31,6 +32,15 @@ def experiments(project) -> dict[str, dict]:
     return found
 
 
+def processes_in(folder) -> list[str]:
+    """Every process on this machine whose working directory is in folder (a scan now, not a snapshot taken earlier)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cwd", "cmdline"]):
+        if str(process.info["cwd"] or "").startswith(str(folder)):
+            found.append(f"{process.info['pid']}: {' '.join(process.info['cmdline'] or [])[:200]}")
+    return found
+
+
 def test_demo_table_comes_from_real_runs(tmp_path):
     project = make_project(tmp_path / "demo")
     shutil.copy2(ROOT / "params.yaml", project / "params.yaml")  # the real defaults
@@ -41,6 +51,7 @@ def test_demo_table_comes_from_real_runs(tmp_path):
         runs = flow_runs(url)
     finally:
         server.stop(root=project)
+    assert not processes_in(project), "the demo left its worker or a run behind"
     rows = ROW.findall(proc.stdout)
     assert [int(seed) for seed, *_ in rows] == [1, 2], proc.stdout[-3000:]
     shown = experiments(project)
@@ -60,9 +71,15 @@ def test_demo_table_comes_from_real_runs(tmp_path):
     # transfer arm learned (measured 50.7 % +- 5.8 over 5 seeds, so a 2-seed mean has a std near 4 points)
     # far above chance on 5 classes (20 %), 7 of those stds away.
     assert t.mean > 1 / 5, proc.stdout[-2000:]
+    # every experiment is the run a deployment makes: a flow run of `experiment` on the demo's worker, with
+    # its model's version as a tag, in a workspace of its own (gone after), never writing params.yaml
     assert runs and all(state == "COMPLETED" for _, state, _, _ in runs), runs
-    assert {name for name, *_ in runs} == {"prepare", "train", "evaluate"}
-    assert sum(name == "train" for name, *_ in runs) == 1 + 2 * 2, "the source and every arm of every seed"
+    assert {name for name, *_ in runs} == {"experiment"}, runs
+    names = sorted(params["name"] for _, _, params, _ in runs)
+    assert names == sorted(["demo-source", *(f"demo-s{s}-{arm}" for s in (1, 2) for arm in ("transfer", "scratch"))]), \
+        "the source and every arm of every seed, once each"
+    assert all(any(tag.startswith("model:") for tag in tags) for *_, tags in runs), runs
+    assert not list((project / ".tunedeck" / "workspaces").iterdir())
     assert (project / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
     assert (project / "weights" / "demo-source.safetensors").is_file()
     assert "demo-source" in shown
