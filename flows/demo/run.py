@@ -121,16 +121,20 @@ def run_demo(port: int = server.DEFAULT_PORT, seeds: tuple[int, ...] = SEEDS, jo
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     url = start_server_and_data(port)
     with DemoRuns(root, url, jobs) as runs:
-        print("[3/5] source backbone: resnet18 from scratch on digits 0-4 (all labels); beside it, the scratch arms")
-        print(f"    deployment runs of experiment/demo on a worker of this clone, {jobs} at a time "
+        print("[3/5] source backbone: resnet18 from scratch on digits 0-4 (all labels); beside it, the scratch arms on")
+        print(f"    digits 5-9. Deployment runs of experiment/demo on a worker of this clone, {jobs} at a time "
               "(`tunedeck dash` shows them)")
         source = runs.start(SOURCE)
-        scratch = [runs.start(trial("scratch", seed)) for seed in seeds]
-        runs.wait([source])
-        print(f"    exported to {SOURCE_WEIGHTS} (test accuracy on 0-4: {export_source(root):.1%})")
-        print(f"[4/5] digits 5-9, 3 labels per class, seeds {', '.join(map(str, seeds))}: a linear probe on the source "
-              f"backbone (params.yaml as committed) and from scratch")
-        runs.wait(scratch + [runs.start(trial("transfer", seed)) for seed in seeds])
+
+        def transfer_arms(run_id: str) -> list[str]:
+            if run_id != source:
+                return []
+            print(f"    exported to {SOURCE_WEIGHTS} (test accuracy on 0-4: {export_source(root):.1%})")
+            print(f"[4/5] digits 5-9, 3 labels per class, seeds {', '.join(map(str, seeds))}: a linear probe on the "
+                  "source backbone (params.yaml as committed), beside the scratch arms left")
+            return [runs.start(trial("transfer", seed)) for seed in seeds]
+
+        runs.wait([source, *(runs.start(trial("scratch", seed)) for seed in seeds)], transfer_arms)
     rows = results(root, [trial(arm, seed).name for arm in ARMS for seed in seeds])
     trials = [Trial(trial(arm, seed).name, arm, seed, metric(rows[trial(arm, seed).name], "accuracy"))
               for arm in ("transfer", "scratch") for seed in seeds]
@@ -174,7 +178,8 @@ def print_table(trials: list[Trial], url: str, total: float) -> None:
           f"(paired t over seeds); the whole demo took {total:.0f} s")
     print()
     print("  where to look:")
-    print(f"    prefect flow-run ls           every stage as a flow run ({url.removesuffix('/api')})")
+    print(f"    prefect flow-run ls           every experiment as a flow run, its stages as tasks ({url.removesuffix('/api')})")
+    print("    tunedeck dash                 the same runs, their hosts, params and versions; the experiments")
     print("    dvc exp show                  demo-source and every demo-s<seed>-<arm>, side by side")
     print("    dvc exp apply demo-s1-transfer   one seed's model and metrics into the workspace,")
     print("    dvc metrics show; dvc plots show   then its test metrics, training curves, confusion matrix")

@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api
 from flows.host.deploy import deploy_flow, ensure_pool
-from flows.run.multinode import die_with_parent
+from flows.run.processes import die_with_parent
 
 POOL = "demo"
 DEPLOYMENT = "experiment/demo"
@@ -47,17 +48,24 @@ class DemoRuns:
         self.root, self.url, self.jobs = root.resolve(), url, jobs
         self.worker: subprocess.Popen | None = None
         self.names: dict[str, str] = {}  # run id -> experiment name
-        self.started: dict[str, float] = {}
 
     def __enter__(self) -> DemoRuns:
-        os.environ["PREFECT_API_URL"] = self.url  # for the prefect CLI and client in this process
-        ensure_pool(POOL)
-        self.worker = self._start_worker()  # it starts while the deployment is made
-        deploy_flow(self.root, ENTRYPOINT, DEPLOYMENT.split("/")[1], POOL)
+        self._api = prefect_api.using(self.url)  # the server the demo started after Prefect was imported
+        self._api.__enter__()
+        try:
+            ensure_pool(POOL)
+            self.worker = self._start_worker()  # it starts while the deployment is made
+            deploy_flow(self.root, ENTRYPOINT, DEPLOYMENT.split("/")[1], POOL)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._api.__exit__(None, None, None)
 
     def _start_worker(self) -> subprocess.Popen:
         exe = Path(sys.executable).parent / "tunedeck"
@@ -79,26 +87,27 @@ class DemoRuns:
         run_id = prefect_api.start_deployment_run(
             DEPLOYMENT, {"overrides": planned.overrides, "name": planned.name, "until": "evaluate"}, name=planned.name)
         self.names[run_id] = planned.name  # up to evaluate: the demo compares test accuracy; export is for shipping
-        self.started[run_id] = time.monotonic()
         return run_id
 
-    def wait(self, run_ids: list[str]) -> None:
-        """Until every run is final; each end printed; a run that did not complete is one sentence (and the rest stop)."""
+    def wait(self, run_ids: list[str], on_end: Callable[[str], list[str]] | None = None) -> None:
+        """Until every run is final, each end printed as it comes, with the time it ran; on_end(run_id) may start
+        more runs (it returns their ids: waited for too). A run that did not complete is one sentence."""
         left = set(run_ids)
         while left:
             if self.worker is not None and self.worker.poll() is not None:
                 raise TunedeckError(f"the demo's worker stopped (exit {self.worker.returncode}) before its runs ended: "
                                     f"{self.root / LOG} says why.")
-            for run_id, (kind, name, message) in prefect_api.run_states(sorted(left)).items():
-                if kind not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            for run_id, state in prefect_api.run_states(sorted(left)).items():
+                if not state.final:
                     continue
                 left.discard(run_id)
-                seconds = time.monotonic() - self.started[run_id]
-                print(f"    {self.names[run_id]}: {name} after {seconds:.0f} s", flush=True)
-                if kind != "COMPLETED":
+                print(f"    {self.names[run_id]}: {state.name} ({state.seconds:.0f} s)", flush=True)
+                if state.kind != "COMPLETED":
                     raise TunedeckError(
-                        f"the demo's run {self.names[run_id]} ended {name} ({message.strip()[:200] or 'no message'}): "
+                        f"the demo's run {self.names[run_id]} ended {state.name} ({state.message.strip()[:200] or 'no message'}): "
                         f"`prefect flow-run logs {run_id}` has its log, {self.root / LOG} the worker's.")
+                if on_end is not None:
+                    left.update(on_end(run_id))
             if left:
                 time.sleep(self.POLL_S)
 

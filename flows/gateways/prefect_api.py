@@ -6,10 +6,13 @@ project's own server listens; PREFECT_API_URL, when set, wins (a shared server).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 STATE = Path(".tunedeck")
@@ -92,6 +95,24 @@ def auth() -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
+@contextlib.contextmanager
+def using(url: str) -> Iterator[None]:
+    """Prefect's clients in this process (and the CLIs it starts) talk to url, also when Prefect was imported before
+    the server was known (its settings are read once, at import)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
 def start_deployment_run(deployment: str, parameters: dict, name: str | None = None) -> str:
     """A new flow run of deployment FLOW/NAME with parameters (and a run name), for its work pool's workers; its id."""
     from prefect.client.orchestration import get_client
@@ -101,8 +122,22 @@ def start_deployment_run(deployment: str, parameters: dict, name: str | None = N
         return str(client.create_flow_run_from_deployment(found.id, parameters=parameters, name=name).id)
 
 
-def run_states(run_ids: list[str]) -> dict[str, tuple[str, str, str]]:
-    """run id -> (state type, e.g. COMPLETED; state name; its message) of each flow run, in one request."""
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """Where a flow run stands: its state's type (e.g. COMPLETED) and name, the state's message, seconds it ran."""
+
+    kind: str
+    name: str
+    message: str
+    seconds: float
+
+    @property
+    def final(self) -> bool:
+        return self.kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def run_states(run_ids: list[str]) -> dict[str, RunState]:
+    """run id -> RunState of each flow run, in one request."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
@@ -111,5 +146,6 @@ def run_states(run_ids: list[str]) -> dict[str, tuple[str, str, str]]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in run_ids])),
                                      limit=len(run_ids))
-    return {str(r.id): (r.state.type.value, r.state.name, r.state.message or "") if r.state else ("PENDING", "Pending", "")
+    return {str(r.id): RunState(r.state.type.value if r.state else "PENDING", r.state.name if r.state else "Pending",
+                                (r.state.message or "") if r.state else "", r.total_run_time.total_seconds())
             for r in runs}

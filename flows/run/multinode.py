@@ -35,6 +35,7 @@ from flows.gateways.dvc.cli import sync
 from flows.gateways.git import git
 from flows.gateways.prefect_api import end_run
 from flows.run.labels import flush_labels
+from flows.run.processes import die_with_parent
 from flows.run.session import dvc_session, open_session
 from flows.run.slot import device_slot
 from flows.run.workspace import run_workspace
@@ -58,15 +59,6 @@ def server_endpoint() -> tuple[str, int]:
 
     url = urlparse(PREFECT_API_URL.value() or "http://127.0.0.1:4200/api")
     return url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when this flow run's process dies (cancelled, killed), Linux only."""
-    if sys.platform == "linux":
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port(address: str) -> int:

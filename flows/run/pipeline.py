@@ -49,8 +49,8 @@ def pipeline(overrides: list[str] | None = None, pull: bool = True, push: bool =
 
 def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promote: bool = False,
                  until: str | None = None) -> dict:
-    """The stages in the run's own workspace, each a task (up to `until` when given); the results saved as DVC
-    experiment `name`."""
+    """The stages in the run's own workspace, each a task (with `until`, only that stage and those it needs); the
+    results saved as DVC experiment `name`."""
     logger = get_run_logger()
     code = code_version()
     logger.info(f"code: {code}")
@@ -62,7 +62,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
             sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
         elif workspace.tracks_dvc_data(ws):  # .dvc-tracked data (or a committed dvc.lock), linked from the shared cache
             timed("data checked out", lambda: dvc_session().run(["checkout", "--allow-missing"], on_line=logger.info))
-        stages = stages_until(dvc_session().stage_order(), until)
+        stages = stages_for(until)
         for stage in stages:
             if stage == "train" and (nodes := node_count(ws)) > 1:  # one run over several hosts: flows.run.multinode
                 label_run({f"{LABEL}nodes": nodes})  # a retry would find no nodes to meet: none
@@ -90,13 +90,14 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         return versions
 
 
-def stages_until(order: list[str], until: str | None) -> list[str]:
-    """dvc.yaml's stages in order, up to and including `until` (all without it); an unknown one in one sentence."""
-    if until is None:
-        return order
-    if until not in order:
-        raise TunedeckError(f"until={until!r} is not a stage of dvc.yaml (its stages: {', '.join(order)}): name one of them.")
-    return order[:order.index(until) + 1]
+def stages_for(target: str | None) -> list[str]:
+    """dvc.yaml's stages in order; with a target, it and the stages it needs (`dvc repro TARGET`); an unknown one
+    in one sentence."""
+    stages = dvc_session().stage_order(target)
+    if not stages:
+        raise TunedeckError(f"until={target!r} is not a stage of dvc.yaml (its stages: "
+                            f"{', '.join(dvc_session().stage_order())}): name one of them.")
+    return stages
 
 
 def node_count(ws: Path) -> int:
@@ -133,9 +134,9 @@ def save_experiment(clone: Path, ws: Path, name: str, stages: list[str] | None =
 
 @flow(name="experiment", log_prints=True)
 def experiment(overrides: list[str] | None = None, name: str | None = None, until: str | None = None) -> dict:
-    """An ad-hoc experiment, what `dvc exp run -n NAME -S ... [STAGE]` does: the stages (up to `until`, e.g.
-    evaluate, when given) with the overrides in the run's own workspace, saved as DVC experiment NAME (the flow
-    run's name by default) for `dvc exp show`.
+    """An ad-hoc experiment, what `dvc exp run -n NAME -S ... [STAGE]` does: the stages (with `until`, e.g.
+    evaluate, only that stage and those it needs) with the overrides in the run's own workspace, saved as DVC
+    experiment NAME (the flow run's name by default) for `dvc exp show`.
 
     Not `dvc exp run` itself: it moves git refs every workspace of the clone shares for the whole
     run, so two at once on one host would trip over each other; `dvc exp save` takes a second.

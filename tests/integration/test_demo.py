@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import shutil
+import time
 
 import psutil
 import pytest
 
 from flows.demo.stats import paired_difference, summarise
+from flows.gateways.prefect_api import local_url, server_record
 from flows.host import server
 from tests.conftest import ROOT
-from tests.integration.project import free_port, make_project, run
+from tests.integration.project import api, free_port, make_project, run
 from tests.integration.test_pipeline import flow_runs
 
 pytestmark = pytest.mark.slow
@@ -32,12 +36,28 @@ def experiments(project) -> dict[str, dict]:
     return found
 
 
-def processes_in(folder) -> list[str]:
-    """Every process on this machine whose working directory is in folder (a scan now, not a snapshot taken earlier)."""
+def processes_in(folder, leave: int | None = None) -> list[str]:
+    """Every live process on this machine whose working directory is in folder, but the process group `leave`
+    (a scan now, not a snapshot taken earlier)."""
     found = []
-    for process in psutil.process_iter(["pid", "cwd", "cmdline"]):
-        if str(process.info["cwd"] or "").startswith(str(folder)):
-            found.append(f"{process.info['pid']}: {' '.join(process.info['cmdline'] or [])[:200]}")
+    for process in psutil.process_iter(["pid", "cwd", "cmdline", "status"]):
+        if not str(process.info["cwd"] or "").startswith(str(folder)) or process.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            if leave is not None and os.getpgid(process.info["pid"]) == leave:
+                continue
+        except ProcessLookupError:
+            continue
+        found.append(f"{process.info['pid']}: {' '.join(process.info['cmdline'] or [])[:200]}")
+    return found
+
+
+def left_behind(folder, leave: int) -> list[str]:
+    """processes_in(folder), once what is still on its way out has gone: a process's own exit takes a moment after its
+    parent waited for it to close (hang guard: 10 s, where they go within a second)."""
+    deadline = time.monotonic() + 10
+    while (found := processes_in(folder, leave)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return found
 
 
@@ -45,13 +65,15 @@ def test_demo_table_comes_from_real_runs(tmp_path):
     project = make_project(tmp_path / "demo")
     shutil.copy2(ROOT / "params.yaml", project / "params.yaml")  # the real defaults
     run(project, "git", "commit", "-qam", "real params")
-    url = server.start(free_port(), root=project)
-    try:
-        proc = run(project, "tunedeck", "demo", "--seeds", "2", PREFECT_API_URL=url)
-        runs = flow_runs(url)
+    try:  # as `make demo` runs it: no PREFECT_API_URL, the demo starts the project's server (and leaves it up)
+        proc = run(project, "tunedeck", "demo", "--seeds", "2", "--port", str(free_port()))
+        runs = flow_runs(local_url(project))
+        spans = sorted((r["start_time"], r["end_time"]) for r in api(local_url(project), "flow_runs/filter"))
+        # before the server stops (the demo leaves it up, on purpose: its runs are there to look at)
+        left = left_behind(project, leave=server_record(project)["pid"])
     finally:
         server.stop(root=project)
-    assert not processes_in(project), "the demo left its worker or a run behind"
+    assert not left, "the demo left its worker or a run behind"
     rows = ROW.findall(proc.stdout)
     assert [int(seed) for seed, *_ in rows] == [1, 2], proc.stdout[-3000:]
     shown = experiments(project)
@@ -80,6 +102,8 @@ def test_demo_table_comes_from_real_runs(tmp_path):
         "the source and every arm of every seed, once each"
     assert all(any(tag.startswith("model:") for tag in tags) for *_, tags in runs), runs
     assert not list((project / ".tunedeck" / "workspaces").iterdir())
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), \
+        f"two runs at once on the worker's two CPU slots: {spans}"
     assert (project / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
     assert (project / "weights" / "demo-source.safetensors").is_file()
     assert "demo-source" in shown

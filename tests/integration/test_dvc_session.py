@@ -55,3 +55,6 @@ def test_stage_order_is_dvcs_own_graph_dependencies_first(tmp_path):
     )
     with DvcSession(tmp_path) as dvc:
         assert dvc.stage_order() == ["clean", "train", "report"]
+        assert dvc.stage_order("train") == ["clean", "train"], "a target and what it needs, as `dvc repro train`"
+        assert dvc.stage_order("clean") == ["clean"]
+        assert dvc.stage_order("nope") == [], "an unknown target: none (the run says so in one sentence)"

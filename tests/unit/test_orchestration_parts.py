@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.core.errors import TunedeckError
-from flows.gateways.gpus import GpuState, gpu_states, slot_name
+from flows.gateways.gpus import GpuState, cpu_slot_name, gpu_states, slot_name
 from flows.run.overrides import apply_overrides, parse_overrides
 from tests.conftest import ROOT
 
@@ -45,6 +45,8 @@ def test_gpu_slots_and_fake_gpus(monkeypatch):
     monkeypatch.setenv("TUNEDECK_FAKE_GPUS", "2")
     assert [g.index for g in gpu_states()] == [0, 1]
     assert slot_name(1) == "tunedeck-box1-gpu1" and slot_name(None) == "tunedeck-box1-cpu"
+    assert [cpu_slot_name(i) for i in range(3)] == ["tunedeck-box1-cpu", "tunedeck-box1-cpu1", "tunedeck-box1-cpu2"], \
+        "a worker with one CPU slot keeps the slot name workers had before --cpu-slots"
     assert GpuState(0, 0.05, 3).free and not GpuState(0, 0.5, 0).free and not GpuState(0, 0.0, 90).free
 
 
@@ -55,3 +57,11 @@ def test_data_changes_are_read_from_dvc_status():
                           {"changed outs": {"data/prepared": "deleted"}}]}
     assert data_changed(status) == ["data/images"]
     assert data_changed({}) == []
+
+
+@pytest.mark.parametrize("gpus, cpu_slots", [(None, 0), (None, -1), ("0", 2)])
+def test_bad_cpu_slots_are_one_sentence_before_any_server_is_asked(gpus, cpu_slots):
+    from flows.host.deploy import worker_command
+
+    with pytest.raises(TunedeckError, match=f"--cpu-slots {cpu_slots}: give 1 or more, and only on a worker without --gpus"):
+        worker_command("local", gpus, root=ROOT, cpu_slots=cpu_slots)

@@ -72,9 +72,10 @@ class DvcSession:
         """A key made of the stage's dvc.lock entry when DVC says the stage is up to date, else None."""
         return self._ask(DvcRequest(op="key", stage=stage, cwd=self._where()), None, []).key
 
-    def stage_order(self) -> list[str]:
-        """The pipeline's stages, each after those it depends on: DVC's own stage graph (dvc.repo.Index.graph)."""
-        return self._ask(DvcRequest(op="stages", cwd=self._where()), None, []).stages
+    def stage_order(self, target: str | None = None) -> list[str]:
+        """The pipeline's stages, each after those it depends on: DVC's own stage graph (dvc.repo.Index.graph); with
+        a target, only it and the stages it needs (what `dvc repro TARGET` runs)."""
+        return self._ask(DvcRequest(op="stages", cwd=self._where(), stage=target), None, []).stages
 
     def repro(self, stage: str, env: dict[str, str] | None = None,
               on_line: Callable[[str], None] | None = None) -> None:
@@ -133,15 +134,21 @@ def stage_key(stage: str) -> str | None:
     return f"dvc-{stage}-" + hashlib.sha256(json.dumps(lock, sort_keys=True).encode()).hexdigest()
 
 
-def stage_order() -> list[str]:
-    """In the helper: the pipeline stages of the repo here, dependencies first (DVC's graph, .dvc files left out)."""
+def stage_order(target: str | None = None) -> list[str]:
+    """In the helper: the pipeline stages of the repo here, dependencies first (DVC's graph, .dvc files left out);
+    with a target, it and the stages it depends on, directly or not (an unknown target: none)."""
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
     with Repo(".") as repo:
         graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
-        return [s.addressing for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+        order = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
+        if target is not None:
+            wanted = next((s for s in order if s.addressing == target), None)
+            keep = {wanted, *nx.descendants(graph, wanted)} if wanted is not None else set()
+            order = [s for s in order if s in keep]
+        return [s.addressing for s in order]
 
 
 def serve() -> None:
@@ -155,7 +162,7 @@ def serve() -> None:
         if request.op == "key":
             answer = DvcAnswer(key=stage_key(request.stage or ""))
         elif request.op == "stages":
-            answer = DvcAnswer(stages=stage_order())
+            answer = DvcAnswer(stages=stage_order(request.stage))
         else:
             os.environ.clear()
             os.environ.update({**base, **request.env})
