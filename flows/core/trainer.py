@@ -34,6 +34,7 @@ from flows.core.speed import (
     retain_freed_memory,
     uses_convolutions,
 )
+from flows.core.train_state import TrainState
 from flows.core.transfer import Freezer, param_groups
 
 log = logging.getLogger("tunedeck")
@@ -127,10 +128,7 @@ class Trainer:
         self.loss_fn = SoftTargetCrossEntropy() if self.augment.soft_targets else nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         self.gen = torch.Generator().manual_seed(params.base.seed)
         self.policy = PolicyImages(self.train_x, self.cfg.auto_augment, params.base.seed) if self.cfg.auto_augment else None
-        self.micro, self.accum = self.cfg.batch_size, self.cfg.accum_steps
-        self.step, self.oom_events, self.since_best = 0, 0, 0
-        self.history: list[tuple[int, dict]] = []  # every logged epoch, replayed to the tracker on resume
-        self.best = {"score": float("-inf"), "epoch": -1, "weights": "raw", "state": None, "val_acc": None}
+        self.state = TrainState(micro=self.cfg.batch_size, accum=self.cfg.accum_steps)
         self.forward = self._wrap()
 
     # ---- set-up helpers -------------------------------------------------------------------
@@ -170,7 +168,7 @@ class Trainer:
             if hasattr(self.tracker, "describe"):  # how the run trains, beside its metrics
                 self.tracker.describe({"precision": self.precision.name, "precision_reason": self.precision.reason,
                                        "compile": self.compiled})
-            for logged_epoch, logged in self.history:  # DVC removed the metric files: write them again
+            for logged_epoch, logged in self.state.history:  # DVC removed the metric files: write them again
                 self.tracker.log(logged_epoch, logged)
         epoch = first_epoch
         for epoch in range(first_epoch, self.cfg.epochs):
@@ -181,17 +179,19 @@ class Trainer:
                 break
         result = self._export(out, time.perf_counter() - start) if self.world.main else {}
         return TrainResult(
-            best_epoch=self.best["epoch"] + 1, val_accuracy=self.best["val_acc"], weights_from=self.weights_from,
+            best_epoch=self.state.best.epoch + 1, val_accuracy=self.state.best.val_acc, weights_from=self.weights_from,
             seconds=time.perf_counter() - start, model_sha256=result.get("sha256", ""), epochs_run=epoch + 1,
-            resumed_at=resumed_at, oom_events=self.oom_events, precision=self.precision.name,
+            resumed_at=resumed_at, oom_events=self.state.oom_events, precision=self.precision.name,
             precision_reason=self.precision.reason,
         )
 
     def _epoch(self, epoch: int, first_batch: int, partial: dict | None, checkpoints: Path | None, key: str) -> dict:
         """Train one epoch from first_batch; return its metrics."""
-        if self.freezer.apply(epoch) and epoch > 0 and self.world.main:
-            log.info("epoch %d: %d parameter tensors frozen", epoch + 1, len(self.freezer.frozen))
-        self.forward = self._wrap() if self.world.size > 1 else self.forward
+        if self.freezer.apply(epoch):
+            if epoch > 0 and self.world.main:
+                log.info("epoch %d: %d parameter tensors frozen", epoch + 1, len(self.freezer.frozen))
+            if self.world.size > 1:  # DDP registers the parameters that need a gradient when it wraps: again, once
+                self.forward = self._wrap()
         if self.policy is not None:
             self.policy.epoch = epoch
         self.model.train()
@@ -210,7 +210,7 @@ class Trainer:
             acc["loss"] += loss * len(y)
             bar.update()
             every = self.cfg.checkpoint_every
-            if checkpoints is not None and every and self.step % every == 0 and index + 1 < len(batches):
+            if checkpoints is not None and every and self.state.step % every == 0 and index + 1 < len(batches):
                 self._checkpoint(checkpoints, key, epoch, index + 1, acc)
         bar.close()
         seen = all_reduce_sum(acc["seen"], self.world, self.device)
@@ -219,8 +219,8 @@ class Trainer:
             "samples_per_s": seen / max(time.perf_counter() - tic, 1e-9),
             "step_ms": 1000 * acc["step_time"] / max(acc["steps"], 1),
             "peak_mem_mb": peak_memory_mb(self.device),
-            "micro_batch": self.micro,
-            "accum_steps": self.accum,
+            "micro_batch": self.state.micro,
+            "accum_steps": self.state.accum,
             **{f"lr/group{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)},
         }
 
@@ -253,7 +253,7 @@ class Trainer:
                 loss = self._accumulate(x, target)
                 if not math.isfinite(loss):
                     raise TunedeckError(
-                        f"the training loss became {loss} at step {self.step} in {self.precision.name} "
+                        f"the training loss became {loss} at step {self.state.step} in {self.precision.name} "
                         f"({self.precision.reason}): set train.precision: fp32, or lower train.lr."
                     )
                 return loss
@@ -261,15 +261,16 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if self.micro == 1:
+                st = self.state
+                if st.micro == 1:
                     raise TunedeckError(
                         "out of device memory even with micro-batches of 1 image: use a smaller model or image size."
                     ) from None
-                self.micro, self.accum, self.oom_events = (self.micro + 1) // 2, self.accum * 2, self.oom_events + 1
-                log.warning("out of memory: micro-batch halved to %d, accumulation doubled to %d (same effective batch)", self.micro, self.accum)
+                st.micro, st.accum, st.oom_events = (st.micro + 1) // 2, st.accum * 2, st.oom_events + 1
+                log.warning("out of memory: micro-batch halved to %d, accumulation doubled to %d (same effective batch)", st.micro, st.accum)
 
     def _accumulate(self, x: torch.Tensor, target: torch.Tensor) -> float:
-        chunks = list(zip(x.split(self.micro), target.split(self.micro), strict=True))
+        chunks = list(zip(x.split(self.state.micro), target.split(self.state.micro), strict=True))
         total = 0.0
         for i, (cx, cy) in enumerate(chunks):
             sync = i == len(chunks) - 1 or self.world.size == 1
@@ -284,9 +285,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.state.step += 1
         if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
+            self.ema.update(self.model, step=self.state.step)
         return total
 
     def _end_epoch(self, epoch: int, metrics: dict, checkpoints: Path | None, key: str) -> bool:
@@ -294,10 +295,10 @@ class Trainer:
         if self.world.main:
             self._validate(epoch, metrics)
         step_scheduler(self.scheduler, epoch, metrics.get("val/acc"), self.world, self.device)
-        stop = bool(self.cfg.early_stopping and self.since_best >= self.cfg.early_stopping)
+        stop = bool(self.cfg.early_stopping and self.state.since_best >= self.cfg.early_stopping)
         if self.world.main:
             log.info("epoch %d/%d  %s", epoch + 1, self.cfg.epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith("lr/")))
-            self.history.append((epoch, dict(metrics)))
+            self.state.history.append((epoch, dict(metrics)))
             if self.tracker is not None:
                 self.tracker.log(epoch, metrics)
             if checkpoints is not None:
@@ -318,21 +319,17 @@ class Trainer:
             if len(self.val_y):
                 metrics[f"val/loss{suffix}"], metrics[f"val/acc{suffix}"], _ = score(module, self.norm, self.val_x, self.val_y, self.params.evaluate.batch_size, ctx)
             value = metrics.get(f"val/acc{suffix}", -metrics["train/loss"])
-            if value > self.best["score"]:
-                state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
-                self.best = {"score": value, "epoch": epoch, "weights": name, "state": state, "val_acc": metrics.get(f"val/acc{suffix}")}
-                improved = True
-        self.since_best = 0 if improved else self.since_best + 1
+            improved = self.state.improve(value, epoch, name, module, metrics.get(f"val/acc{suffix}")) or improved
+        self.state.since_best = 0 if improved else self.state.since_best + 1
 
     # ---- checkpoints and export -----------------------------------------------------------
     def _checkpoint(self, folder: Path, key: str, epoch: int, batch: int, partial: dict | None) -> Path:
         state = {
-            "run_key": key, "epoch": epoch, "batch": batch, "partial": partial, "step": self.step,
+            "run_key": key, "epoch": epoch, "batch": batch, "partial": partial,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": ckpt.rng_state(self.gen), "best": self.best, "since_best": self.since_best,
-            "micro": self.micro, "accum": self.accum, "oom_events": self.oom_events, "history": self.history,
+            "rng": ckpt.rng_state(self.gen), **self.state.to_checkpoint(),
         }
         return ckpt.save(folder, state)
 
@@ -345,9 +342,7 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         ckpt.restore_rng(state["rng"], self.gen)
-        self.best, self.since_best, self.step = state["best"], state["since_best"], state["step"]
-        self.micro, self.accum, self.oom_events = state["micro"], state["accum"], state["oom_events"]
-        self.history = list(state.get("history", []))
+        self.state = TrainState.from_checkpoint(state)
         return state["epoch"], state["batch"], state["partial"]
 
     def _export(self, out: Path, seconds: float) -> dict:
@@ -360,11 +355,12 @@ class Trainer:
             model_name=self.params.model.name, classes=self.classes, image_size=self.image_size,
             mean=list(self.prep.mean), std=list(self.prep.std), interpolation=self.prep.interpolation,
             data_version=self.data_version, temperature=self._temperature(),
-            weights_from=self.weights_from, best_epoch=self.best["epoch"] + 1, val_accuracy=self.best["val_acc"],
-            weights=self.best["weights"], micro_batch=self.micro, accum_steps=self.accum, oom_events=self.oom_events,
+            weights_from=self.weights_from, best_epoch=self.state.best.epoch + 1, val_accuracy=self.state.best.val_acc,
+            weights=self.state.best.weights, micro_batch=self.state.micro, accum_steps=self.state.accum,
+            oom_events=self.state.oom_events,
             sha256="", train_seconds=round(seconds, 1),
         )
-        save_model(weights, self.best["state"], card.meta())
+        save_model(weights, self.state.best.state, card.meta())
         card = card.model_copy(update={"sha256": sha256(weights)})
         card.write(out)
         config = card.model_dump()
@@ -378,7 +374,7 @@ class Trainer:
 
         if not len(self.val_y):
             return 1.0
-        self.model.load_state_dict(self.best["state"])  # training is over: the model becomes the best weights
+        self.model.load_state_dict(self.state.best.state)  # training is over: the model becomes the best weights
         logits = logits_of(self.model, self.norm, self.val_x, self.params.evaluate.batch_size)
         return fit_temperature(logits, self.val_y)
 

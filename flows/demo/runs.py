@@ -22,8 +22,8 @@ from pathlib import Path
 
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api
+from flows.gateways.processes import die_with_parent
 from flows.host.deploy import deploy_flow, ensure_pool
-from flows.run.processes import die_with_parent
 
 POOL = "demo"
 DEPLOYMENT = "experiment/demo"
@@ -70,6 +70,7 @@ class DemoRuns:
     def _start_worker(self) -> subprocess.Popen:
         exe = Path(sys.executable).parent / "tunedeck"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
+        (self.root / LOG).parent.mkdir(parents=True, exist_ok=True)  # a server of PREFECT_API_URL made no .tunedeck/
         log = (self.root / LOG).open("w")
         env = {**os.environ, "PREFECT_API_URL": self.url,
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

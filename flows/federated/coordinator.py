@@ -119,11 +119,9 @@ def call_silo(deployment: str, task: SiloTask, timeout_s: float) -> tuple[str, s
 
 
 def _cancel(run_id) -> None:
-    from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
-    with get_client(sync_client=True) as client:
-        end_run(client, run_id, Cancelling(message="the coordinator stopped waiting"), if_open=False)
+    end_run(run_id, Cancelling(message="the coordinator stopped waiting"), if_open=False)
 
 
 @flow(name="federated", log_prints=True)

@@ -1,4 +1,6 @@
-"""The door to Prefect's API from any process: where the API is, whether it answers, and its credentials.
+"""The door to Prefect's API from any process: where the API is, whether it answers, its credentials, and every call
+tunedeck makes through Prefect's client (end a run, its tags and labels, runs of a deployment, pools, limits, the
+zombie automation). No other module imports prefect.client (tests/unit/test_floor_plan.py), but the two it names.
 
 The local server's record (``.tunedeck/server.json``, written by flows.host.server) says where this
 project's own server listens; PREFECT_API_URL, when set, wins (a shared server).
@@ -77,16 +79,89 @@ def api_url(root: Path | None = None) -> str | None:
     return os.environ.get("PREFECT_API_URL") or local_url(root)
 
 
-def end_run(client, run_id, state, if_open: bool = True) -> bool:
-    """Force flow run run_id into state (a Prefect State: Crashed, Cancelling, a stage's end) through client
-    (a sync PrefectClient); the one place tunedeck ends a run that its own engine cannot. With if_open, a
-    run already final keeps its state (its engine got there first). True when the state was set."""
-    if if_open:
-        current = client.read_flow_run(run_id).state
-        if current is not None and current.is_final():
-            return False
-    client.set_flow_run_state(run_id, state, force=True)
+@contextlib.contextmanager
+def _client(client=None):
+    """A sync PrefectClient for one call (or the one a test hands in)."""
+    if client is not None:
+        yield client
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as fresh:
+        yield fresh
+
+
+def end_run(run_id, state, if_open: bool = True, client=None) -> bool:
+    """Force flow run run_id into state (a Prefect State: Crashed, Cancelling, a stage's end); the one place tunedeck
+    ends a run that its own engine cannot. With if_open, a run already final keeps its state (its engine got there
+    first). True when the state was set. Server errors propagate (callers retry or give up)."""
+    with _client(client) as api:
+        if if_open:
+            current = api.read_flow_run(run_id).state
+            if current is not None and current.is_final():
+                return False
+        api.set_flow_run_state(run_id, state, force=True)
     return True
+
+
+def add_tags(run_id: str, tags: list[str]) -> None:
+    """Add tags to a flow run, keeping those it has."""
+    with _client() as api:
+        current = api.read_flow_run(run_id).tags or []
+        api.update_flow_run(run_id, tags=sorted({*current, *tags}))
+
+
+def set_labels(run_id: str, labels: dict) -> None:
+    """Set (merge) labels on a flow run."""
+    with _client() as api:
+        api.update_flow_run_labels(run_id, labels)
+
+
+class Session:
+    """One client held for many calls: a run's label thread sends every update of the run through one."""
+
+    def __init__(self, client) -> None:
+        self._api = client
+
+    def set_labels(self, run_id: str, labels: dict) -> None:
+        self._api.update_flow_run_labels(run_id, labels)
+
+    def progress(self, run_id: str, key: str, percent: float, artifact=None, task_run_id=None):
+        """Create (artifact None) or update a progress artifact shown in Prefect's UI; its id."""
+        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+        if artifact is not None:
+            self._api.update_artifact(artifact, ArtifactUpdate(data=percent))
+            return artifact
+        return self._api.create_artifact(ArtifactCreate(
+            type="progress", key=key, data=percent, description="epochs done", flow_run_id=run_id,
+            task_run_id=task_run_id)).id
+
+
+@contextlib.contextmanager
+def session() -> Iterator[Session]:
+    """A Session over one sync client, closed at the end."""
+    with _client() as api:
+        yield Session(api)
+
+
+def completed_runs_tags(flow_name: str, limit: int = 20) -> list[list[str]]:
+    """The tags of the newest completed runs of a flow, newest first."""
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    completed = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
+    with _client() as api:
+        runs = api.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                  flow_run_filter=completed, sort=FlowRunSort.END_TIME_DESC, limit=limit)
+    return [list(run.tags or []) for run in runs]
 
 
 def auth() -> tuple[str, str] | None:
@@ -115,11 +190,9 @@ def using(url: str) -> Iterator[None]:
 
 def start_deployment_run(deployment: str, parameters: dict, name: str | None = None) -> str:
     """A new flow run of deployment FLOW/NAME with parameters (and a run name), for its work pool's workers; its id."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        found = client.read_deployment_by_name(deployment)
-        return str(client.create_flow_run_from_deployment(found.id, parameters=parameters, name=name).id)
+    with _client() as api:
+        found = api.read_deployment_by_name(deployment)
+        return str(api.create_flow_run_from_deployment(found.id, parameters=parameters, name=name).id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +213,71 @@ def run_states(run_ids: list[str]) -> dict[str, RunState]:
     """run id -> RunState of each flow run, in one request."""
     from uuid import UUID
 
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in run_ids])),
+    with _client() as api:
+        runs = api.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in run_ids])),
                                      limit=len(run_ids))
     return {str(r.id): RunState(r.state.type.value if r.state else "PENDING", r.state.name if r.state else "Pending",
                                 (r.state.message or "") if r.state else "", r.total_run_time.total_seconds())
             for r in runs}
+
+
+def work_pool(name: str, create: bool) -> bool:
+    """Whether the work pool exists on the server; with create, a process pool of that name is made when missing."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with _client() as api:
+        try:
+            api.read_work_pool(name)
+            return True
+        except ObjectNotFound:
+            if not create:
+                return False
+            api.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+
+
+def ensure_limits(names: list[str], limit: int = 1) -> None:
+    """A global concurrency limit of `limit` slots for each name, made where missing (by whichever worker is first)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with _client() as api:
+        for name in names:
+            try:
+                api.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                with contextlib.suppress(ObjectAlreadyExists):  # another worker of this host made it meanwhile
+                    api.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+
+
+def ensure_crash_on_silence(name: str, after_s: int, description: str, message: str) -> None:
+    """The automation `name`: a flow run whose heartbeats stop for after_s seconds (and that did not end) is marked
+    Crashed with message. Created once; updated when after_s changed since."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    with _client() as api:
+        found = api.read_automations_by_name(name)
+        if found and found[0].trigger.within == timedelta(seconds=after_s):
+            return
+        ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+        automation = AutomationCore(
+            name=name, description=description,
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                within=timedelta(seconds=after_s)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=message)],
+        )
+        if found:
+            api.update_automation(found[0].id, automation)
+        else:
+            api.create_automation(automation)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -33,39 +31,9 @@ def prefect_cli(*args: str, cwd: Path | None = None, env: dict | None = None) ->
                           capture_output=True, text=True)
 
 
-async def _ensure_pool(name: str, create: bool) -> bool:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-
-    async with get_client() as client:
-        try:
-            await client.read_work_pool(name)
-            return True
-        except ObjectNotFound:
-            if not create:
-                return False
-            await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-            return True
-
-
 def ensure_pool(name: str) -> None:
     """The process work pool `name` on the server, created when missing."""
-    asyncio.run(_ensure_pool(name, create=True))
-
-
-async def _ensure_limits(names: list[str]) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    async with get_client() as client:
-        for name in names:
-            try:
-                await client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                with contextlib.suppress(ObjectAlreadyExists):  # another worker of this host made it meanwhile
-                    await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    prefect_api.work_pool(name, create=True)
 
 
 ZOMBIE_AUTOMATION = "tunedeck: crash runs whose host went silent"
@@ -94,41 +62,17 @@ def zombie_after_s() -> int:
     return seconds
 
 
-async def _ensure_zombie_automation(after_s: int) -> None:
+def ensure_zombie_automation(after_s: int) -> None:
     """Prefect's zombie detection: a running flow run whose heartbeats stop for after_s seconds is marked Crashed.
 
     For a host that dies whole (power, kernel, SIGKILL of its worker): nothing on it is left to
     report the run's end. Created once, by name; updated when after_s changed since.
     """
-    from datetime import timedelta
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
-    async with get_client() as client:
-        found = await client.read_automations_by_name(ZOMBIE_AUTOMATION)
-        if found and found[0].trigger.within == timedelta(seconds=after_s):
-            return
-        ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
-        automation = AutomationCore(
-            name=ZOMBIE_AUTOMATION,
-            description="A run whose process stopped sending heartbeats (its host died) is marked Crashed; run it "
-                        "again to resume from its checkpoint on the DVC remote.",
-            trigger=EventTrigger(
-                after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
-                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-                within=timedelta(seconds=after_s)),
-            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=(
-                f"no heartbeat for {after_s} s: its host or worker died; run it again to resume"))],
-        )
-        if found:
-            await client.update_automation(found[0].id, automation)
-        else:
-            await client.create_automation(automation)
+    prefect_api.ensure_crash_on_silence(
+        ZOMBIE_AUTOMATION, after_s,
+        description="A run whose process stopped sending heartbeats (its host died) is marked Crashed; run it "
+                    "again to resume from its checkpoint on the DVC remote.",
+        message=f"no heartbeat for {after_s} s: its host or worker died; run it again to resume")
 
 
 ENGINE = "command=python -m prefect.engine"  # one process per run (Prefect's default adds a supervisor: +1 s), as prefect.yaml's
@@ -156,7 +100,7 @@ def deploy(root: Path | None = None) -> list[str]:
     after_s = zombie_after_s()
     reachable()
     ensure_pool(DEFAULT_POOL)
-    asyncio.run(_ensure_zombie_automation(after_s))
+    ensure_zombie_automation(after_s)
     check_deployed(prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())}), "--all")
     import yaml
 
@@ -178,7 +122,7 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False, root: Pa
     if git_pull and not (root / ".git").exists():
         raise TunedeckError(f"--git-pull needs a git clone, and {root} is not one: clone the project's repository here first.")
     reachable()
-    if not asyncio.run(_ensure_pool(pool, create=False)):
+    if not prefect_api.work_pool(pool, create=False):
         raise TunedeckError(f"work pool '{pool}' does not exist on the server: run `tunedeck deploy` (it creates '{DEFAULT_POOL}') or name another with --pool.")
     env = {
         "PREFECT_API_URL": os.environ["PREFECT_API_URL"],
@@ -210,7 +154,7 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False, root: Pa
     else:
         slots = [cpu_slot_name(i) for i in range(cpu_slots)]
         env[CPU_SLOTS_VARIABLE] = str(cpu_slots)
-    asyncio.run(_ensure_limits(slots))
+    prefect_api.ensure_limits(slots)
     exe = Path(sys.executable).parent / "prefect"
     cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots))]
     return cmd, env

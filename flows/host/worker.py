@@ -201,7 +201,6 @@ def crash_unfinished(run_ids: list[str], why: str) -> list[str]:
     """
     if not run_ids:
         return []
-    from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
     from flows.gateways.prefect_api import api_url, end_run, healthy
@@ -211,12 +210,11 @@ def crash_unfinished(run_ids: list[str], why: str) -> list[str]:
         return []
     settled = []
     try:
-        with get_client(sync_client=True) as client:
-            for run_id in run_ids:
-                if end_run(client, run_id, Crashed(message=why)):
-                    print(f"tunedeck worker: flow run {run_id} had no process left; marked Crashed", file=sys.stderr,
-                          flush=True)
-                settled.append(run_id)
+        for run_id in run_ids:
+            if end_run(run_id, Crashed(message=why)):
+                print(f"tunedeck worker: flow run {run_id} had no process left; marked Crashed", file=sys.stderr,
+                      flush=True)
+            settled.append(run_id)
     except Exception:  # noqa: BLE001 - the server went away meanwhile: the rest next time
         pass
     return settled

@@ -56,23 +56,10 @@ def data_version_now(stage: str) -> tuple[str, str]:
 
 def last_trained_data() -> str | None:
     """The 12-digit data version of the newest completed pipeline run, None when no run has one."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
+    from flows.gateways.prefect_api import completed_runs_tags
 
-    completed = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
-                                     flow_run_filter=completed, sort=FlowRunSort.END_TIME_DESC, limit=20)
-    for run in runs:
-        tag = next((t for t in run.tags or [] if t.startswith("data:")), None)
+    for tags in completed_runs_tags("pipeline", limit=20):
+        tag = next((t for t in tags if t.startswith("data:")), None)
         if tag:
             return tag.removeprefix("data:")
     return None

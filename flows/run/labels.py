@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 from prefect import get_run_logger
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.runtime import flow_run, task_run
 
 from flows.contracts import StageProgress, eval_scores
+from flows.gateways import prefect_api
 
 
 class Labeller:
@@ -36,24 +35,19 @@ class Labeller:
         self.thread.start()
 
     def _send(self) -> None:
-        with get_client(sync_client=True) as client:
+        with prefect_api.session() as api:
             while (item := self.queue.get()) is not None:
                 try:
-                    self._one(client, *item)
+                    self._one(api, *item)
                 except Exception:  # noqa: BLE001
                     self.failed += 1
 
-    def _one(self, client, labels: dict, progress: tuple[str, float] | None, task_run_id) -> None:
-        client.update_flow_run_labels(self.run_id, labels)
+    def _one(self, api: prefect_api.Session, labels: dict, progress: tuple[str, float] | None, task_run_id) -> None:
+        api.set_labels(self.run_id, labels)
         if progress is None:
             return
         key, percent = progress
-        if key in self.artifacts:
-            client.update_artifact(self.artifacts[key], ArtifactUpdate(data=percent))
-        else:
-            self.artifacts[key] = client.create_artifact(ArtifactCreate(
-                type="progress", key=key, data=percent, description="epochs done", flow_run_id=self.run_id,
-                task_run_id=task_run_id)).id
+        self.artifacts[key] = api.progress(self.run_id, key, percent, self.artifacts.get(key), task_run_id)
 
     def put(self, labels: dict, progress: tuple[str, float] | None, task_run_id) -> None:
         self.queue.put((labels, progress, task_run_id))
@@ -106,8 +100,7 @@ def label_scores(ws: Path, give_up_after: float = 60.0) -> None:
     deadline = time.monotonic() + give_up_after
     while True:
         try:
-            with get_client(sync_client=True) as client:
-                client.update_flow_run_labels(flow_run.id, labels)
+            prefect_api.set_labels(flow_run.id, labels)
             return
         except Exception as exc:  # noqa: BLE001 - the server is busy or away: again, then say so
             if time.monotonic() > deadline:

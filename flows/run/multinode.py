@@ -33,9 +33,9 @@ from flows.contracts.placement import Placement
 from flows.core.errors import TunedeckError
 from flows.gateways.dvc.cli import sync
 from flows.gateways.git import git
-from flows.gateways.prefect_api import end_run
+from flows.gateways.prefect_api import end_run, run_states
+from flows.gateways.processes import die_with_parent
 from flows.run.labels import flush_labels
-from flows.run.processes import die_with_parent
 from flows.run.session import dvc_session, open_session
 from flows.run.slot import device_slot
 from flows.run.workspace import run_workspace
@@ -133,20 +133,17 @@ class Watch:
         self.done.set()
 
     def _run(self) -> None:
-        from prefect.client.orchestration import get_client
-
-        pending = list(self.run_ids)
-        with get_client(sync_client=True) as client:
-            while pending and not self.done.wait(self.poll):
-                for run_id in list(pending):
-                    try:
-                        state = client.read_flow_run(run_id).state_type.value
-                    except Exception:  # noqa: BLE001 - a server hiccup: ask again next time
-                        continue
-                    if state in FINAL or state == "CANCELLING":
-                        pending.remove(run_id)
-                        if not self.done.is_set():
-                            self.on_end(run_id, state)
+        pending = [str(run_id) for run_id in self.run_ids]
+        while pending and not self.done.wait(self.poll):
+            try:
+                states = run_states(pending)
+            except Exception:  # noqa: BLE001 - a server hiccup: ask again next time
+                continue
+            for run_id, state in states.items():
+                if state.kind in FINAL or state.kind == "CANCELLING":
+                    pending.remove(run_id)
+                    if not self.done.is_set():
+                        self.on_end(run_id, state.kind)
 
 
 def stop_processes(placement_env: dict[str, str]) -> list[int]:
@@ -167,19 +164,17 @@ def stop_processes(placement_env: dict[str, str]) -> list[int]:
 
 def end_nodes(run_ids: list, logger, grace: float = 30.0) -> None:
     """Wait up to grace for the node runs to end on their own; cancel the ones still open (their processes go)."""
-    from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
     deadline = time.monotonic() + grace
-    with get_client(sync_client=True) as client:
-        pending = list(run_ids)
-        while pending and time.monotonic() < deadline:
-            pending = [i for i in pending if client.read_flow_run(i).state_type.value not in FINAL]
-            if pending:
-                time.sleep(1)
-        for run_id in pending:
-            logger.warning(f"node run {run_id} still open after the train stage ended: cancelling it")
-            end_run(client, run_id, Cancelling(), if_open=False)
+    pending = [str(run_id) for run_id in run_ids]
+    while pending and time.monotonic() < deadline:
+        pending = [i for i, state in run_states(pending).items() if state.kind not in FINAL]
+        if pending:
+            time.sleep(1)
+    for run_id in pending:
+        logger.warning(f"node run {run_id} still open after the train stage ended: cancelling it")
+        end_run(run_id, Cancelling(), if_open=False)
 
 
 @flow(name="ddp-node", log_prints=True)

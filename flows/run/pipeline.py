@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.contracts import LABEL, ModelCard
 from flows.core.errors import TunedeckError
+from flows.gateways import prefect_api
 from flows.gateways.dvc.cli import sync
 from flows.gateways.git import git, head, host_lock
 from flows.run import workspace
@@ -168,14 +169,11 @@ def attach_versions(code: str, root: Path) -> dict:
 
 def tag_versions(versions: dict) -> None:
     """The run's data and model versions as tags (data:<md5>, model:<sha256>, 12 digits), as a stage's run has."""
-    from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
     tags = [f"{kind}:{versions[key][:12]}" for kind, key in (("data", "data_version"), ("model", "model_sha256"))
             if versions.get(key)]
     if tags and flow_run.id:
-        with get_client(sync_client=True) as client:
-            current = client.read_flow_run(flow_run.id).tags or []
-            client.update_flow_run(flow_run.id, tags=sorted({*current, *tags}))
+        prefect_api.add_tags(flow_run.id, tags)
 
 

@@ -223,13 +223,10 @@ def settle(run_id: str, state, give_up_after: float = SETTLE_S) -> int:
     """Set the run's final state once the server answers again; the stage has gone on meanwhile."""
     import time
 
-    from prefect.client.orchestration import get_client
-
     deadline = time.monotonic() + give_up_after
     while time.monotonic() < deadline:
         try:
-            with get_client(sync_client=True) as client:  # the engine's own retries may have got there first
-                end_run(client, run_id, state)
+            end_run(run_id, state)  # the engine's own retries may have got there first
             print(f"tunedeck reporter: flow run {run_id} ends {state.type.value}, set after an outage", file=sys.stderr)
             return 0
         except Exception:  # noqa: BLE001 - still down: try again

@@ -12,6 +12,7 @@ from flows.contracts import ModelCard
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
+from flows.gateways.processes import die_with_parent
 from flows.stages.entry import run_main
 
 DIE_WITH_PARENT = """
@@ -234,11 +235,8 @@ def tags() -> list[str]:
 
 def die_with_agent() -> None:
     """A DDP worker gets SIGTERM when its torchrun dies, even by kill -9 (Linux): no rank outlives its host's run."""
-    if sys.platform == "linux" and "TORCHELASTIC_RUN_ID" in os.environ:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
 
 
 if __name__ == "__main__":

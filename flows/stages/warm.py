@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from flows.gateways.processes import die_with_parent
+
 ENV = "TUNEDECK_WARM"
 """The socket of this run's warm server; stage processes that see it hand their work over."""
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "timm", "timm.data", "timm.optim", "timm.scheduler", "safetensors.torch")
@@ -244,7 +246,7 @@ class WarmStages:
     def start(self) -> WarmStages:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flows.stages.warm", str(self.path)], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
         return self
 
@@ -263,15 +265,3 @@ class WarmStages:
                 self.proc.kill()
         with contextlib.suppress(OSError):
             self.path.unlink()
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG (Linux): the server ends with the run's process, even if that one is killed."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1])

@@ -57,9 +57,11 @@ def test_kill_9_then_dvc_repro_ends_bit_identical(tmp_path):
 
 
 DDP_SETTINGS = dict(model__name="test_vit", train__optimizer="sgd", train__precision="fp32", train__hflip=0.0,
-                    train__crop_padding=0, train__lr=0.05, train__epochs=2)
+                    train__crop_padding=0, train__lr=0.05, train__epochs=2, train__freeze_epochs=1)
 """As tests/integration/test_multinode.py: no BatchNorm (the Trainer keeps per-rank BatchNorm statistics,
-there is no SyncBatchNorm), no augmentation drawn per rank, fp32, SGD."""
+there is no SyncBatchNorm), no augmentation drawn per rank, fp32, SGD. One epoch with the backbone frozen,
+then all of it: DDP is wrapped again at that change (only then), and a wrap that missed the unfrozen
+parameters would leave them unsynchronised between the ranks, far from the one process's weights."""
 
 
 def trained(project, **values) -> dict:

@@ -1,5 +1,5 @@
 """The floor plan holds: no import cycle between any two of our modules, every folder says what it holds,
-git runs only through its gateway, and no file or function outgrows a reading.
+git runs and Prefect's client is reached only through their gateways, and no file or function outgrows a reading.
 
 import-linter's layers contract (pyproject.toml) orders the folders; it does not see a cycle inside one
 folder, which this finds (imports inside functions included: grimp reads them all).
@@ -60,6 +60,29 @@ def test_git_runs_only_through_its_gateway():
             if isinstance(first, ast.Constant) and first.value == "git":
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert found == [], f"git run outside flows/gateways/git.py: {found}"
+
+
+PREFECT_CLIENT_AWAY = {
+    # still holding their own client (issue 26 item 3): a stage's reporter keeps one async client for the run's
+    # life (its cancel watch and labels, through outages); the GPU slot's lease renews from a thread of its own
+    "flows/stages/reporter.py", "flows/run/slot_lease.py",
+}
+
+
+def test_prefects_client_is_reached_only_through_its_gateway():
+    """Prefect's API client (prefect.client) is imported by flows/gateways/prefect_api.py alone (and the two named
+    above): "end a run", "add its tags", "set its labels" each exist once."""
+    found = []
+    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
+        where = str(path.relative_to(ROOT))
+        if where == "flows/gateways/prefect_api.py" or where in PREFECT_CLIENT_AWAY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "prefect.client" or n.startswith("prefect.client.") for n in names):
+                found.append(f"{where}:{node.lineno}")
+    assert found == [], f"Prefect's client imported outside flows/gateways/prefect_api.py: {found}"
 
 
 MAX_FILE_LINES = 400

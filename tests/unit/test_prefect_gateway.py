@@ -24,7 +24,7 @@ class Client:
 
 def test_an_open_run_is_ended_and_a_final_one_keeps_its_state_unless_told_otherwise():
     running, done, unknown = Client(Running()), Client(Completed()), Client(None)
-    assert end_run(running, "a", Crashed(message="gone")) and running.set == [("a", "CRASHED", True)]
-    assert end_run(unknown, "b", Crashed()) and unknown.set == [("b", "CRASHED", True)]
-    assert not end_run(done, "c", Crashed()) and done.set == [], "its engine got there first"
-    assert end_run(done, "c", Cancelling(), if_open=False) and done.set == [("c", "CANCELLING", True)]
+    assert end_run("a", Crashed(message="gone"), client=running) and running.set == [("a", "CRASHED", True)]
+    assert end_run("b", Crashed(), client=unknown) and unknown.set == [("b", "CRASHED", True)]
+    assert not end_run("c", Crashed(), client=done) and done.set == [], "its engine got there first"
+    assert end_run("c", Cancelling(), if_open=False, client=done) and done.set == [("c", "CANCELLING", True)]
