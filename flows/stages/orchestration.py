@@ -22,6 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# at the top, not in the SIGTERM handler below: a stop that came while the stage itself was importing psutil
+# (dvclive does) found the module half-initialised there and died on psutil.Error (CI on 0097279, seed 25545)
+import psutil
+
 from flows.contracts import ReporterAnswer, ReporterOpen, RunFile, StageProgress
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api
@@ -183,8 +187,6 @@ def stop_children(keep: int, grace_s: float = 10.0) -> None:
     A DDP stage runs torchrun, which runs a worker per GPU: exiting alone would leave them
     training on, holding the GPUs the cancel was meant to free.
     """
-    import psutil
-
     try:
         children = [c for c in psutil.Process().children(recursive=True) if c.pid != keep]
     except psutil.Error:

@@ -265,3 +265,7 @@ class WarmStages:
                 self.proc.kill()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
