@@ -11,6 +11,7 @@ The worker's log is .tunedeck/demo-worker.log; the worker stops with the demo (e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,22 +51,17 @@ class DemoRuns:
         self.names: dict[str, str] = {}  # run id -> experiment name
 
     def __enter__(self) -> DemoRuns:
-        self._api = prefect_api.using(self.url)  # the server the demo started after Prefect was imported
-        self._api.__enter__()
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(prefect_api.using(self.url))  # the server the demo started after Prefect was imported
+            stack.callback(self.stop)  # runs first on the way out
             ensure_pool(POOL)
             self.worker = self._start_worker()  # it starts while the deployment is made
             deploy_flow(self.root, ENTRYPOINT, DEPLOYMENT.split("/")[1], POOL)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+            self._exit = stack.pop_all()  # set up: kept until __exit__
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            self.stop()
-        finally:
-            self._api.__exit__(None, None, None)
+        self._exit.close()
 
     def _start_worker(self) -> subprocess.Popen:
         exe = Path(sys.executable).parent / "tunedeck"

@@ -112,9 +112,9 @@ def add_tags(run_id: str, tags: list[str]) -> None:
 
 
 def set_labels(run_id: str, labels: dict) -> None:
-    """Set (merge) labels on a flow run."""
-    with _client() as api:
-        api.update_flow_run_labels(run_id, labels)
+    """Set (merge) labels on a flow run (one call: a Session for many)."""
+    with session() as api:
+        api.set_labels(run_id, labels)
 
 
 class Session:

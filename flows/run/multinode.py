@@ -41,7 +41,6 @@ from flows.run.slot import device_slot
 from flows.run.workspace import run_workspace
 
 NODE_DEPLOYMENT = "ddp-node/ddp-node"
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def address_towards(host: str, port: int) -> str:
@@ -140,7 +139,7 @@ class Watch:
             except Exception:  # noqa: BLE001 - a server hiccup: ask again next time
                 continue
             for run_id, state in states.items():
-                if state.kind in FINAL or state.kind == "CANCELLING":
+                if state.final or state.kind == "CANCELLING":
                     pending.remove(run_id)
                     if not self.done.is_set():
                         self.on_end(run_id, state.kind)
@@ -169,7 +168,7 @@ def end_nodes(run_ids: list, logger, grace: float = 30.0) -> None:
     deadline = time.monotonic() + grace
     pending = [str(run_id) for run_id in run_ids]
     while pending and time.monotonic() < deadline:
-        pending = [i for i, state in run_states(pending).items() if state.kind not in FINAL]
+        pending = [i for i, state in run_states(pending).items() if not state.final]
         if pending:
             time.sleep(1)
     for run_id in pending:
