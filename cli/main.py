@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=4200, help="port of the local Prefect server it starts (default 4200)")
     demo.add_argument("--seeds", type=int, default=5, help="seeds per arm, at least 2 (default 5)")
     demo.add_argument("--jobs", type=int, help="experiments at a time (default: 2 where there are 2 cores)")
+    demo.add_argument("--source-epochs", type=int, default=8, metavar="N",
+                      help="epochs of the source backbone (default 8, as the README's figures; fewer: a quicker, weaker one)")
     srv = sub.add_parser("server", help="the Prefect server (SQLite under .tunedeck/, or a team's PostgreSQL)")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=4200, help="port (default 4200)")
@@ -88,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from flows.demo.run import run_demo
 
-            if args.seeds < 2 or (args.jobs is not None and args.jobs < 1):
-                raise TunedeckError("--seeds must be 2 or more (an interval needs a spread) and --jobs 1 or more.")
-            run_demo(args.port, tuple(range(1, args.seeds + 1)), args.jobs)
+            if args.seeds < 2 or (args.jobs is not None and args.jobs < 1) or args.source_epochs < 1:
+                raise TunedeckError("--seeds must be 2 or more (an interval needs a spread), --jobs and --source-epochs "
+                                    "1 or more.")
+            run_demo(args.port, tuple(range(1, args.seeds + 1)), args.jobs, args.source_epochs)
             return 0
         if args.command == "server":
             return server_command(args.action, args.port, args.host, args.database)

@@ -66,7 +66,9 @@ def test_demo_table_comes_from_real_runs(tmp_path):
     shutil.copy2(ROOT / "params.yaml", project / "params.yaml")  # the real defaults
     run(project, "git", "commit", "-qam", "real params")
     try:  # as `make demo` runs it: no PREFECT_API_URL, the demo starts the project's server (and leaves it up)
-        proc = run(project, "tunedeck", "demo", "--seeds", "2", "--port", str(free_port()))
+        # 3 source epochs, not 8: a weaker backbone, but what this test checks is the demo's machinery (and that
+        # the transfer arm learned); the suite's longest test took 120-220 s in CI with 8
+        proc = run(project, "tunedeck", "demo", "--seeds", "2", "--source-epochs", "3", "--port", str(free_port()))
         runs = flow_runs(local_url(project))
         spans = sorted((r["start_time"], r["end_time"]) for r in api(local_url(project), "flow_runs/filter"))
         # before the server stops (the demo leaves it up, on purpose: its runs are there to look at)

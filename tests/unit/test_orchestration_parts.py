@@ -65,3 +65,13 @@ def test_bad_cpu_slots_are_one_sentence_before_any_server_is_asked(gpus, cpu_slo
 
     with pytest.raises(TunedeckError, match=f"--cpu-slots {cpu_slots}: give 1 or more, and only on a worker without --gpus"):
         worker_command("local", gpus, root=ROOT, cpu_slots=cpu_slots)
+
+
+@pytest.mark.parametrize("args", [["--seeds", "1"], ["--jobs", "0"], ["--source-epochs", "0"]])
+def test_bad_demo_options_are_one_sentence_and_exit_2_before_anything_starts(args, capsys, monkeypatch):
+    from cli.main import main
+
+    monkeypatch.setattr("flows.demo.run.run_demo", lambda *a: pytest.fail("the demo started"))
+    assert main(["demo", *args]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("tunedeck: error: --seeds must be 2 or more"), said
