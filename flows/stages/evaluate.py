@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 from flows.contracts import ModelCard, StageProgress, eval_scores
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import EVAL, MODELS, PREPARED
-from flows.stages.entry import run_main
+from flows.stages.entry import finish, run_main
 
 
 def work(params: Params) -> dict:
@@ -38,4 +36,4 @@ def tags() -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main("evaluate", work, tags))
+    finish(run_main("evaluate", work, tags))

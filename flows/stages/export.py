@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from flows.contracts import ModelCard
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import MODEL_WEIGHTS, MODELS, PREPARED
-from flows.stages.entry import run_main
+from flows.stages.entry import finish, run_main
 
 EXPORT = Path("export")
 EXPORT_ONNX = EXPORT / "model.onnx"
@@ -49,4 +48,4 @@ def tags() -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main("export", work, tags))
+    finish(run_main("export", work, tags))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from flows.core.params import Params
 from flows.core.paths import PREPARED
-from flows.stages.entry import run_main
+from flows.stages.entry import finish, run_main
 
 log = logging.getLogger("tunedeck")
 
@@ -40,4 +39,4 @@ def work(params: Params) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main("prepare", work, warm=False))  # no torch here: nothing to gain from the warm server
+    finish(run_main("prepare", work, warm=False))  # no torch here: nothing to gain from the warm server

@@ -13,7 +13,7 @@ from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
 from flows.gateways.processes import die_with_parent
-from flows.stages.entry import run_main
+from flows.stages.entry import finish, run_main
 
 DIE_WITH_PARENT = """
 import ctypes, os, signal, sys
@@ -241,4 +241,4 @@ def die_with_agent() -> None:
 
 if __name__ == "__main__":
     die_with_agent()
-    sys.exit(run_main("train", work, tags))
+    finish(run_main("train", work, tags))
