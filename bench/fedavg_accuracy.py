@@ -5,7 +5,7 @@
 Data: the demo's digits 5-9 (`tunedeck demo` writes data/demo/digits-5-9), decoded at 32 px, a
 stratified 30 % test split held by the "coordinator". Model: timm's tiny test_resnet from random
 initialisation (pretrained=False: offline, and small enough for a CPU). Both arms run the same
-local trainer (flows.core.fedavg_train: same optimizer, batch size and one cosine LR over the
+local round (flows.core.fedavg_train.local_round, the Trainer: same optimizer, batch size and one cosine LR over the
 run's epochs); centralised training sees the pooled silos' images for rounds x local epochs,
 FedAvg sees each silo's share for local epochs per round. The averaging is the coordinator's
 (flows.core.fedavg), called in-process: the Prefect flows around it are tested in
@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from flows.core.fedavg import dirichlet_split, iid_split, weighted_average
-from flows.core.fedavg_train import Schedule, cpu_state, global_score, local_train
+from flows.core.fedavg_train import Schedule, cpu_state, global_score, local_round
 from flows.core.images import decode_folder
 from flows.core.params import TrainParams
 from flows.core.split import stratified_split
 
 SOURCE = Path("data/demo/digits-5-9")
 MODEL = "test_resnet"
+CLASSES = [str(i) for i in range(100)]  # names only: the Trainer's manifest wants some
 TRAIN = TrainParams(batch_size=16, lr=3e-3, weight_decay=0.05, optimizer="adamw", scheduler="cosine", hflip=0.0)
 
 
@@ -42,7 +43,7 @@ def new_model(classes: int, seed: int):
 
 def centralised(x, y, tx, ty, classes: int, epochs: int, seed: int) -> float:
     model = new_model(classes, seed)
-    local_train(model, x, y, TRAIN, Schedule(0, epochs, epochs, seed))
+    local_round(model, MODEL, x, y, TRAIN, Schedule(0, epochs, epochs, seed), CLASSES[:classes])
     return global_score(model, tx, ty, 256)[1]
 
 
@@ -54,7 +55,8 @@ def fedavg(x, y, tx, ty, parts, classes: int, rounds: int, local: int, seed: int
         states = []
         for i, idx in enumerate(parts):
             model.load_state_dict(state)
-            local_train(model, x[idx], y[idx], TRAIN, Schedule(r * local, local, rounds * local, seed * 10 + i))
+            local_round(model, MODEL, x[idx], y[idx], TRAIN, Schedule(r * local, local, rounds * local, seed * 10 + i + 10_000 * r),
+                        CLASSES[:classes])
             states.append(cpu_state(model))
         state = weighted_average(states, [len(p) for p in parts])
         model.load_state_dict(state)

@@ -1,32 +1,42 @@
-"""A silo's local training for FedAvg, and the global model's score: torch and timm only, no Prefect.
+"""A silo's local round for FedAvg through the one Trainer, and the global model's score: torch and timm only, no
+Prefect.
 
 Each round a silo starts from the global weights with a fresh optimizer (plain FedAvg) and trains
-``epochs`` epochs on its own images. The LR follows one cosine over the federation's whole run
-(rounds x local epochs), and freezing follows ``train.freeze_epochs`` on the same global epoch
-count, so a federated run and a centralised run with the same total epochs see the same schedule.
+``epochs`` epochs of the federation's run on its own images, through flows.core.trainer's
+Trainer.train_round: every train param means what it means in the train stage (the LR schedule
+runs over the federation's whole run, rounds x local epochs; freezing, augmentation, precision and
+micro-batches as there), so a federated run and a centralised run with the same total epochs see
+the same schedule. A param with no meaning in a round (early stopping, EMA, a plateau schedule,
+checkpoints: a silo has no validation split and keeps nothing between rounds) is refused in one
+sentence.
 """
 
 from __future__ import annotations
 
-import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from flows.core.augment import Normalizer, crop_and_flip, epoch_order
+from flows.contracts import PrepareManifest
+from flows.core.augment import Normalizer
+from flows.core.distributed import World
+from flows.core.errors import TunedeckError
 from flows.core.model import preprocessing
-from flows.core.params import TrainParams
+from flows.core.params import BaseParams, DataParams, ModelParams, Params, TrainParams
+from flows.core.prepare import Splits
 from flows.core.scoring import score
-from flows.core.transfer import Freezer, param_groups
+from flows.core.trainer import Trainer
 
 CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Where a silo's local epochs sit in the federation's run: global epochs [first, first + epochs) of total."""
+    """Where a silo's local epochs sit in the federation's run: global epochs [first, first + epochs) of total; the
+    silo's seed (its batches and augmentation)."""
 
     first: int
     epochs: int
@@ -34,51 +44,41 @@ class Schedule:
     seed: int
 
 
-def lr_at(cfg: TrainParams, epoch: int, total: int) -> float:
-    """The LR of one global epoch: cosine from train.lr down to 1 % of it over total epochs, or constant."""
-    if cfg.scheduler == "none" or total <= 1:
-        return cfg.lr
-    floor = cfg.lr * 0.01
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * epoch / total))
+def silo_seed(seed: int, silo: str, round_: int) -> int:
+    """A silo's seed in one round: its own (its batches are not another silo's) and the round's (no round repeats
+    another's augmentation draws)."""
+    return seed + zlib.crc32(silo.encode()) % 10_000 + 10_000 * round_
 
 
-def local_train(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainParams, when: Schedule,
-                device: torch.device = CPU) -> float:
-    """Train model in place on (x uint8 NHWC, y) for when.epochs epochs; the mean training loss of the last one."""
-    from timm.optim import create_optimizer_v2
-
-    prep = preprocessing(model)
-    norm = Normalizer(prep.mean, prep.std, device)
-    model.to(device)
-    freezer = Freezer(model, cfg)
-    optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optimizer, lr=cfg.lr)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    loss_sum, seen = 0.0, 0
-    for epoch in range(when.first, when.first + when.epochs):
-        freezer.apply(epoch)
-        model.train()
-        freezer.set_bn_modes()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch, when.total) * group.get("lr_scale", 1.0)
-        gen = torch.Generator().manual_seed(when.seed * 100_003 + epoch)
-        loss_sum, seen = 0.0, 0
-        for idx in _batches(len(y), cfg.batch_size, when.seed, epoch):
-            images = crop_and_flip(torch.from_numpy(np.asarray(x[idx.numpy()])), cfg, gen).to(device)
-            target = torch.from_numpy(np.asarray(y[idx.numpy()], dtype=np.int64)).to(device)
-            loss = loss_fn(model(norm(images)), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum, seen = loss_sum + loss.item() * len(idx), seen + len(idx)
-    return loss_sum / max(seen, 1)
+def check_round_params(cfg: TrainParams) -> None:
+    """One sentence for the train params a local round cannot honour (before any round starts, and in each silo)."""
+    unused = [f"train.{name}" for name, set_ in (
+        ("early_stopping", cfg.early_stopping is not None), ("ema_decay", cfg.ema_decay is not None),
+        ("scheduler: plateau", cfg.scheduler == "plateau"), ("checkpoint_every", cfg.checkpoint_every != 0),
+        ("keep_top", cfg.keep_top != 1),
+    ) if set_]
+    if unused:
+        raise TunedeckError(f"{', '.join(unused)} cannot work in a federated round (a silo has no validation split and "
+                            "keeps no checkpoints between rounds): leave them at their defaults for a federated run.")
 
 
-def _batches(n: int, size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The epoch's batches in a (seed, epoch) order; a short last batch is dropped unless it is the only one."""
-    batches = list(epoch_order(n, seed, epoch).split(size))
-    if len(batches) > 1 and len(batches[-1]) < size:  # as the Trainer: no 1-image BatchNorm batch
-        batches.pop()
-    return batches
+def round_params(cfg: TrainParams, model_name: str, image_size: int, when: Schedule) -> Params:
+    """The Params a silo's Trainer runs with: the coordinator's train params over the federation's total epochs."""
+    return Params(
+        base=BaseParams(seed=when.seed), data=DataParams(source="silo", image_size=image_size),
+        model=ModelParams(name=model_name, pretrained=False), train=cfg.model_copy(update={"epochs": when.total}),
+    )
+
+
+def local_round(model: nn.Module, model_name: str, x: np.ndarray, y: np.ndarray, cfg: TrainParams, when: Schedule,
+                classes: list[str], device: torch.device = CPU) -> float:
+    """Train model in place on (x uint8 NHWC, y) for the round's epochs; the mean training loss of the last one."""
+    check_round_params(cfg)
+    params = round_params(cfg, model_name, x.shape[1], when)
+    manifest = PrepareManifest(source="silo", data_version="", classes=classes, image_size=x.shape[1],
+                               counts={"train": len(y)})
+    trainer = Trainer(params, manifest, Splits.train_only(x, y), device, World(), None, model=model)
+    return trainer.train_round(when.first, when.epochs)
 
 
 def global_score(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int,

@@ -124,3 +124,21 @@ def load_split(folder: Path, name: str, mmap: bool = True) -> tuple[np.ndarray, 
 def load_manifest(folder: Path) -> PrepareManifest:
     """The manifest prepare wrote: classes, counts, image size and data version (one sentence if broken)."""
     return PrepareManifest.read(folder)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The images (uint8 NHWC) and labels a run trains and validates on: the prepare stage's, or a silo's own."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+
+    @classmethod
+    def load(cls, prepared: Path) -> Splits:
+        return cls(*load_split(prepared, "train"), *load_split(prepared, "val"))
+
+    @classmethod
+    def train_only(cls, x: np.ndarray, y: np.ndarray) -> Splits:
+        return cls(x, y, x[:0], y[:0])

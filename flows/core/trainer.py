@@ -15,13 +15,14 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from tqdm import tqdm
 
+from flows.contracts import PrepareManifest
 from flows.core import checkpoint as ckpt
 from flows.core.augment import BatchAugment, Normalizer, PolicyImages, crop_and_flip, epoch_order, policy_batches
 from flows.core.distributed import World, all_reduce_sum, broadcast_flag, broadcast_value
 from flows.core.errors import TunedeckError
 from flows.core.model import build_model, preprocessing
 from flows.core.params import Params, save_resolved
-from flows.core.prepare import load_split
+from flows.core.prepare import Splits
 from flows.core.scoring import score
 from flows.core.speed import (
     autocast,
@@ -87,7 +88,10 @@ def step_scheduler(scheduler, epoch: int, val_acc: float | None, world: World, d
 class Trainer:
     """Holds the model, optimizer, schedule, EMA and data of one run."""
 
-    def __init__(self, params: Params, manifest: dict, prepared: Path, device: torch.device, world: World, tracker) -> None:
+    def __init__(self, params: Params, manifest: PrepareManifest, data: Path | Splits, device: torch.device, world: World,
+                 tracker, model: nn.Module | None = None) -> None:
+        """data: the prepare stage's folder, or the splits themselves; model: weights to start from (a FedAvg round's
+        global model) instead of params.model's."""
         from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
 
@@ -98,7 +102,10 @@ class Trainer:
         self.precision = resolve_precision(self.cfg.precision, device)
         self.dtype = self.precision.dtype
         torch.manual_seed(params.base.seed)
-        self.model, self.weights_from = build_model(params.model, len(self.classes))
+        if model is None:
+            self.model, self.weights_from = build_model(params.model, len(self.classes))
+        else:
+            self.model, self.weights_from = model, "the weights it was given"
         if world.main:
             log.info("model %s on %s: %s", params.model.name, device, self.weights_from)
             log.info("precision %s (%s)", self.precision.name, self.precision.reason)
@@ -109,8 +116,8 @@ class Trainer:
         prep = preprocessing(self.model)
         self.prep = prep
         self.norm = Normalizer(prep.mean, prep.std, device, self.channels_last)
-        self.train_x, self.train_y = load_split(prepared, "train")
-        self.val_x, self.val_y = load_split(prepared, "val")
+        splits = data if isinstance(data, Splits) else Splits.load(data)
+        self.train_x, self.train_y, self.val_x, self.val_y = splits.train_x, splits.train_y, splits.val_x, splits.val_y
         self.freezer = Freezer(self.model, self.cfg)
         self.optimizer = create_optimizer_v2(
             param_groups(self.model, self.cfg), opt=self.cfg.optimizer, lr=self.cfg.lr, **fused_option(self.cfg.optimizer, device)
@@ -184,6 +191,18 @@ class Trainer:
             resumed_at=resumed_at, oom_events=self.state.oom_events, precision=self.precision.name,
             precision_reason=self.precision.reason,
         )
+
+    def train_round(self, first: int, epochs: int) -> float:
+        """Epochs [first, first + epochs) of a run of train.epochs, from the model as given, with this Trainer's fresh
+        optimizer: a FedAvg silo's local round. The same epochs as run() (schedule, freezing, augmentation,
+        precision), without validation, checkpoints or export; the last epoch's mean training loss."""
+        if self.scheduler is not None and first > 0:
+            self.scheduler.step(first)  # where run() has it at this epoch's start: stepped at each epoch's end
+        loss = float("nan")
+        for epoch in range(first, first + epochs):
+            loss = self._epoch(epoch, 0, None, None, "")["train/loss"]
+            step_scheduler(self.scheduler, epoch, None, self.world, self.device)
+        return loss
 
     def _epoch(self, epoch: int, first_batch: int, partial: dict | None, checkpoints: Path | None, key: str) -> dict:
         """Train one epoch from first_batch; return its metrics."""

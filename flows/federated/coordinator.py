@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -34,7 +33,7 @@ def silo(task: SiloTask, data: str | None = None) -> dict:
 
     from flows.core.devices import resolve_device
     from flows.core.fedavg import batchnorm_keys, keep_local
-    from flows.core.fedavg_train import Schedule, cpu_state, local_train
+    from flows.core.fedavg_train import Schedule, cpu_state, local_round, silo_seed
     from flows.core.params import TrainParams
     from flows.federated.exchange import get_state, put_state
 
@@ -46,8 +45,8 @@ def silo(task: SiloTask, data: str | None = None) -> dict:
     own = Path(".tunedeck") / "federated" / task.run[:16] / f"{name}-local.safetensors"  # FedBN: stays on this host
     bn = batchnorm_keys(model) if task.fedbn else frozenset()
     model.load_state_dict(keep_local(global_state, _load(own) if bn else None, bn))
-    when = Schedule(task.first_epoch, task.epochs, task.total_epochs, seed=task.seed + zlib.crc32(name.encode()) % 10_000)
-    loss = local_train(model, x, y, TrainParams(**task.train), when, resolve_device(task.device))
+    when = Schedule(task.first_epoch, task.epochs, task.total_epochs, seed=silo_seed(task.seed, name, task.round))
+    loss = local_round(model, task.model_name, x, y, TrainParams(**task.train), when, task.classes, resolve_device(task.device))
     state = cpu_state(model)
     if bn:
         _save(own, {k: state[k] for k in bn})

@@ -61,13 +61,14 @@ class Federation:
     @classmethod
     def open(cls, config: FederatedParams, params_file: Path = Path("params.yaml")) -> Federation:
         """Load params, the evaluation images and the starting model; resume from the last checkpoint if any."""
-        from flows.core.fedavg_train import cpu_state
+        from flows.core.fedavg_train import check_round_params, cpu_state
         from flows.core.images import decode_folder
         from flows.core.model import build_model
         from flows.core.params import load_params
 
         notes = [n for n in [check_unreadable(config.unreadable)] if n]
         params = load_params(params_file)
+        check_round_params(params.train)  # before any round: every silo would refuse it
         evalset = decode_folder(Path(config.eval_source), params.data.image_size)
         classes = list(evalset.classes)
         torch.manual_seed(params.base.seed)
