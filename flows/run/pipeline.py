@@ -77,7 +77,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         # prod and claim the same next version
         with host_lock(clone, "registry") if promote else contextlib.nullcontext():
             judgement = promotion_gate(ws) if promote else None
-            timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name, stages))
+            timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name, stages if until else None))
             if judgement is not None and judgement.decision.promote:
                 from flows.ship.gate import exp_commit, register
 
