@@ -74,6 +74,18 @@ def silo_folders(root: Path, counts: list[dict[str, int]]) -> tuple[list[Path], 
     return silos, pooled
 
 
+def round_with_global(tmp_path: Path, cfg: TrainParams, model: str, round_: int, seed: int, first: int, epochs: int,
+                      total: int, init: int) -> tuple[SiloTask, dict[str, torch.Tensor]]:
+    """A round's task for classes cat, dog and fox, and its global weights (model from seed init) in the exchange."""
+    task = SiloTask(run="f" * 64, round=round_, exchange=str(tmp_path / "exchange"), model_name=model,
+                    classes=["cat", "dog", "fox"], image_size=SIZE, train=cfg.model_dump(mode="json"), seed=seed,
+                    first_epoch=first, epochs=epochs, total_epochs=total, fedbn=False, device="cpu")
+    torch.manual_seed(init)
+    start = timm.create_model(model, pretrained=False, num_classes=3).state_dict()
+    put_state(f"{round_folder(task.exchange, task.run, round_)}/global.safetensors", start, {"run": task.run, "round": round_})
+    return task, start
+
+
 def silo_round(task: SiloTask, data: Path) -> tuple[dict[str, torch.Tensor], int]:
     """One silo's round exactly as its flow runs it (without Prefect's engine): its weights and example count."""
     header = silo.fn(task, data=str(data))
@@ -100,12 +112,7 @@ def test_one_fedavg_round_through_the_silo_flow_equals_one_centralised_full_batc
     silos, pooled = silo_folders(tmp_path / "data", counts)  # unequal sizes: the example weights matter
     cfg = TrainParams(optimizer="momentum", lr=0.5, weight_decay=0.0, scheduler="none", batch_size=64, hflip=0.0,
                       crop_padding=0, label_smoothing=0.0, freeze_epochs=0, epochs=1, precision="fp32")
-    task = SiloTask(run="f" * 64, round=0, exchange=str(tmp_path / "exchange"), model_name="test_vit",
-                    classes=["cat", "dog", "fox"], image_size=SIZE, train=cfg.model_dump(mode="json"), seed=0,
-                    first_epoch=0, epochs=1, total_epochs=1, fedbn=False, device="cpu")
-    torch.manual_seed(3)
-    start = timm.create_model("test_vit", pretrained=False, num_classes=3).state_dict()
-    put_state(f"{round_folder(task.exchange, task.run, 0)}/global.safetensors", start, {"run": task.run, "round": 0})
+    task, start = round_with_global(tmp_path, cfg, "test_vit", round_=0, seed=0, first=0, epochs=1, total=1, init=3)
 
     states, examples = zip(*(silo_round(task, folder) for folder in silos), strict=True)
     assert list(examples) == [sum(c.values()) for c in counts]
@@ -136,12 +143,7 @@ def test_a_silos_round_is_the_trainers_on_the_same_images_from_the_same_weights(
     folder = write_images(tmp_path / "silo", {"cat": 6, "dog": 5, "fox": 7}, size=SIZE, seed=1)
     cfg = TrainParams(optimizer="adamw", lr=3e-3, weight_decay=0.05, scheduler="cosine", batch_size=4, hflip=0.5,
                       crop_padding=2, label_smoothing=0.1, freeze_epochs=2, epochs=3, precision="fp32")
-    task = SiloTask(run="e" * 64, round=1, exchange=str(tmp_path / "exchange"), model_name="test_resnet",
-                    classes=["cat", "dog", "fox"], image_size=SIZE, train=cfg.model_dump(mode="json"), seed=7,
-                    first_epoch=1, epochs=2, total_epochs=3, fedbn=False, device="cpu")
-    torch.manual_seed(5)
-    start = timm.create_model("test_resnet", pretrained=False, num_classes=3).state_dict()
-    put_state(f"{round_folder(task.exchange, task.run, 1)}/global.safetensors", start, {"run": task.run, "round": 1})
+    task, start = round_with_global(tmp_path, cfg, "test_resnet", round_=1, seed=7, first=1, epochs=2, total=3, init=5)
 
     silo_state, examples = silo_round(task, folder)
 
