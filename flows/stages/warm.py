@@ -99,7 +99,7 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
     import importlib
     import warnings
 
-    signal.signal(signal.SIGTERM, lambda *_: _quit(path))
+    signal.signal(signal.SIGTERM, stop_handler(path, os.getpid()))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
@@ -129,12 +129,20 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
             os.unlink(path)
 
 
-def _quit(path: str) -> None:
-    """Told to stop (the run is over): go now. An interpreter that imported torch takes about a second to tear
-    itself down, and the run waits for this process to be gone (measured: 0.95 s of a run's end, py-spy)."""
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-    os._exit(0)
+def stop_handler(path: str, server: int):
+    """The server's SIGTERM handler: told to stop (the run is over), it goes now, its socket removed. An interpreter
+    that imported torch takes about a second to tear itself down, and the run waits for this process to be gone
+    (measured: 0.95 s of a run's end, py-spy). A child forked a moment ago has this handler until it takes the
+    default back: there a SIGTERM ends the child (its stand-in hears 1), never the server's socket."""
+
+    def handler(*_) -> None:
+        if os.getpid() != server:
+            sys.exit(0)  # caught in _start: the child ends with status 1
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os._exit(0)
+
+    return handler
 
 
 def _reap(children: dict[int, socket.socket]) -> None:

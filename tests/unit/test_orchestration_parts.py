@@ -1,6 +1,8 @@
-"""Pure parts of the deployment layer: overrides, GPU slots."""
+"""Pure parts of the deployment layer: overrides, GPU slots, the demo's options, the warm server's SIGTERM."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -75,3 +77,24 @@ def test_bad_demo_options_are_one_sentence_and_exit_2_before_anything_starts(arg
     assert main(["demo", *args]) == 2
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and said[0].startswith("tunedeck: error: --seeds must be 2 or more"), said
+
+
+def test_the_warm_servers_sigterm_ends_the_server_at_once_but_never_a_child_forked_a_moment_ago(tmp_path):
+    """The server goes with os._exit, its socket removed; a child that still has the handler (a SIGTERM between
+    its fork and its taking the default back) ends as a child, and the server's socket stays."""
+    import signal
+    import subprocess
+    import sys
+
+    from flows.stages.warm import stop_handler
+
+    sock = tmp_path / "warm.sock"
+    sock.write_text("")
+    as_child = stop_handler(str(sock), server=os.getpid() + 1)  # this process is not the server: as in a child
+    with pytest.raises(SystemExit):
+        as_child(signal.SIGTERM, None)
+    assert sock.exists(), "a child's SIGTERM removed the server's socket"
+    server = subprocess.run([sys.executable, "-c", "import os, signal; from flows.stages.warm import stop_handler; "
+                             f"stop_handler({str(sock)!r}, os.getpid())(signal.SIGTERM, None); print('went on')"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (server.returncode, server.stdout) == (0, "") and not sock.exists(), server
