@@ -111,12 +111,6 @@ def add_tags(run_id: str, tags: list[str]) -> None:
         api.update_flow_run(run_id, tags=sorted({*current, *tags}))
 
 
-def set_labels(run_id: str, labels: dict) -> None:
-    """Set (merge) labels on a flow run (one call: a Session for many)."""
-    with session() as api:
-        api.set_labels(run_id, labels)
-
-
 class Session:
     """One client held for many calls: a run's label thread sends every update of the run through one."""
 
