@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -36,6 +37,8 @@ ENV = "TUNEDECK_WARM"
 """The socket of this run's warm server; stage processes that see it hand their work over."""
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "timm", "timm.data", "timm.optim", "timm.scheduler", "safetensors.torch")
 """What the server imports once: the libraries every torch stage imports first."""
+PIDFD = hasattr(os, "pidfd_open")
+"""Linux: the server hears a child's end at once (a pidfd); elsewhere it looks every 50 ms."""
 CHILD = "tunedeck_warm_child"
 """A warm child has a module of this name in sys.modules (not a flows.* one: the child drops those): a stage that
 ends asks it (flows.stages.entry.finish), to end through SystemExit, which the child reports to its stand-in."""
@@ -72,7 +75,7 @@ def delegate() -> int | None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
     status = 1
-    for line in reader:  # the child's exit status; the server sends it if the child died by a signal
+    for line in reader:  # the child's exit status, sent by the server once the child is gone
         with contextlib.suppress(ValueError, KeyError):
             status = int(json.loads(line)["exit"])
             break
@@ -104,25 +107,32 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
     listener.bind(path)
     listener.listen(8)
     children: dict[int, socket.socket] = {}
+    ended = selectors.DefaultSelector()  # a pidfd per child becomes readable when the child is gone
+    listener.setblocking(False)
+    ended.register(listener, selectors.EVENT_READ)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for name in PRELOAD:
                 with contextlib.suppress(ImportError):
                     importlib.import_module(name)
-        listener.settimeout(0.5)
         last = time.monotonic()
         while children or time.monotonic() - last < idle_s:
-            _reap(children)
+            ready = {key.fileobj for key, _ in ended.select(timeout=0.5 if PIDFD else 0.05)}
+            _reap(children, ended)
+            if listener not in ready:
+                continue
             try:
                 conn, _ = listener.accept()
-            except TimeoutError:
-                continue
+            except BlockingIOError:
+                continue  # the stage that knocked went away
             last = time.monotonic()
             with contextlib.suppress(OSError, ValueError):
                 pid = _start(conn, listener)
                 if pid:
                     children[pid] = conn
+                    if PIDFD:
+                        ended.register(os.pidfd_open(pid), selectors.EVENT_READ, pid)
     finally:
         listener.close()
         with contextlib.suppress(OSError):
@@ -145,12 +155,17 @@ def stop_handler(path: str, server: int):
     return handler
 
 
-def _reap(children: dict[int, socket.socket]) -> None:
-    """Tell the stand-in of each child that ended how it ended (the child says so itself, unless killed)."""
+def _reap(children: dict[int, socket.socket], ended: selectors.BaseSelector) -> None:
+    """Tell the stand-in of each child that ended how it ended. Only here, once the child is reaped: a stage whose
+    stand-in returned has no process left (its memory, a GPU's too, is free for the next stage; a child that said
+    its status itself was still tearing down when CI looked, 986003c)."""
     for pid in list(children):
         done, status = os.waitpid(pid, os.WNOHANG)
         if not done:
             continue
+        for key in [k for k in ended.get_map().values() if k.data == pid]:
+            ended.unregister(key.fileobj)
+            os.close(key.fd)
         conn = children.pop(pid)
         with contextlib.suppress(OSError):
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
@@ -239,11 +254,10 @@ def _watch(conn: socket.socket) -> None:
 
 
 def _exit(conn: socket.socket, code: int) -> None:
+    """End the child: its status reaches the stand-in through the server, which reaps it (_reap)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    with contextlib.suppress(OSError):
-        conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
     os._exit(code)
 
 
