@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
-from flows.gateways import prefect_api
-from flows.gateways.processes import die_with_parent
+from flows.gateways import prefect_api, processes
 from flows.host.deploy import deploy_flow, ensure_pool
 
 POOL = "demo"
@@ -47,7 +45,7 @@ class DemoRuns:
 
     def __init__(self, root: Path, url: str, jobs: int) -> None:
         self.root, self.url, self.jobs = root.resolve(), url, jobs
-        self.worker: subprocess.Popen | None = None
+        self.worker: processes.Helper | None = None
         self.names: dict[str, str] = {}  # run id -> experiment name
 
     def __enter__(self) -> DemoRuns:
@@ -63,7 +61,7 @@ class DemoRuns:
     def __exit__(self, *exc) -> None:
         self._exit.close()
 
-    def _start_worker(self) -> subprocess.Popen:
+    def _start_worker(self) -> processes.Helper:
         exe = Path(sys.executable).parent / "tunedeck"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
         (self.root / LOG).parent.mkdir(parents=True, exist_ok=True)  # a server of PREFECT_API_URL made no .tunedeck/
@@ -73,9 +71,8 @@ class DemoRuns:
                # the demo's runs live on this host: copying each epoch's checkpoint to a DVC remote would only cost time
                "TUNEDECK_CHECKPOINT_REMOTE": os.environ.get("TUNEDECK_CHECKPOINT_REMOTE", "off")}
         try:
-            return subprocess.Popen([*cmd, "worker", "--pool", POOL, "--cpu-slots", str(self.jobs)], cwd=self.root,
-                                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=die_with_parent)
+            return processes.spawn([*cmd, "worker", "--pool", POOL, "--cpu-slots", str(self.jobs)], tie=True,
+                                   cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
 
@@ -110,11 +107,5 @@ class DemoRuns:
 
     def stop(self) -> None:
         """The worker and whatever it still runs (its SIGTERM stops the family: flows.host.worker)."""
-        if self.worker is None or self.worker.poll() is not None:
-            return
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
+        if self.worker is not None:
+            self.worker.stop(grace_s=30)

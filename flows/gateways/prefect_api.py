@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from flows.gateways import processes
+
 STATE = Path(".tunedeck")
 
 
@@ -60,11 +62,7 @@ def server_alive(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
+        return processes.alive(pid)
     return b"prefect" in cmdline and b"server" in cmdline
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from flows.core.errors import TunedeckError
+from flows.gateways import processes
 from flows.gateways.prefect_api import answers_401, healthy, local_url, server_alive, server_record, state_dir
 from flows.host import server_database
 
@@ -82,14 +82,11 @@ def start(port: int = DEFAULT_PORT, root: Path | None = None, timeout: float = 9
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=server_env(root, named[0] if named else None),
-            cwd=root or Path.cwd(),
-            start_new_session=True,
+        # not tied, and a session of its own: the server outlives `tunedeck server start`; stop() ends its group
+        proc = processes.spawn(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)], tie=False,
+            group=True, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=server_env(root, named[0] if named else None), cwd=root or Path.cwd(),
         )
     (folder / "server.json").write_text(json.dumps({"pid": proc.pid, "url": url, "port": port, "database": described}))
     deadline = time.monotonic() + timeout
@@ -114,31 +111,6 @@ def stop(root: Path | None = None, timeout: float = 15.0) -> bool:
     if record is None:
         path.unlink(missing_ok=True)
         return False
-    pid = record["pid"]
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and server_alive(pid) and not _reaped(pid):
-        time.sleep(0.2)
-    if server_alive(pid) and not _reaped(pid):
-        os.killpg(pid, signal.SIGKILL)
+    processes.stop_group(record["pid"], lambda pid: not server_alive(pid) or processes.ended(pid), grace_s=timeout)
     path.unlink(missing_ok=True)
     return True
-
-
-def _reaped(pid: int) -> bool:
-    """Reap pid if it is our exited child; True when it is gone."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == pid
-    except ChildProcessError:
-        return not Path(f"/proc/{pid}").exists() or _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    except (OSError, IndexError):
-        return True

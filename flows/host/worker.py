@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from types import FrameType
 
 import psutil
 
+from flows.gateways import processes
 from flows.host.deploy import worker_command
 from flows.run.slot_lease import release_dead
 
@@ -36,7 +36,9 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False, cpu_slots: i
     code = f"{env['TUNEDECK_PROJECT']}" + (" (git pull before each run)" if git_pull else "")
     where = f"GPUs {env['TUNEDECK_GPUS']}" if gpus else "the CPU" + (f" ({cpu_slots} runs at once)" if cpu_slots > 1 else "")
     print(f"worker for pool '{pool}' on {where}, code in {code}: {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.Popen(cmd, env={**os.environ, **env})
+    # not tied: this process stops it on SIGTERM/SIGINT (its runs first, stop_family); a kill -9 of this one leaves it
+    # serving its runs, their ends reported, as a Prefect worker started by hand would
+    proc = processes.spawn(cmd, tie=False, env={**os.environ, **env})
     publisher = start_publisher(pool, env)
     Reconciler(proc.pid, Path(env["TUNEDECK_PROJECT"])).start()
 
@@ -89,17 +91,8 @@ def stop_family(worker_pid: int, root: Path | None = None, grace: float = GRACE_
         return []
     runs = sorted({run for run in map(flow_run_of, family) if run})
     dump_stacks(family)
-    for process in family:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(family, timeout=grace / 2)
-    with contextlib.suppress(psutil.Error):
-        worker.terminate()
-    _, left = psutil.wait_procs([worker, *alive], timeout=grace / 2)
-    for process in left:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(left, timeout=2)
+    alive = processes.stop_all(family, grace / 2, kill=False)
+    processes.stop_all([worker, *alive], grace / 2)
     mark_crashed(runs)
     if root is not None:
         for run in runs:

@@ -19,6 +19,7 @@ flow run's slot goes with it.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,10 +32,10 @@ from prefect import flow, get_run_logger
 
 from flows.contracts.placement import Placement
 from flows.core.errors import TunedeckError
+from flows.gateways import processes
 from flows.gateways.dvc.cli import sync
 from flows.gateways.git import git
 from flows.gateways.prefect_api import end_run, run_states
-from flows.gateways.processes import die_with_parent
 from flows.run.labels import flush_labels
 from flows.run.session import dvc_session, open_session
 from flows.run.slot import device_slot
@@ -211,13 +212,13 @@ def ddp_node(overrides: list[str], node_rank: int, nodes: int, master: str, comm
         node_env = {**os.environ, **env, **placement.env(), "TUNEDECK_PREFECT": "off",
                     "TUNEDECK_NODE_ADDR": address_towards(host, int(port))}
         logger.info(f"node {node_rank} of {nodes}: joining the rendezvous on {master} (data {mine[:12]})")
-        proc = subprocess.Popen([sys.executable, "-m", "flows.stages.train"], cwd=ws, env=node_env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        proc = processes.spawn([sys.executable, "-m", "flows.stages.train"], tie=True, cwd=ws, env=node_env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         ended: list[str] = []
 
         def run_ended(run_id: str, state: str) -> None:  # node 0's run ended (its ranks are gone), or this one is cancelled
             ended.append(f"node 0's run {run_id} is {state}" if run_id == leader_run else f"this run is {state}")
-            proc.terminate()
+            proc.signal(signal.SIGTERM)
 
         from prefect.runtime import flow_run
 

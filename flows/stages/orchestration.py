@@ -7,7 +7,6 @@ and runs on. ``TUNEDECK_PREFECT=off`` switches the Prefect layer off (used by be
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -28,7 +27,7 @@ import psutil
 
 from flows.contracts import ReporterAnswer, ReporterOpen, RunFile, StageProgress
 from flows.core.errors import TunedeckError
-from flows.gateways import prefect_api
+from flows.gateways import prefect_api, processes
 
 SWITCH = "TUNEDECK_PREFECT"
 PROGRESS_SWITCH = "TUNEDECK_PROGRESS"  # "lines": print progress as marked lines (a pipeline run reads them)
@@ -94,13 +93,9 @@ class Reporter:
         log_dir = prefect_api.state_dir()
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "reporter.log", "ab") as errors:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.stages.reporter"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                text=True,
-            )
+            # not tied: it outlives a stage killed by SIGKILL, to mark the stage's run Crashed
+            self.proc = processes.spawn([sys.executable, "-m", "flows.stages.reporter"], tie=False,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
         self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, name="reporter-answers", daemon=True).start()
         self.name = name
@@ -191,13 +186,7 @@ def stop_children(keep: int, grace_s: float = 10.0) -> None:
         children = [c for c in psutil.Process().children(recursive=True) if c.pid != keep]
     except psutil.Error:
         return
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=grace_s)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
+    processes.stop_all(children, grace_s)
 
 
 def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[str, Any], tags: list[str]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import signal
 import sys
 from typing import Any
 
+from flows.gateways import processes
 from flows.gateways.prefect_api import end_run, healthy
 
 CANCEL_POLL_S = 2.0
@@ -138,7 +139,7 @@ class Reporter:
             if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
                 cancelled.set()
                 if os.getppid() == self.stage_pid:  # never signal whoever adopted an orphan
-                    os.kill(self.stage_pid, signal.SIGTERM)
+                    processes.send(self.stage_pid, signal.SIGTERM)
                 return
 
     async def relay(self, logger, cancelled: asyncio.Event) -> Any:

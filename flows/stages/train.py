@@ -12,17 +12,8 @@ from flows.contracts import ModelCard
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
-from flows.gateways.processes import die_with_parent
+from flows.gateways import processes
 from flows.stages.entry import finish, run_main
-
-DIE_WITH_PARENT = """
-import ctypes, os, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a killed stage stops torchrun too
-if os.getppid() != int(os.environ["TUNEDECK_STAGE_PID"]):
-    sys.exit(143)  # the stage died before the line above
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
-"""Runs torchrun so that it gets SIGTERM when the stage process dies, even by kill -9 (Linux)."""
 
 
 def work(params: Params) -> dict:
@@ -156,7 +147,6 @@ WATCHED = ("train/loss", "val/acc", "val/loss", "val/acc_ema", "samples_per_s")
 
 def launch_ddp(params: Params) -> dict:
     """Run this stage under torchrun on base.devices processes; its summary comes from model.json."""
-    import subprocess
 
     import torch
 
@@ -173,15 +163,13 @@ def launch_ddp(params: Params) -> dict:
         )
     if params.base.device != "cpu" and not torch.cuda.is_available():
         raise TunedeckError(f"base.devices is {n} but there is no CUDA GPU here: set base.device: cpu to use CPU processes.")
-    env = {**os.environ, "TUNEDECK_PREFECT": "off", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TUNEDECK_STAGE_PID": str(os.getpid())}
+    env = {**os.environ, "TUNEDECK_PREFECT": "off", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     placement = node_placement(params, env)
     where = ["--standalone", f"--nproc_per_node={n}"] if placement is None else placement.torchrun_args(n, JOIN_SECONDS)
     torchrun = ["-m", "torch.distributed.run", *where, "-m", "flows.stages.train"]
-    cmd = [sys.executable, "-c", DIE_WITH_PARENT, *torchrun] if sys.platform == "linux" else [sys.executable, *torchrun]
     on = "" if placement is None else f" on node {placement.node_rank} of {placement.nodes} (rendezvous {placement.master})"
     logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun%s", n, on)
-    if subprocess.run(cmd, env=env).returncode != 0:
+    if processes.run([sys.executable, *torchrun], tie=True, env=env) != 0:  # a killed stage stops torchrun too
         raise TunedeckError(f"the {n} DDP training processes{on} failed: see their output above.")
     if placement is not None and placement.node_rank:
         return {"node_rank": placement.node_rank, "nodes": placement.nodes, "devices": n}  # node 0 writes the model
@@ -236,7 +224,7 @@ def tags() -> list[str]:
 def die_with_agent() -> None:
     """A DDP worker gets SIGTERM when its torchrun dies, even by kill -9 (Linux): no rank outlives its host's run."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        die_with_parent()
+        processes.die_with_parent()
 
 
 if __name__ == "__main__":

@@ -21,24 +21,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import types
 from pathlib import Path
+from subprocess import DEVNULL
 
-from flows.gateways.processes import die_with_parent
+from flows.gateways import processes
 
 ENV = "TUNEDECK_WARM"
 """The socket of this run's warm server; stage processes that see it hand their work over."""
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "timm", "timm.data", "timm.optim", "timm.scheduler", "safetensors.torch")
 """What the server imports once: the libraries every torch stage imports first."""
-PIDFD = hasattr(os, "pidfd_open")
-"""Linux: the server hears a child's end at once (a pidfd); elsewhere it looks every 50 ms."""
 CHILD = "tunedeck_warm_child"
 """A warm child has a module of this name in sys.modules (not a flows.* one: the child drops those): a stage that
 ends asks it (flows.stages.entry.finish), to end through SystemExit, which the child reports to its stand-in."""
@@ -72,8 +69,7 @@ def delegate() -> int | None:
         conn.close()
         return int(first["exit"])
     pid = int(first["pid"])
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
+    processes.forward(pid)
     status = 1
     for line in reader:  # the child's exit status, sent by the server once the child is gone
         with contextlib.suppress(ValueError, KeyError):
@@ -83,11 +79,6 @@ def delegate() -> int | None:
         status = 128 + signal.SIGKILL  # the server and the child are gone without a word
     conn.close()
     return status
-
-
-def _forward(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
 
 
 # ---- the server's side -------------------------------------------------------------------------
@@ -106,10 +97,9 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
-    children: dict[int, socket.socket] = {}
-    ended = selectors.DefaultSelector()  # a pidfd per child becomes readable when the child is gone
     listener.setblocking(False)
-    ended.register(listener, selectors.EVENT_READ)
+    children = processes.Children()  # each child's connection to its stand-in, kept to report the child's end
+    children.watch(listener)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -118,8 +108,8 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
                     importlib.import_module(name)
         last = time.monotonic()
         while children or time.monotonic() - last < idle_s:
-            ready = {key.fileobj for key, _ in ended.select(timeout=0.5 if PIDFD else 0.05)}
-            _reap(children, ended)
+            ready = children.select(timeout=0.5)
+            _report(children)
             if listener not in ready:
                 continue
             try:
@@ -130,9 +120,7 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
             with contextlib.suppress(OSError, ValueError):
                 pid = _start(conn, listener)
                 if pid:
-                    children[pid] = conn
-                    if PIDFD:
-                        ended.register(os.pidfd_open(pid), selectors.EVENT_READ, pid)
+                    children.add(pid, conn)
     finally:
         listener.close()
         with contextlib.suppress(OSError):
@@ -155,20 +143,12 @@ def stop_handler(path: str, server: int):
     return handler
 
 
-def _reap(children: dict[int, socket.socket], ended: selectors.BaseSelector) -> None:
+def _report(children: processes.Children) -> None:
     """Tell the stand-in of each child that ended how it ended. Only here, once the child is reaped: a stage whose
     stand-in returned has no process left (its memory, a GPU's too, is free for the next stage; a child that said
     its status itself was still tearing down when CI looked, 986003c)."""
-    for pid in list(children):
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if not done:
-            continue
-        for key in [k for k in ended.get_map().values() if k.data == pid]:
-            ended.unregister(key.fileobj)
-            os.close(key.fd)
-        conn = children.pop(pid)
+    for conn, code in children.reap():
         with contextlib.suppress(OSError):
-            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
             conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
         conn.close()
 
@@ -248,9 +228,9 @@ def _watch(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while conn.recv(4096):
             pass
-    os.kill(os.getpid(), signal.SIGTERM)
+    processes.send(os.getpid(), signal.SIGTERM)
     time.sleep(10)
-    os.kill(os.getpid(), signal.SIGKILL)
+    processes.send(os.getpid(), signal.SIGKILL)
 
 
 def _exit(conn: socket.socket, code: int) -> None:
@@ -276,13 +256,11 @@ class WarmStages:
 
         folder = folder or Path(tempfile.gettempdir())  # a unix socket's path is limited to 107 bytes
         self.path = folder / f"tunedeck-warm-{os.getpid()}-{id(self):x}.sock"
-        self.proc: subprocess.Popen | None = None
+        self.proc: processes.Helper | None = None
 
     def start(self) -> WarmStages:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.stages.warm", str(self.path)], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
-        )
+        self.proc = processes.spawn([sys.executable, "-m", "flows.stages.warm", str(self.path)], tie=True,
+                                    stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
         return self
 
     def env(self) -> dict[str, str]:
@@ -292,12 +270,8 @@ class WarmStages:
         return {ENV: str(self.path)}
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is not None:
+            self.proc.stop(grace_s=10)
         with contextlib.suppress(OSError):
             self.path.unlink()
 

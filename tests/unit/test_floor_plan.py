@@ -1,5 +1,6 @@
 """The floor plan holds: no import cycle between any two of our modules, every folder says what it holds,
-git runs and Prefect's client is reached only through their gateways, and no file or function outgrows a reading.
+git runs and Prefect's client is reached only through their gateways, helper processes start and end through their
+one owner, and no file or function outgrows a reading.
 
 import-linter's layers contract (pyproject.toml) orders the folders; it does not see a cycle inside one
 folder, which this finds (imports inside functions included: grimp reads them all).
@@ -83,6 +84,36 @@ def test_prefects_client_is_reached_only_through_its_gateway():
             if any(n == "prefect.client" or n.startswith("prefect.client.") for n in names):
                 found.append(f"{where}:{node.lineno}")
     assert found == [], f"Prefect's client imported outside flows/gateways/prefect_api.py: {found}"
+
+
+PROCESS_CALLS = {"Popen", "fork", "forkpty", "killpg", "prctl", "setsid"}
+PROCESS_KEYWORDS = {"preexec_fn", "start_new_session"}
+PROCESSES_AWAY = {
+    # a command run to its end, whose output is the answer (not a helper): its gateway's
+    "flows/gateways/dvc/cli.py": {"Popen"},
+    # the warm server forks each stage it runs (a stage, not a helper); the owner reaps them (processes.Children)
+    "flows/stages/warm.py": {"fork"},
+}
+
+
+def test_helper_processes_start_and_end_only_through_their_owner():
+    """flows/gateways/processes.py spawns every helper (saying whether it dies with its parent), sets the
+    parent-death signal, stops process groups: a Popen, fork, killpg, prctl or preexec_fn elsewhere is a helper it
+    does not own (the two named above excepted)."""
+    owner = "flows/gateways/processes.py"
+    found = []
+    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
+        where = str(path.relative_to(ROOT))
+        if where == owner:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            said = ({name} & PROCESS_CALLS) | ({k.arg for k in node.keywords} & PROCESS_KEYWORDS)
+            if said - PROCESSES_AWAY.get(where, set()):
+                found.append(f"{where}:{node.lineno} {sorted(said)}")
+    assert found == [], f"processes started or ended outside {owner}: {found}"
 
 
 MAX_FILE_LINES = 400

@@ -10,7 +10,6 @@ a marker line carrying the answer.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from flows.contracts import DvcAnswer, DvcRequest
 from flows.core.errors import TunedeckError
+from flows.gateways import processes
 from flows.gateways.dvc.cli import output_tail
 
 MARK = "\x1etunedeck-dvc-session "
@@ -33,16 +33,18 @@ class DvcSession:
     def __init__(self, cwd: Path | None = None) -> None:
         self.cwd = cwd
         self.workdir: Path | None = None  # where questions are answered, when not where the helper started
-        self._proc: subprocess.Popen | None = None
+        self._proc: processes.Helper | None = None
         self._lock = threading.Lock()
 
     def start(self) -> DvcSession:
         if self._proc is None or self._proc.poll() is not None:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.gateways.dvc.session"], cwd=self.cwd, env=env, text=True, bufsize=1,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # not tied: it ends when its stdin closes, after the stage it runs (a stopped run's stages are stopped
+            # with the run's whole process tree: flows.host.worker, flows.stages.orchestration)
+            self._proc = processes.spawn(
+                [sys.executable, "-m", "flows.gateways.dvc.session"], tie=False, cwd=self.cwd, env=env, text=True,
+                bufsize=1, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
         return self
 
@@ -95,17 +97,8 @@ class DvcSession:
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(OSError):
-            proc.stdout.close()
+        if proc is not None:
+            proc.close(grace_s=30)
 
     def __enter__(self) -> DvcSession:
         return self.start()
