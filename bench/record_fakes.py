@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.contracts import StageProgress  # noqa: E402
+from flows.gateways import gpus  # noqa: E402
 from flows.host import server  # noqa: E402
 from tests.integration.project import FINAL, api, env, free_port, make_project, run, wait  # noqa: E402
 from tui.providers.fleet import RemoteHosts  # noqa: E402
@@ -69,7 +70,7 @@ def capture(folder: Path, epochs: int = 3) -> Capture:
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
         run(project, "dvc", "repro", PREFECT_API_URL=url)  # a flow run per stage, as a plain `dvc repro` makes
         worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1"], cwd=project,
-                                  env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="2", TUNEDECK_HOST=HOST),
+                                  env=env(PREFECT_API_URL=url, TUNEDECK_HOST=HOST, **gpus.stand_in_env(2, project.parent / "stand-in-gpus")),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         finished = start(url, "pipeline", overrides=[f"train.epochs={epochs}"], pull=False, push=False)
         experiment = start(url, "train", overrides=[f"train.epochs={max(1, epochs - 1)}", "train.lr=0.002"])

@@ -39,8 +39,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flows.contracts.settings import Settings  # noqa: E402
+from flows.gateways import gpus  # noqa: E402
 from flows.host import server  # noqa: E402
-from flows.host.deploy import zombie_after_s  # noqa: E402
 from flows.stages.warm import WarmStages  # noqa: E402
 from tests.integration.project import api, env, free_port, make_project, run  # noqa: E402
 from tests.integration.test_deployments import start  # noqa: E402
@@ -121,7 +122,7 @@ def host_shown(fleet: RemoteHosts, host: str, stale: bool) -> bool:
 
 def stale(project: Path, url: str, host: str) -> float:
     """A worker publishing telemetry is stopped with SIGTERM: seconds until its host reads stale."""
-    proc = worker(project, url, host, TUNEDECK_FAKE_GPUS="1")
+    proc = worker(project, url, host, **gpus.stand_in_env(1, project.parent / "stand-in-gpus"))
     fleet = RemoteHosts(lambda: url, local_host="this-bench")  # polled every 2 s, as the dashboard's is
     try:
         until(lambda: host_shown(fleet, host, stale=False))
@@ -194,7 +195,7 @@ def zombie(project: Path, url: str, host: str) -> float:
         run_id = start(url, "pipeline", overrides=["train.epochs=5000"], pull=False, push=False)
         until(lambda: heartbeats(url, run_id), poll=0.5)  # detection starts at a heartbeat: none, none to miss
         kill_tree(proc.pid)
-        return until(lambda: state(url, run_id) == "CRASHED", poll=0.5, timeout=5 * zombie_after_s())
+        return until(lambda: state(url, run_id) == "CRASHED", poll=0.5, timeout=5 * Settings.read().zombie_after_s)
     finally:
         stop(proc)
 
@@ -239,7 +240,7 @@ def main() -> None:
         print(f"  {name:<11} {median:6.2f} s  (<= {GOALS[name]:g} s: {'ok' if median <= GOALS[name] else 'MISSED'}; "
               f"{median / GOALS[name]:.2f} of the goal)")
     if "zombie" in seconds:
-        print(f"  (zombie: TUNEDECK_ZOMBIE_AFTER_S is {zombie_after_s()} s)")
+        print(f"  (zombie: TUNEDECK_ZOMBIE_AFTER_S is {Settings.read().zombie_after_s} s)")
 
 
 if __name__ == "__main__":

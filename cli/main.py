@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 
 
@@ -87,26 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; bad input is one sentence on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     try:
+        settings = Settings.read()  # once, here: every verb gets them from this
         if args.command == "demo":
             from flows.demo.run import run_demo
 
             if args.seeds < 2 or (args.jobs is not None and args.jobs < 1) or args.source_epochs < 1:
                 raise TunedeckError("--seeds must be 2 or more (an interval needs a spread), --jobs and --source-epochs "
                                     "1 or more.")
-            run_demo(args.port, tuple(range(1, args.seeds + 1)), args.jobs, args.source_epochs)
+            run_demo(settings, args.port, tuple(range(1, args.seeds + 1)), args.jobs, args.source_epochs)
             return 0
         if args.command == "server":
             return server_command(args.action, args.port, args.host, args.database)
         if args.command == "deploy":
             from flows.host.deploy import deploy
 
-            names = deploy()
+            names = deploy(settings)
             print(f"deployed {', '.join(names)} to the work pool 'local'; `prefect deployment ls` lists them.")
             return 0
         if args.command == "worker":
             from flows.host.worker import run_worker
 
-            return run_worker(args.pool, args.gpus, args.git_pull, args.cpu_slots)
+            return run_worker(settings, args.pool, args.gpus, args.git_pull, args.cpu_slots)
         if args.command == "federated":
             from cli.federated import federated_command
 
@@ -114,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("promote", "rollback", "registry", "predict", "monitor"):
             from cli.ship import run_ship_command
 
-            return run_ship_command(args)
+            return run_ship_command(args, settings)
         from tui.app import run_dashboard
 
-        return run_dashboard(args.demo, args.readonly, args.refresh, args.replay, args.record)
+        return run_dashboard(args.demo, args.readonly, args.refresh, args.replay, args.record, settings.host)
     except TunedeckError as exc:
         print(f"tunedeck: error: {exc}", file=sys.stderr)
         return 2

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flows.contracts.settings import Settings
+
 PROMOTE_REJECTED = 1  # exit status of a rejected promotion: not an error, but a script must see it
 
 
-def run_ship_command(args: argparse.Namespace) -> int:
+def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run one shipping command in the project root (the current folder)."""
     from flows.core.params import load_params
     from flows.ship import gate
@@ -22,22 +24,23 @@ def run_ship_command(args: argparse.Namespace) -> int:
     setup_logging()
     params = load_params("params.yaml")
     if args.command == "promote":
-        summary = run_stage("promote", lambda: gate.promote_clone(root, params, args.force), {"force": args.force}, ["stage:promote"])
+        summary = run_stage("promote", lambda: gate.promote_clone(root, params, args.force), {"force": args.force}, ["stage:promote"],
+                            settings)
         print(summary["decision"])
         if summary.get("version"):
             print(f"{summary['version']} is prod ({summary['tags']}); `dvc artifacts get . model --stage prod` fetches it.")
         return 0 if summary["promoted"] else PROMOTE_REJECTED
     if args.command == "rollback":
-        summary = run_stage("rollback", lambda: gate.rollback(root, args.to), {"to": args.to}, ["stage:rollback"])
+        summary = run_stage("rollback", lambda: gate.rollback(root, args.to), {"to": args.to}, ["stage:rollback"], settings)
         print(f"{summary['prod']} is prod again (was {summary['was']}; tag {summary['tag']}).")
         return 0
     if args.command == "monitor":
-        return monitor_command(root, params, args.folder, args.device)
+        return monitor_command(root, params, args.folder, args.device, settings)
     from flows.ship.predict import predict_command
 
     parameters = {"model": args.model, "input": str(args.input), "out": str(args.out), "backend": args.backend}
     summary = run_stage("predict", lambda: predict_command(root, params, args.model, args.input, args.out, args.backend, args.device),
-                        parameters, ["stage:predict"])
+                        parameters, ["stage:predict"], settings)
     return 0 if summary else 1
 
 
@@ -60,7 +63,7 @@ def show_registry(root: Path) -> int:
     return 0
 
 
-def monitor_command(root: Path, params, folder: Path, device: str | None) -> int:
+def monitor_command(root: Path, params, folder: Path, device: str | None, settings: Settings) -> int:
     """`tunedeck monitor DIR`: one batch, recorded in monitor/ and (with a server) as Prefect events."""
     from flows.gateways import prefect_api
     from flows.ship.monitor import monitor_batch, summary
@@ -68,11 +71,12 @@ def monitor_command(root: Path, params, folder: Path, device: str | None) -> int
 
     def work() -> dict:
         url = prefect_api.api_url()
-        batch = monitor_batch(root, params, folder, device, api_url=url if url and prefect_api.healthy(url, timeout=1.0) else None)
+        batch = monitor_batch(root, params, folder, device, api_url=url if url and prefect_api.healthy(url, timeout=1.0) else None,
+                              host_name=settings.host)
         flagged = {s.name: round(s.value, 4) for s in batch.statistics}
         return {"summary": summary(batch), "drifted": batch.drifted, "streak": batch.streak, "triggered": batch.triggered,
                 "model_version": batch.model_version, **flagged}
 
-    result = run_stage("monitor", work, {"folder": str(folder)}, ["stage:monitor"])
+    result = run_stage("monitor", work, {"folder": str(folder)}, ["stage:monitor"], settings)
     print(result["summary"])
     return 0

@@ -97,8 +97,8 @@ def make_app(demo: bool = False, readonly: bool = False, refresh_s: float = 1.0,
 
 
 def run_dashboard(demo: bool = False, readonly: bool = False, refresh_s: float = 1.0, replay: Path | None = None,
-                  record: Path | None = None) -> int:
-    """Run the dashboard in this terminal; returns the exit status."""
+                  record: Path | None = None, host_name: str = "") -> int:
+    """Run the dashboard in this terminal; returns the exit status. host_name: the process's host setting."""
     if refresh_s < 0.1:
         print(f"tunedeck dash: --refresh {refresh_s} is too fast: use 0.1 seconds or more.", file=sys.stderr)
         return 2
@@ -113,6 +113,8 @@ def run_dashboard(demo: bool = False, readonly: bool = False, refresh_s: float =
     elif record is not None:
         from tui.providers.replay import Recorder
 
-        providers = Recorder.wrap(demo_providers() if demo else live_providers(), record)
+        providers = Recorder.wrap(demo_providers() if demo else live_providers(host_name), record)
+    elif not demo:
+        providers = live_providers(host_name)
     result = make_app(demo, readonly, refresh_s, providers).run()
     return result or 0

@@ -1,5 +1,5 @@
 """Where one run over several hosts puts this host: the placement a pipeline run hands each host's
-train stage through the environment (flows.run.multinode writes it, flows.stages.train reads it).
+train stage through its settings (flows.run.multinode sets them, flows.stages.train reads them).
 
 Here, not in flows.core.distributed, because the pipeline run's own process needs it and never
 trains: importing torch there cost every pipeline run about 1.5 s of CPU (python -X importtime).
@@ -7,11 +7,9 @@ trains: importing torch there cost every pipeline run about 1.5 s of CPU (python
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-PLACEMENT_VARIABLES = ("TUNEDECK_DDP_NODES", "TUNEDECK_DDP_NODE_RANK", "TUNEDECK_DDP_MASTER")
-"""How the pipeline run that placed a run over several hosts tells each host's train stage its place."""
+from flows.contracts.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -23,16 +21,15 @@ class Placement:
     master: str  # host:port of the c10d store torchrun serves on node 0
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Placement | None:
-        """The placement the environment carries, None when it carries none."""
-        env = os.environ if env is None else env
-        if not env.get("TUNEDECK_DDP_MASTER"):
+    def from_settings(cls, settings: Settings) -> Placement | None:
+        """The placement a process's settings carry, None when they carry none."""
+        if not settings.ddp_master or settings.ddp_nodes is None or settings.ddp_node_rank is None:
             return None
-        return cls(int(env["TUNEDECK_DDP_NODES"]), int(env["TUNEDECK_DDP_NODE_RANK"]), env["TUNEDECK_DDP_MASTER"])
+        return cls(settings.ddp_nodes, settings.ddp_node_rank, settings.ddp_master)
 
-    def env(self) -> dict[str, str]:
-        """The variables that carry this placement to a train stage."""
-        return dict(zip(PLACEMENT_VARIABLES, (str(self.nodes), str(self.node_rank), self.master), strict=True))
+    def settings(self) -> dict[str, object]:
+        """The settings that carry this placement to a train stage (Settings.but(**placement.settings()))."""
+        return {"ddp_nodes": self.nodes, "ddp_node_rank": self.node_rank, "ddp_master": self.master}
 
     def torchrun_args(self, nproc: int, join_s: int) -> list[str]:
         """torchrun's arguments: a static rendezvous (node ranks as placed, so node 0 holds rank 0) on node 0's store."""

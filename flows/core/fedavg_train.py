@@ -71,13 +71,14 @@ def round_params(cfg: TrainParams, model_name: str, image_size: int, when: Sched
 
 
 def local_round(model: nn.Module, model_name: str, x: np.ndarray, y: np.ndarray, cfg: TrainParams, when: Schedule,
-                classes: list[str], device: torch.device = CPU) -> float:
-    """Train model in place on (x uint8 NHWC, y) for the round's epochs; the mean training loss of the last one."""
+                classes: list[str], device: torch.device = CPU, cpu_bf16: bool | None = None) -> float:
+    """Train model in place on (x uint8 NHWC, y) for the round's epochs; the mean training loss of the last one.
+    cpu_bf16: the process's setting of whether the CPU has native bf16 (None: its flags say)."""
     check_round_params(cfg)
     params = round_params(cfg, model_name, x.shape[1], when)
     manifest = PrepareManifest(source="silo", data_version="", classes=classes, image_size=x.shape[1],
                                counts={"train": len(y)})
-    trainer = Trainer(params, manifest, Splits.train_only(x, y), device, World(), None, model=model)
+    trainer = Trainer(params, manifest, Splits.train_only(x, y), device, World(), None, model=model, cpu_bf16=cpu_bf16)
     return trainer.train_round(when.first, when.epochs)
 
 

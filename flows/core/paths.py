@@ -10,12 +10,10 @@ MODEL_CONFIG = MODELS / "model.json"
 TRAIN_LIVE = Path("dvclive")
 EVAL = Path("eval")
 WEIGHTS = Path("weights")
-CHECKPOINTS = Path("checkpoints")  # a folder per run key below it; TUNEDECK_CHECKPOINTS moves it (checkpoints_base)
+CHECKPOINTS = Path("checkpoints")  # a folder per run key below it; the checkpoints setting moves it (checkpoints_base)
 
 
-def checkpoints_base() -> Path:
-    """Where checkpoints go: TUNEDECK_CHECKPOINTS (a run's workspace points it at its clone's, so a
-    retry in a new workspace resumes), else checkpoints/ of the project."""
-    import os
-
-    return Path(os.environ.get("TUNEDECK_CHECKPOINTS") or CHECKPOINTS)
+def checkpoints_base(moved: Path | None = None) -> Path:
+    """Where checkpoints go: moved (the process's checkpoints setting: a run's workspace points it at its clone's, so
+    a retry in a new workspace resumes), else checkpoints/ of the project."""
+    return Path(moved or CHECKPOINTS)

@@ -5,20 +5,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from flows.contracts.settings import variable
 from flows.core.errors import TunedeckError
 
 log = logging.getLogger("tunedeck")
 
 
-CPU_BF16_ENV = "TUNEDECK_CPU_BF16"
-"""Set to 1 or 0 to say whether this CPU has native bf16 (tests simulate either CPU with it)."""
+FORCED = variable("cpu_bf16")
+"""The setting that says whether this CPU has native bf16 (flows.contracts.settings), named in the reason it gives."""
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """The /proc/cpuinfo flags of x86 CPUs that compute bf16 natively (AVX512-BF16, AMX-BF16)."""
 
@@ -36,15 +36,15 @@ class Precision:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
 
 
-def cpu_bf16() -> tuple[bool, str]:
-    """Whether this CPU computes bf16 natively, and the evidence: the env override, else /proc/cpuinfo's flags.
+def cpu_bf16(forced: bool | None = None) -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and the evidence: forced (the process's setting), else /proc/cpuinfo's
+    flags.
 
     torch.backends.cpu.get_cpu_capability() says AVX512 on CPUs with and without AVX512-BF16 (and
     oneDNN emulates bf16 on plain AVX512, slower than fp32), so the CPU's own flags decide.
     """
-    forced = os.environ.get(CPU_BF16_ENV)
-    if forced in ("0", "1"):
-        return forced == "1", f"{CPU_BF16_ENV}={forced}"
+    if forced is not None:
+        return forced, f"{FORCED}={int(forced)}"
     flags = cpu_flags()
     found = [f for f in CPU_BF16_FLAGS if f in flags]
     if found:
@@ -63,8 +63,9 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """The autocast dtype for train.precision on device, with the reason; refuse what the device cannot do."""
+def resolve_precision(precision: str, device: torch.device, cpu_bf16_forced: bool | None = None) -> Precision:
+    """The autocast dtype for train.precision on device, with the reason; refuse what the device cannot do.
+    cpu_bf16_forced: the process's setting of whether the CPU has native bf16 (None: its flags say)."""
     if precision == "fp32":
         return Precision(None, "train.precision is fp32")
     if precision == "auto":
@@ -73,7 +74,7 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
                 return Precision(torch.bfloat16, f"auto: {torch.cuda.get_device_name(device)} supports bf16")
             return Precision(torch.float16, f"auto: {torch.cuda.get_device_name(device)} lacks bf16")
         if device.type == "cpu":
-            native, why = cpu_bf16()
+            native, why = cpu_bf16(cpu_bf16_forced)
             return Precision(torch.bfloat16 if native else None, f"auto: {why}")
         return Precision(None, f"auto: fp32 on {device.type}")
     if precision == "fp16":
@@ -92,9 +93,9 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     return Precision(torch.bfloat16, "train.precision is bf16")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device, cpu_bf16_forced: bool | None = None) -> torch.dtype | None:
     """The autocast dtype for train.precision on device (None: plain fp32)."""
-    return resolve_precision(precision, device).dtype
+    return resolve_precision(precision, device, cpu_bf16_forced).dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

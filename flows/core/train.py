@@ -61,23 +61,24 @@ def device_for(params: Params, world: World) -> torch.device:
 
 
 def train(
-    params: Params, prepared: Path, out: Path, tracker: Tracker | None = None, checkpoints: Path | None = None
+    params: Params, prepared: Path, out: Path, tracker: Tracker | None = None, checkpoints: Path | None = None,
+    cpu_bf16: bool | None = None,
 ) -> TrainResult:
     """Fine-tune params.model on the prepared split; write out/model.safetensors and model.json.
 
     Bad settings are refused before any heavy work. With ``checkpoints`` (a base folder) the
     run's checkpoints go to its own folder below it, named by its run key: a killed run resumes
     from there, and a run of other params or data starts a folder of its own, never touching
-    another run's.
+    another run's. cpu_bf16: the process's setting of whether the CPU has native bf16 (None: its flags say).
     """
     check_model_name(params.model.name)
     world = current_world()
     device = device_for(params, world)
-    autocast_dtype(params.train.precision, device)  # refuse an unsupported precision up front
+    autocast_dtype(params.train.precision, device, cpu_bf16)  # refuse an unsupported precision up front
     manifest = load_manifest(prepared)
     init(world, device)
     try:
-        trainer = Trainer(params, manifest, prepared, device, world, tracker)
+        trainer = Trainer(params, manifest, prepared, device, world, tracker, cpu_bf16=cpu_bf16)
         key = run_key(params, manifest)
         return trainer.run(out, run_folder(checkpoints, key) if checkpoints is not None else None, key)
     finally:

@@ -89,9 +89,9 @@ class Trainer:
     """Holds the model, optimizer, schedule, EMA and data of one run."""
 
     def __init__(self, params: Params, manifest: PrepareManifest, data: Path | Splits, device: torch.device, world: World,
-                 tracker, model: nn.Module | None = None) -> None:
+                 tracker, model: nn.Module | None = None, cpu_bf16: bool | None = None) -> None:
         """data: the prepare stage's folder, or the splits themselves; model: weights to start from (a FedAvg round's
-        global model) instead of params.model's."""
+        global model) instead of params.model's; cpu_bf16: whether the CPU has native bf16 (None: its flags say)."""
         from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
 
@@ -99,7 +99,7 @@ class Trainer:
         self.classes = manifest.classes
         self.image_size = manifest.image_size
         self.data_version = manifest.data_version
-        self.precision = resolve_precision(self.cfg.precision, device)
+        self.precision = resolve_precision(self.cfg.precision, device, cpu_bf16)
         self.dtype = self.precision.dtype
         torch.manual_seed(params.base.seed)
         if model is None:

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.core.paths import MODEL_CONFIG, MODEL_WEIGHTS
 from flows.demo.digits import write_digits
@@ -120,7 +121,7 @@ def write_data() -> tuple[int, int]:
     return counts
 
 
-def run_demo(port: int = server.DEFAULT_PORT, seeds: tuple[int, ...] = SEEDS, jobs: int | None = None,
+def run_demo(settings: Settings, port: int = server.DEFAULT_PORT, seeds: tuple[int, ...] = SEEDS, jobs: int | None = None,
              source_epochs: int = SOURCE_EPOCHS) -> list[Trial]:
     """The whole demo; returns every seed's trials (transfer and scratch)."""
     check_project()
@@ -128,7 +129,7 @@ def run_demo(port: int = server.DEFAULT_PORT, seeds: tuple[int, ...] = SEEDS, jo
     root = Path.cwd()
     jobs = jobs or max(1, min(2, os.cpu_count() or 1))
     url = start_server_and_data(port)
-    with DemoRuns(root, url, jobs) as runs:
+    with DemoRuns(root, url, jobs, settings) as runs:
         print(f"[3/5] source backbone: resnet18 from scratch on digits 0-4 (all labels, {source_epochs} epochs); beside it, "
               "the scratch arms on")
         print(f"    digits 5-9. Deployment runs of experiment/demo on a worker of this clone, {jobs} at a time "

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api, processes
 from flows.host.deploy import deploy_flow, ensure_pool
@@ -43,8 +44,8 @@ class DemoRuns:
 
     POLL_S = 1.0
 
-    def __init__(self, root: Path, url: str, jobs: int) -> None:
-        self.root, self.url, self.jobs = root.resolve(), url, jobs
+    def __init__(self, root: Path, url: str, jobs: int, settings: Settings) -> None:
+        self.root, self.url, self.jobs, self.settings = root.resolve(), url, jobs, settings
         self.worker: processes.Helper | None = None
         self.names: dict[str, str] = {}  # run id -> experiment name
 
@@ -66,10 +67,10 @@ class DemoRuns:
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
         (self.root / LOG).parent.mkdir(parents=True, exist_ok=True)  # a server of PREFECT_API_URL made no .tunedeck/
         log = (self.root / LOG).open("w")
-        env = {**os.environ, "PREFECT_API_URL": self.url,
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               # the demo's runs live on this host: copying each epoch's checkpoint to a DVC remote would only cost time
-               "TUNEDECK_CHECKPOINT_REMOTE": os.environ.get("TUNEDECK_CHECKPOINT_REMOTE", "off")}
+        # the demo's runs live on this host: copying each epoch's checkpoint to a DVC remote would only cost time
+        remote = False if self.settings.checkpoint_remote is None else self.settings.checkpoint_remote
+        env = {**self.settings.but(checkpoint_remote=remote).environ(), "PREFECT_API_URL": self.url,
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         try:
             return processes.spawn([*cmd, "worker", "--pool", POOL, "--cpu-slots", str(self.jobs)], tie=True,
                                    cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

@@ -2,7 +2,7 @@
 
 - ``silo`` runs on a silo's own work pool, in that site's clone: it reads the global weights from
   the exchange, trains ``local_epochs`` on images only that host can read (the worker's
-  TUNEDECK_SILO_DATA, or the ``data`` parameter), and writes back its weights and example count.
+  its silo_data setting, TUNEDECK_SILO_DATA, or the ``data`` parameter), and writes back its weights and example count.
   Nothing else leaves the site: no images, features or per-example outputs.
 - ``coordinator`` runs R rounds; each calls every silo deployment at once (``run_deployment``),
   skips a silo that fails or times out with a warning, averages by example count
@@ -20,10 +20,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.contracts.federated import FederatedParams, SiloTask, round_folder
+from flows.contracts.settings import Settings, variable
 from flows.core.errors import TunedeckError
 from flows.gateways.prefect_api import end_run
-
-SILO_DATA_ENV = "TUNEDECK_SILO_DATA"
 
 
 @flow(name="silo", log_prints=True)
@@ -37,8 +36,9 @@ def silo(task: SiloTask, data: str | None = None) -> dict:
     from flows.core.params import TrainParams
     from flows.federated.exchange import get_state, put_state
 
+    settings = Settings.read()  # this flow is its run's process's work
     name = silo_name()
-    x, y, version = silo_images(data or os.environ.get(SILO_DATA_ENV), task)
+    x, y, version = silo_images(data or (str(settings.silo_data) if settings.silo_data else None), task)
     folder = round_folder(task.exchange, task.run, task.round)
     global_state, _ = get_state(f"{folder}/global.safetensors")
     model = timm.create_model(task.model_name, pretrained=False, num_classes=len(task.classes))
@@ -46,7 +46,8 @@ def silo(task: SiloTask, data: str | None = None) -> dict:
     bn = batchnorm_keys(model) if task.fedbn else frozenset()
     model.load_state_dict(keep_local(global_state, _load(own) if bn else None, bn))
     when = Schedule(task.first_epoch, task.epochs, task.total_epochs, seed=silo_seed(task.seed, name, task.round))
-    loss = local_round(model, task.model_name, x, y, TrainParams(**task.train), when, task.classes, resolve_device(task.device))
+    loss = local_round(model, task.model_name, x, y, TrainParams(**task.train), when, task.classes,
+                       resolve_device(task.device), settings.cpu_bf16)
     state = cpu_state(model)
     if bn:
         _save(own, {k: state[k] for k in bn})
@@ -71,7 +72,8 @@ def silo_images(source: str | None, task: SiloTask):
     from flows.core.images import decode_folder
 
     if not source:
-        raise TunedeckError(f"this silo has no data: start its worker with {SILO_DATA_ENV}=FOLDER (one sub-folder per class).")
+        raise TunedeckError(f"this silo has no data: start its worker with {variable('silo_data')}=FOLDER (one sub-folder "
+                            "per class).")
     if not os.access(source, os.R_OK | os.X_OK):
         raise TunedeckError(f"silo data folder {source} is not readable by this worker: give its user read access.")
     decoded = decode_folder(Path(source), task.image_size)
@@ -131,7 +133,7 @@ def coordinator(config: FederatedParams) -> dict:
     from flows.federated.rounds import Federation
 
     logger = get_run_logger()
-    fed = Federation.open(config)
+    fed = Federation.open(config, Settings.read().checkpoints)  # this flow is its run's process's work
     for line in fed.notes:
         logger.info(line)
     for r in range(fed.next_round, config.rounds):

@@ -57,9 +57,11 @@ class Federation:
     history: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    checkpoints: Path | None = None  # the process's checkpoints setting (else checkpoints/)
 
     @classmethod
-    def open(cls, config: FederatedParams, params_file: Path = Path("params.yaml")) -> Federation:
+    def open(cls, config: FederatedParams, checkpoints: Path | None = None,
+             params_file: Path = Path("params.yaml")) -> Federation:
         """Load params, the evaluation images and the starting model; resume from the last checkpoint if any."""
         from flows.core.fedavg_train import check_round_params, cpu_state
         from flows.core.images import decode_folder
@@ -75,16 +77,16 @@ class Federation:
         model, weights_from = build_model(params.model, len(classes))
         key = run_key(config, params, evalset.version)
         fed = cls(config, params, key, classes, model, weights_from, evalset.images, evalset.labels, cpu_state(model),
-                  notes=notes)
+                  notes=notes, checkpoints=checkpoints)
         fed._resume()
         return fed
 
     @property
     def folder(self) -> Path:
-        """This run's checkpoints (TUNEDECK_CHECKPOINTS or checkpoints/, then federated/<key>)."""
+        """This run's checkpoints (the checkpoints setting or checkpoints/, then federated/<key>)."""
         from flows.core.paths import checkpoints_base
 
-        return checkpoints_base() / "federated" / self.key[:16]
+        return checkpoints_base(self.checkpoints) / "federated" / self.key[:16]
 
     def _resume(self) -> None:
         from safetensors import safe_open

@@ -4,8 +4,10 @@ Everything that reads a GPU goes through here: the pipeline picking a free GPU, 
 publishing its host's telemetry, the dashboard's local GPU panel, the trainer choosing a
 device, dvclive's system monitor. A metric a device does not report is None, never an error.
 
-``TUNEDECK_FAKE_GPUS=N`` stands in N idle GPUs (``StandInNvml``, same functions as pynvml) for
-tests and CPU-only demos; a host without NVML has no GPUs, and one sentence says why.
+Tests (and captures on a machine without a GPU) inject N idle stand-in GPUs here, never through a
+setting production code reads: in their own process with ``use(StandInNvml(n))``, in the processes
+they start with ``stand_in_env(n, folder)``, which puts a ``pynvml`` with the same functions first
+on their path. A host without NVML has no GPUs, and one sentence says why.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flows.contracts import GpuReading
@@ -21,8 +24,6 @@ from flows.contracts import GpuReading
 MAX_USED_FRACTION = 0.10  # a GPU with more memory in use than this is busy
 MAX_UTILISATION = 10  # percent
 MIB = 1024**2
-FAKE_VARIABLE = "TUNEDECK_FAKE_GPUS"
-CPU_SLOTS_VARIABLE = "TUNEDECK_CPU_SLOTS"  # a CPU worker's --cpu-slots, handed to its runs (flows.run.slot)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class _Reading:
 
 
 class StandInNvml:
-    """N idle stand-in GPUs with pynvml's functions (TUNEDECK_FAKE_GPUS): a host for tests without a GPU."""
+    """N idle stand-in GPUs with pynvml's functions: a host for tests without a GPU (use, stand_in_env)."""
+
+    STAND_IN = True
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -57,7 +60,7 @@ class StandInNvml:
         return index
 
     def nvmlDeviceGetName(self, handle: int) -> str:  # noqa: N802
-        return f"stand-in GPU ({FAKE_VARIABLE})"
+        return "stand-in GPU"
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> _Reading:  # noqa: N802
         return _Reading(gpu=0)
@@ -78,13 +81,25 @@ class StandInNvml:
 
 _loaded: tuple[Any | None, str | None] | None = None
 
+STAND_IN_MODULE = """\"\"\"A stand-in pynvml: {count} idle GPUs (flows.gateways.gpus.stand_in_env), first on a test's path.\"\"\"
+from flows.gateways.gpus import StandInNvml
+
+STAND_IN = True
+_GPUS = StandInNvml({count})
+
+
+def nvmlInit():
+    pass
+
+
+def __getattr__(name):
+    return getattr(_GPUS, name)
+"""
+
 
 def load_nvml() -> tuple[Any | None, str | None]:
     """(NVML module, None), or (None, why there is none) in one sentence. Loaded once per process."""
     global _loaded
-    fake = os.environ.get(FAKE_VARIABLE)
-    if fake:
-        return StandInNvml(int(fake)), None
     if _loaded is None:
         try:
             import pynvml
@@ -97,6 +112,20 @@ def load_nvml() -> tuple[Any | None, str | None]:
     return _loaded
 
 
+def use(nvml: Any) -> None:
+    """This process reads GPUs from nvml from now on (a StandInNvml, in a test)."""
+    global _loaded
+    _loaded = (nvml, None)
+
+
+def stand_in_env(count: int, folder: Path) -> dict[str, str]:
+    """The environment that gives a process this test starts (and its children) count idle stand-in GPUs: a pynvml
+    written into folder, put first on PYTHONPATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pynvml.py").write_text(STAND_IN_MODULE.format(count=int(count)))
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def reset() -> None:
     """Forget the loaded NVML (tests that make it fail)."""
     global _loaded
@@ -104,8 +133,9 @@ def reset() -> None:
 
 
 def present() -> bool:
-    """Whether this host has NVML (dvclive's system monitor needs it)."""
-    return load_nvml()[0] is not None and not isinstance(load_nvml()[0], StandInNvml)
+    """Whether this host has a real NVML (dvclive's system monitor needs it)."""
+    nvml = load_nvml()[0]
+    return nvml is not None and not getattr(nvml, "STAND_IN", False)
 
 
 def get(call: Callable[..., Any], *args: Any) -> Any:
@@ -166,23 +196,23 @@ def gpu_states() -> list[GpuState]:
 def free_bytes_by_uuid(uuid: str) -> int | None:
     """Free memory of the GPU with this CUDA UUID (None without NVML)."""
     nvml, _ = load_nvml()
-    if nvml is None or isinstance(nvml, StandInNvml):
+    if nvml is None or getattr(nvml, "STAND_IN", False):
         return None
     handle = get(nvml.nvmlDeviceGetHandleByUUID, uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
     memory = get(nvml.nvmlDeviceGetMemoryInfo, handle) if handle is not None else None
     return int(memory.free) if memory is not None else None
 
 
-def host() -> str:
-    """This host's name, as slot names and telemetry use it (TUNEDECK_HOST overrides the hostname)."""
-    return os.environ.get("TUNEDECK_HOST") or socket.gethostname()
+def host(name: str = "") -> str:
+    """This host's name, as slot names and telemetry use it: name (the process's host setting), else the hostname."""
+    return name or socket.gethostname()
 
 
-def slot_name(gpu: int | None) -> str:
-    """The Prefect global concurrency limit (1 slot) that guards one GPU, or this host's (first) CPU slot."""
-    return f"tunedeck-{host()}-gpu{gpu}" if gpu is not None else f"tunedeck-{host()}-cpu"
+def slot_name(gpu: int | None, host_name: str) -> str:
+    """The Prefect global concurrency limit (1 slot) that guards one GPU of host_name, or its (first) CPU slot."""
+    return f"tunedeck-{host_name}-gpu{gpu}" if gpu is not None else f"tunedeck-{host_name}-cpu"
 
 
-def cpu_slot_name(index: int) -> str:
+def cpu_slot_name(index: int, host_name: str) -> str:
     """The limit of CPU slot index (a worker with --cpu-slots N runs N CPU runs at once); slot 0 is slot_name(None)."""
-    return slot_name(None) if index == 0 else f"tunedeck-{host()}-cpu{index}"
+    return slot_name(None, host_name) if index == 0 else f"tunedeck-{host_name}-cpu{index}"

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flows.contracts.settings import HEARTBEAT_S, Settings
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api
-from flows.gateways.gpus import CPU_SLOTS_VARIABLE, cpu_slot_name, gpu_states, slot_name
+from flows.gateways.gpus import cpu_slot_name, gpu_states, host, slot_name
 
 DEFAULT_POOL = "local"
 
@@ -37,31 +38,6 @@ def ensure_pool(name: str) -> None:
 
 
 ZOMBIE_AUTOMATION = "tunedeck: crash runs whose host went silent"
-HEARTBEAT_S = 30  # a run's heartbeat period (Prefect's shortest); zombie_after_s() without one: Crashed
-# the default: six missed heartbeats, so a slow or busy host is never taken for a dead one. It was three (90 s), and a
-# live run on a loaded 2-core box (CI on d89e8e2, seed 93616: two test workers, two servers, four trainings) went 90 s
-# with no heartbeat reaching the server's trigger and was marked Crashed while it trained
-ZOMBIE_AFTER_S = 180
-ZOMBIE_AFTER_VARIABLE = "TUNEDECK_ZOMBIE_AFTER_S"
-
-
-def zombie_after_s() -> int:
-    """Seconds without a heartbeat before a run is marked Crashed: TUNEDECK_ZOMBIE_AFTER_S, else ZOMBIE_AFTER_S.
-
-    Read here only, when `tunedeck deploy` sets up the detection on the server. It must exceed
-    HEARTBEAT_S, or every live run would be taken for a dead one between two heartbeats.
-    """
-    raw = os.environ.get(ZOMBIE_AFTER_VARIABLE, str(ZOMBIE_AFTER_S))
-    try:
-        seconds = int(raw)
-    except ValueError:
-        seconds = 0
-    if seconds <= HEARTBEAT_S:
-        raise TunedeckError(f"{ZOMBIE_AFTER_VARIABLE}={raw} is not a whole number of seconds above the "
-                            f"{HEARTBEAT_S} s heartbeat period: set it higher, or unset it for the default ({ZOMBIE_AFTER_S} s).")
-    return seconds
-
-
 def ensure_zombie_automation(after_s: int) -> None:
     """Prefect's zombie detection: a running flow run whose heartbeats stop for after_s seconds is marked Crashed.
 
@@ -82,7 +58,7 @@ def deploy_flow(root: Path, entrypoint: str, name: str, pool: str) -> str:
     """`prefect deploy ENTRYPOINT --name NAME --pool POOL` with prefect.yaml's pull step (the worker's own clone);
     the deployment's full name, FLOW/NAME."""
     proc = prefect_cli("deploy", entrypoint, "--name", name, "--pool", pool, "--job-variable", ENGINE, cwd=root,
-                       env={"TUNEDECK_PROJECT": str(root)})
+                       env=Settings(project=root).env())
     check_deployed(proc, f"{entrypoint} --name {name}")
     return name
 
@@ -94,22 +70,24 @@ def check_deployed(proc: subprocess.CompletedProcess, what: str) -> None:
         raise TunedeckError(f"`prefect deploy {what}` failed: {' | '.join(tail)}")
 
 
-def deploy(root: Path | None = None) -> list[str]:
-    """Create the work pool, the zombie detection and prefect.yaml's deployments; return their names."""
+def deploy(settings: Settings, root: Path | None = None) -> list[str]:
+    """Create the work pool, the zombie detection (after settings.zombie_after_s) and prefect.yaml's deployments;
+    return their names."""
     root = root or Path.cwd()
-    after_s = zombie_after_s()
+    after_s = settings.zombie_after_s
     reachable()
     ensure_pool(DEFAULT_POOL)
     ensure_zombie_automation(after_s)
-    check_deployed(prefect_cli("deploy", "--all", cwd=root, env={"TUNEDECK_PROJECT": str(root.resolve())}), "--all")
+    check_deployed(prefect_cli("deploy", "--all", cwd=root, env=Settings(project=root.resolve()).env()), "--all")
     import yaml
 
     return [d["name"] for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]]
 
 
-def worker_command(pool: str, gpus: str | None, git_pull: bool = False, root: Path | None = None,
-                   cpu_slots: int = 1) -> tuple[list[str], dict[str, str]]:
-    """Check the project, pool and GPUs, create their slots; the prefect worker command and its environment.
+def worker_command(settings: Settings, pool: str, gpus: str | None, git_pull: bool = False, root: Path | None = None,
+                   cpu_slots: int = 1) -> tuple[list[str], dict[str, str], Settings]:
+    """Check the project, pool and GPUs, create their slots; the prefect worker command, its whole environment and
+    the settings its runs read there.
 
     Without GPUs the worker runs cpu_slots runs at once on the CPU, each with its share of the cores.
     """
@@ -131,14 +109,11 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False, root: Pa
         "PREFECT_WORKER_PREFETCH_SECONDS": os.environ.get("PREFECT_WORKER_PREFETCH_SECONDS", "1"),
         # runs send a heartbeat every 30 s (Prefect's default: 180): a dead host's run is Crashed ZOMBIE_AFTER_S after
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S)),
-        # runs use this host's clone (flows.host.steps.checkout), and import its code before any other copy
-        "TUNEDECK_PROJECT": str(root),
+        # runs use this host's clone (flows.host.steps.checkout: the project setting), and import its code first
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
         # the deployments' command is `python -m prefect.engine`: this environment's python
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
-    if git_pull:
-        env["TUNEDECK_GIT_PULL"] = "1"
     if gpus:
         try:
             wanted = [int(i) for i in gpus.split(",")]
@@ -149,12 +124,12 @@ def worker_command(pool: str, gpus: str | None, git_pull: bool = False, root: Pa
         if missing:
             have = ",".join(map(str, present)) or "none"
             raise TunedeckError(f"GPU {missing[0]} does not exist on this host (its GPUs: {have}): fix --gpus.")
-        slots = [slot_name(i) for i in wanted]
-        env["TUNEDECK_GPUS"] = ",".join(map(str, wanted))
+        runs = settings.but(project=root, git_pull=git_pull, gpus=",".join(map(str, wanted)), cpu_slots=1)
+        slots = [slot_name(i, host(settings.host)) for i in wanted]
     else:
-        slots = [cpu_slot_name(i) for i in range(cpu_slots)]
-        env[CPU_SLOTS_VARIABLE] = str(cpu_slots)
+        runs = settings.but(project=root, git_pull=git_pull, gpus="", cpu_slots=cpu_slots)
+        slots = [cpu_slot_name(i, host(settings.host)) for i in range(cpu_slots)]
     prefect_api.ensure_limits(slots)
     exe = Path(sys.executable).parent / "prefect"
     cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots))]
-    return cmd, env
+    return cmd, runs.environ({**os.environ, **env}), runs

@@ -2,8 +2,8 @@
 
 `prefect deploy` resolves `{{ $VAR }}` when it deploys, on the machine that deploys, so a folder
 written in prefect.yaml would be the deploying host's. `checkout` decides at run time instead:
-the project folder of the worker that picked the run up (`tunedeck worker` exports it as
-TUNEDECK_PROJECT), and, on a worker started with `--git-pull`, the latest commit of its branch.
+the project folder of the worker that picked the run up (`tunedeck worker` hands its runs the
+project setting), and, on a worker started with `--git-pull`, the latest commit of its branch.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 from pathlib import Path
 
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.gateways.git import failure, git
 
@@ -25,14 +26,15 @@ def checkout(directory: str | None = None) -> dict[str, str]:
     is to the worker's log, the one way to see a run that hangs without a word.
     """
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    folder = Path(os.environ.get("TUNEDECK_PROJECT") or directory or ".").resolve()
+    settings = Settings.read()  # the run's process starts here
+    folder = Path(settings.project or directory or ".").resolve()
     if not (folder / "dvc.yaml").is_file():
         raise TunedeckError(
             f"{folder} is not a tunedeck project (no dvc.yaml): start `tunedeck worker` from the project's folder."
         )
     os.chdir(folder)
     result = {"directory": str(folder)}
-    if os.environ.get("TUNEDECK_GIT_PULL") == "1":
+    if settings.git_pull:
         why = failure("pull", "--ff-only", "--quiet", cwd=folder, timeout=300)
         if why:
             raise TunedeckError(

@@ -40,10 +40,10 @@ class HostPublisher:
     """Samples this host and posts the sample to the Prefect server as an event, every `every` seconds."""
 
     def __init__(self, api_url: str, worker: str | None = None, every: float = TELEMETRY_EVERY_S,
-                 project: Path | None = None) -> None:
+                 project: Path | None = None, host_name: str = "") -> None:
         self.api_url = api_url.rstrip("/")
         self.worker, self.every = worker, every
-        self.host = gpus.host()
+        self.host = gpus.host(host_name)
         self.disk = str(project or Path.cwd())
         self.joiner = RunJoiner((project or Path.cwd()) / ".tunedeck" / "runs")
         self.http = httpx.Client(timeout=3.0, auth=auth())

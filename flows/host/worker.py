@@ -13,7 +13,6 @@ behind it.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -23,6 +22,7 @@ from types import FrameType
 
 import psutil
 
+from flows.contracts.settings import Settings
 from flows.gateways import processes
 from flows.host.deploy import worker_command
 from flows.run.slot_lease import release_dead
@@ -30,24 +30,24 @@ from flows.run.slot_lease import release_dead
 GRACE_SECONDS = 8.0  # the runs' and the worker's time to end on SIGTERM, then SIGKILL (the goal is a clean host in 10 s)
 
 
-def run_worker(pool: str, gpus: str | None, git_pull: bool = False, cpu_slots: int = 1) -> int:
+def run_worker(settings: Settings, pool: str, gpus: str | None, git_pull: bool = False, cpu_slots: int = 1) -> int:
     """Start a Prefect process worker on this host that runs one flow run per GPU (or cpu_slots on the CPU)."""
-    cmd, env = worker_command(pool, gpus, git_pull, cpu_slots=cpu_slots)
-    code = f"{env['TUNEDECK_PROJECT']}" + (" (git pull before each run)" if git_pull else "")
-    where = f"GPUs {env['TUNEDECK_GPUS']}" if gpus else "the CPU" + (f" ({cpu_slots} runs at once)" if cpu_slots > 1 else "")
+    cmd, env, runs = worker_command(settings, pool, gpus, git_pull, cpu_slots=cpu_slots)
+    code = f"{runs.project}" + (" (git pull before each run)" if git_pull else "")
+    where = f"GPUs {runs.gpus}" if gpus else "the CPU" + (f" ({cpu_slots} runs at once)" if cpu_slots > 1 else "")
     print(f"worker for pool '{pool}' on {where}, code in {code}: {' '.join(cmd[1:])}", flush=True)
     # not tied: this process stops it on SIGTERM/SIGINT (its runs first, stop_family); a kill -9 of this one leaves it
     # serving its runs, their ends reported, as a Prefect worker started by hand would
-    proc = processes.spawn(cmd, tie=False, env={**os.environ, **env})
-    publisher = start_publisher(pool, env)
-    Reconciler(proc.pid, Path(env["TUNEDECK_PROJECT"])).start()
+    proc = processes.spawn(cmd, tie=False, env=env)
+    publisher = start_publisher(pool, env, runs)
+    Reconciler(proc.pid, runs.project).start()
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if publisher is not None:  # first: dashboards show this host offline now, not after the runs' grace period
             publisher.stop()
-        stopped = stop_family(proc.pid, Path(env["TUNEDECK_PROJECT"]))
+        stopped = stop_family(proc.pid, runs.project)
         print(f"tunedeck worker: stopped by {signal.Signals(signum).name}: the Prefect worker and "
               f"{len(stopped)} run(s) it had started" + (f" ({', '.join(stopped)}: marked Crashed)" if stopped else ""),
               file=sys.stderr, flush=True)
@@ -61,7 +61,7 @@ def run_worker(pool: str, gpus: str | None, git_pull: bool = False, cpu_slots: i
     return code
 
 
-def start_publisher(pool: str, env: dict[str, str]):
+def start_publisher(pool: str, env: dict[str, str], runs: Settings):
     """This host's telemetry, published through the Prefect server while the worker runs (flows.host.telemetry)."""
     from flows.gateways.prefect_api import api_url
     from flows.host.telemetry import HostPublisher
@@ -69,7 +69,7 @@ def start_publisher(pool: str, env: dict[str, str]):
     url = env.get("PREFECT_API_URL") or api_url()
     if not url:
         return None
-    return HostPublisher(url, worker=pool, project=Path(env.get("TUNEDECK_PROJECT") or ".")).start()
+    return HostPublisher(url, worker=pool, project=runs.project or Path("."), host_name=runs.host).start()
 
 
 def flow_run_of(process: psutil.Process) -> str | None:

@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 from prefect import flow, get_run_logger
 
 from flows.contracts.placement import Placement
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.gateways import processes
 from flows.gateways.dvc.cli import sync
@@ -44,10 +45,11 @@ from flows.run.workspace import run_workspace
 NODE_DEPLOYMENT = "ddp-node/ddp-node"
 
 
-def address_towards(host: str, port: int) -> str:
-    """This host's address on the route to host:port (what the other nodes can reach it by); TUNEDECK_NODE_ADDR overrides."""
-    if os.environ.get("TUNEDECK_NODE_ADDR"):
-        return os.environ["TUNEDECK_NODE_ADDR"]
+def address_towards(host: str, port: int, settings: Settings) -> str:
+    """This host's address on the route to host:port (what the other nodes can reach it by); the node_addr setting
+    overrides."""
+    if settings.node_addr:
+        return settings.node_addr
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # no packet is sent: the kernel picks the route
         s.connect((host, port))
         return s.getsockname()[0]
@@ -71,9 +73,10 @@ def commit_of(path: Path) -> str:
     return git("rev-parse", "HEAD", cwd=path).strip()
 
 
-def train_across_nodes(ws: Path, overrides: list[str], nodes: int, train: Callable[[dict[str, str]], object]) -> None:
-    """The train stage as node 0 of `nodes` (train(env) runs it), the other nodes placed as ddp-node flow runs;
-    they end with it.
+def train_across_nodes(ws: Path, overrides: list[str], nodes: int, settings: Settings,
+                       train: Callable[[dict[str, object]], object]) -> None:
+    """The train stage as node 0 of `nodes` (train(placement's settings) runs it), the other nodes placed as ddp-node
+    flow runs; they end with it.
     """
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
@@ -82,7 +85,7 @@ def train_across_nodes(ws: Path, overrides: list[str], nodes: int, train: Callab
     from flows.core.prepare import load_manifest
 
     logger = get_run_logger()
-    address = address_towards(*server_endpoint())
+    address = address_towards(*server_endpoint(), settings)
     placement = Placement(nodes, 0, f"{address}:{free_port(address)}")
     data_version = load_manifest(ws / PREPARED).data_version
     others = []
@@ -99,12 +102,12 @@ def train_across_nodes(ws: Path, overrides: list[str], nodes: int, train: Callab
         if state in ("COMPLETED",):
             return
         ended.append(f"node run {run_id} ended {state}")
-        stop_processes(placement.env())
+        stop_processes(Settings(**placement.settings()).env())
 
     watch = Watch(others, node_ended).start()
     ok = False
     try:
-        train(placement.env())
+        train(placement.settings())
         ok = True
     except Exception:
         if ended:
@@ -188,19 +191,20 @@ def ddp_node(overrides: list[str], node_rank: int, nodes: int, master: str, comm
     from flows.core.prepare import load_manifest
 
     logger = get_run_logger()
+    settings = Settings.read()  # this flow is its run's process's work
     clone = Path.cwd()
     if commit_of(clone) != commit:
         raise TunedeckError(
             f"this host's clone ({clone}) is at {commit_of(clone)[:12]}, the run's node 0 at {commit[:12]}: "
             "start its worker with --git-pull, or check out the same commit."
         )
-    with open_session(clone) as session, run_workspace(clone, overrides) as ws, device_slot() as env:
+    with open_session(clone) as session, run_workspace(clone, overrides) as ws, device_slot(settings) as env:
         session.workdir = ws
         sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
         for stage in dvc_session().stage_order():
             if stage == "train":
                 break
-            dvc_session().repro(stage, {**env, "TUNEDECK_PREFECT": "off"}, on_line=logger.info)
+            dvc_session().repro(stage, {**env, **settings.but(prefect="off").env()}, on_line=logger.info)
         mine = load_manifest(ws / PREPARED).data_version
         if mine != data_version:
             raise TunedeckError(
@@ -209,8 +213,8 @@ def ddp_node(overrides: list[str], node_rank: int, nodes: int, master: str, comm
             )
         host, port = master.rsplit(":", 1)
         placement = Placement(nodes, node_rank, master)
-        node_env = {**os.environ, **env, **placement.env(), "TUNEDECK_PREFECT": "off",
-                    "TUNEDECK_NODE_ADDR": address_towards(host, int(port))}
+        node = settings.but(**placement.settings(), prefect="off", node_addr=address_towards(host, int(port), settings))
+        node_env = node.environ({**os.environ, **env})
         logger.info(f"node {node_rank} of {nodes}: joining the rendezvous on {master} (data {mine[:12]})")
         proc = processes.spawn([sys.executable, "-m", "flows.stages.train"], tie=True, cwd=ws, env=node_env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.contracts import LABEL, ModelCard
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api
 from flows.gateways.dvc.cli import sync
@@ -27,7 +28,7 @@ from flows.gateways.git import git, head, host_lock
 from flows.run import workspace
 from flows.run.labels import flush_labels, label_run, label_scores
 from flows.run.multinode import train_across_nodes
-from flows.run.session import dvc_session, open_session, run_stage
+from flows.run.session import dvc_session, open_session, run_stage, stage_env
 from flows.run.slot import device_slot
 from flows.run.workspace import run_name, run_workspace, timed
 from flows.stages.warm import WarmStages
@@ -53,12 +54,14 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
     """The stages in the run's own workspace, each a task (with `until`, only that stage and those it needs); the
     results saved as DVC experiment `name`."""
     logger = get_run_logger()
+    settings = Settings.read()  # this flow is its run's process's work
     code = code_version()
     logger.info(f"code: {code}")
     clone = Path.cwd()
-    with open_session(clone) as session, WarmStages() as warm, run_workspace(clone, overrides) as ws, device_slot() as env:
+    with (open_session(clone) as session, WarmStages() as warm, run_workspace(clone, overrides) as ws,
+          device_slot(settings) as slot):
         session.workdir = ws
-        env = {**env, "TUNEDECK_CHECKPOINTS": str(clone / "checkpoints")}  # per run key: a retry here resumes
+        stages_settings = settings.but(checkpoints=clone / "checkpoints")  # per run key: a retry here resumes
         if pull:  # --allow-missing: a first run finds nothing on the remote yet
             sync("pull", "--allow-missing", cwd=ws, on_line=logger.info)
         elif workspace.tracks_dvc_data(ws):  # .dvc-tracked data (or a committed dvc.lock), linked from the shared cache
@@ -67,9 +70,10 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         for stage in stages:
             if stage == "train" and (nodes := node_count(ws)) > 1:  # one run over several hosts: flows.run.multinode
                 label_run({f"{LABEL}nodes": nodes})  # a retry would find no nodes to meet: none
-                train_across_nodes(ws, overrides, nodes, lambda more: run_stage.with_options(retries=0)("train", {**env, **more}))
+                train_across_nodes(ws, overrides, nodes, settings, lambda placed: run_stage.with_options(retries=0)(
+                    "train", stage_env(slot, stages_settings.but(**placed))))
             else:
-                run_stage(stage, {**env, **warm.env()})
+                run_stage(stage, stage_env(slot, stages_settings.but(warm=warm.socket_path())))
         label_scores(ws)
         if push:
             sync("push", cwd=ws, on_line=logger.info)

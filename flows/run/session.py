@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from flows.contracts import StageProgress, stage_labels
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.gateways.dvc.session import DvcSession
 from flows.run.labels import label_run
@@ -48,10 +49,17 @@ def stage_cache_key(context, parameters) -> str | None:
 
 @task(retries=2, retry_delay_seconds=[5, 20], cache_key_fn=stage_cache_key, persist_result=True)
 def run_stage(stage: str, env: dict[str, str]) -> str:
-    """Reproduce one DVC stage, its output streamed into this run's log, its progress into the run's labels."""
+    """Reproduce one DVC stage, its output streamed into this run's log, its progress into the run's labels.
+    env: the slot's variables and the stage's settings (stage_env)."""
     watch = StageWatch(stage, get_run_logger())
-    dvc_session().repro(stage, {**env, "TUNEDECK_PREFECT": "off", "TUNEDECK_PROGRESS": "lines"}, on_line=watch.line)
+    dvc_session().repro(stage, env, on_line=watch.line)
     return stage
+
+
+def stage_env(slot: dict[str, str], settings: Settings) -> dict[str, str]:
+    """What a stage of this run runs with: the slot's variables (its GPU, its threads) and the run's settings, with
+    no flow run of its own (the run's is its) and its progress as marked lines for StageWatch."""
+    return {**slot, **settings.but(prefect="off", progress="lines").env()}
 
 
 DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",

@@ -11,7 +11,8 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from flows.contracts import LABEL
-from flows.gateways.gpus import CPU_SLOTS_VARIABLE, cpu_slot_name, gpu_states, host, slot_name
+from flows.contracts.settings import Settings
+from flows.gateways.gpus import cpu_slot_name, gpu_states, host, slot_name
 from flows.run.labels import label_run
 from flows.run.slot_lease import SlotLease
 from flows.run.workspace import run_id
@@ -20,25 +21,26 @@ LEASE_SECONDS = 60  # the shortest lease Prefect allows; a killed run's slot is 
 
 
 @contextlib.contextmanager
-def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
-    """Hold a free GPU of this worker (TUNEDECK_GPUS) for the run, or one of the host's CPU slots."""
+def device_slot(settings: Settings, poll: float = 5.0) -> Iterator[dict[str, str]]:
+    """Hold a free GPU of this worker (its gpus setting) for the run, or one of the host's CPU slots."""
     logger = get_run_logger()
-    allowed = os.environ.get("TUNEDECK_GPUS")
+    allowed = settings.gpus
     root = Path.cwd()  # the clone (flows.host.steps.checkout entered it): its worker frees a dead run's slot
+    name = host(settings.host)
     if not allowed:
-        with cpu_slot(int(os.environ.get(CPU_SLOTS_VARIABLE) or 1), root, poll) as env:
+        with cpu_slot(settings.cpu_slots, name, root, poll) as env:
             yield env
         return
     wanted = [int(i) for i in allowed.split(",") if i.strip()]
     waited = False
     while True:
         for gpu in [g.index for g in gpu_states() if g.free and g.index in wanted]:
-            slot = SlotLease(slot_name(gpu), f"GPU {gpu}", LEASE_SECONDS, logger, run_id(), root)
+            slot = SlotLease(slot_name(gpu, name), f"GPU {gpu}", LEASE_SECONDS, logger, run_id(), root)
             if not slot.take():  # held by another run (a slot survives a server restart: flows.run.slot_lease)
                 continue
             try:
-                logger.info("holding GPU %d (%s)", gpu, slot_name(gpu))
-                label_run({f"{LABEL}host": host(), f"{LABEL}gpus": str(gpu)})
+                logger.info("holding GPU %d (%s)", gpu, slot_name(gpu, name))
+                label_run({f"{LABEL}host": name, f"{LABEL}gpus": str(gpu)})
                 yield {"CUDA_VISIBLE_DEVICES": str(gpu)}
             finally:
                 slot.release()
@@ -50,7 +52,7 @@ def device_slot(poll: float = 5.0) -> Iterator[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def cpu_slot(slots: int, root: Path, poll: float) -> Iterator[dict[str, str]]:
+def cpu_slot(slots: int, name: str, root: Path, poll: float) -> Iterator[dict[str, str]]:
     """Hold one of the host's CPU slots (the worker's --cpu-slots); with more than one, the run's share of the cores.
 
     Runs side by side on the CPU each get cores // slots threads (OMP_NUM_THREADS for the stages):
@@ -59,12 +61,12 @@ def cpu_slot(slots: int, root: Path, poll: float) -> Iterator[dict[str, str]]:
     logger = get_run_logger()
     while True:
         for index in range(slots):
-            lease = SlotLease(cpu_slot_name(index), "this host's CPU" + (f" (slot {index})" if slots > 1 else ""),
+            lease = SlotLease(cpu_slot_name(index, name), "this host's CPU" + (f" (slot {index})" if slots > 1 else ""),
                               LEASE_SECONDS, logger, run_id(), root)
             if not lease.take():
                 continue
             try:
-                label_run({f"{LABEL}host": host()})
+                label_run({f"{LABEL}host": name})
                 yield {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // slots))} if slots > 1 else {}
             finally:
                 lease.release()

@@ -108,8 +108,10 @@ def streak_after(history: list[MonitorBatch], drifted: bool, version: str) -> in
     return streak
 
 
-def monitor_batch(root: Path, params: Params, folder: Path, device: str | None = None, api_url: str | None = None) -> MonitorBatch:
-    """Score folder with the prod model, measure drift, record it, and emit the events (when a server is given)."""
+def monitor_batch(root: Path, params: Params, folder: Path, device: str | None = None, api_url: str | None = None,
+                  host_name: str = "") -> MonitorBatch:
+    """Score folder with the prod model, measure drift, record it, and emit the events (when a server is given);
+    host_name: the process's host setting."""
     from flows.core.augment import Normalizer
     from flows.core.devices import resolve_device
     from flows.core.drift import Reference, assess, features_and_probs
@@ -130,7 +132,7 @@ def monitor_batch(root: Path, params: Params, folder: Path, device: str | None =
     report = assess(reference, features, probs, labels_of(Path(folder), paths, meta.classes), params.monitor)
     history = read_history(root)
     streak = streak_after(history, report.drifted, version)
-    batch = MonitorBatch(host=host(), folder=str(folder), model_version=version, n_images=len(paths), failures=len(failures),
+    batch = MonitorBatch(host=host(host_name), folder=str(folder), model_version=version, n_images=len(paths), failures=len(failures),
                          drifted=report.drifted, streak=streak, triggered=report.drifted and streak == params.monitor.consecutive,
                          statistics=[DriftStatistic(name=s.name, value=float(s.value), threshold=float(s.threshold),
                                                     flagged=s.flagged, direction=s.direction) for s in report.statistics])

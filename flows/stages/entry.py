@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.core.params import Params, load_params
 from flows.core.paths import PARAMS
@@ -25,20 +26,27 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
-def run_main(name: str, work: Callable[[Params], dict[str, Any]], tags: Callable[[], list[str]] = list, warm: bool = True) -> int:
-    """Load params.yaml, run work as the flow ``name``; print one sentence and return 2 on bad input.
+def run_main(name: str, work: Callable[[Params, Settings], dict[str, Any]], tags: Callable[[], list[str]] = list,
+             warm: bool = True) -> int:
+    """Read this process's settings and params.yaml, run work as the flow ``name``; print one sentence and return 2
+    on bad input.
 
     In a pipeline run, a stage that imports torch (warm=True) is handed to the run's warm server
-    (flows.stages.warm), which runs it with torch already imported.
+    (flows.stages.warm), which runs it with torch already imported (and reads the settings again, at its entry).
     """
-    if warm and (status := warm_stages.delegate()) is not None:
+    try:
+        settings = Settings.read()
+    except TunedeckError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    if warm and (status := warm_stages.delegate(settings.warm)) is not None:
         return status
     setup_logging()
     try:
         from flows.stages.orchestration import run_stage
 
         params = load_params(PARAMS)
-        summary = run_stage(name, lambda: work(params), params.to_dict(), [f"stage:{name}", *tags()])
+        summary = run_stage(name, lambda: work(params, settings), params.to_dict(), [f"stage:{name}", *tags()], settings)
     except TunedeckError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from flows.contracts import ModelCard, StageProgress, eval_scores
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import EVAL, MODELS, PREPARED
 from flows.stages.entry import finish, run_main
 
 
-def work(params: Params) -> dict:
+def work(params: Params, settings: Settings) -> dict:
     """Evaluate, and return the headline metrics with the data and model versions."""
     from flows.core.evaluate import evaluate
     from flows.stages.orchestration import report_progress
@@ -17,7 +18,7 @@ def work(params: Params) -> dict:
     metrics = evaluate(params, PREPARED, MODELS, EVAL)
     card = ModelCard.read(MODELS)
     # on the run's labels (its own, or the pipeline run's above it): the dashboard's TEST and F1 columns
-    report_progress(StageProgress.scores("evaluate", eval_scores(metrics)))
+    report_progress(StageProgress.scores("evaluate", eval_scores(metrics)), settings)
     return {
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),

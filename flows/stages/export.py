@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from flows.contracts import ModelCard
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import MODEL_WEIGHTS, MODELS, PREPARED
@@ -16,7 +17,7 @@ EXPORT_ONNX = EXPORT / "model.onnx"
 PARITY = EXPORT / "parity.json"
 
 
-def work(params: Params) -> dict:
+def work(params: Params, settings: Settings) -> dict:
     """Export models/model.safetensors to export/model.onnx, check it on validation images, write
     export/parity.json; return the parity headline."""
     from flows.core.export import check_parity, export_onnx, parity_images

@@ -1,8 +1,8 @@
 """Run a stage's work as a Prefect flow run when a Prefect server is up, and plainly when not.
 
 Orchestration never makes a stage hang or fail: with no server the stage says so in one line
-and runs on. ``TUNEDECK_PREFECT=off`` switches the Prefect layer off (used by benchmarks);
-``TUNEDECK_PREFECT=required`` makes a missing server an error instead.
+and runs on. The process's prefect setting (``TUNEDECK_PREFECT=off``) switches the Prefect layer off
+(used by benchmarks); ``required`` makes a missing server an error instead.
 """
 
 from __future__ import annotations
@@ -26,38 +26,29 @@ from typing import Any
 import psutil
 
 from flows.contracts import ReporterAnswer, ReporterOpen, RunFile, StageProgress
+from flows.contracts.settings import Settings, variable
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api, processes
 
-SWITCH = "TUNEDECK_PREFECT"
-PROGRESS_SWITCH = "TUNEDECK_PROGRESS"  # "lines": print progress as marked lines (a pipeline run reads them)
 log = logging.getLogger("tunedeck")
 _reporter: Reporter | None = None  # the reporter of the stage running in this process, if any
 
 
-def report_progress(progress: StageProgress) -> None:
+def report_progress(progress: StageProgress, settings: Settings) -> None:
     """A training stage's progress, to where it is watched from: its flow run's labels, by one of two ways.
 
-    Under a pipeline run (TUNEDECK_PROGRESS=lines) it is a marked stdout line, which the pipeline
+    Under a pipeline run (the progress setting is "lines") it is a marked stdout line, which the pipeline
     turns into its own run's labels; under a stage's own flow run, a message to its reporter.
     """
-    if os.environ.get(PROGRESS_SWITCH) == "lines":
+    if settings.progress == "lines":
         print(progress.line(), flush=True)
     elif _reporter is not None:
         _reporter.send({"progress": progress.model_dump(mode="json")})
 
 
-def prefect_mode() -> str:
-    """'auto' (default), 'off' or 'required', from TUNEDECK_PREFECT."""
-    mode = os.environ.get(SWITCH, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "off", "required"):
-        raise TunedeckError(f"{SWITCH} is '{mode}': use auto, off or required.")
-    return mode
-
-
-def reachable_api() -> str | None:
+def reachable_api(settings: Settings) -> str | None:
     """The Prefect API to report to, or None (after saying why) when the stage runs without one."""
-    mode = prefect_mode()
+    mode = settings.prefect
     if mode == "off":
         return None
     url = prefect_api.api_url()
@@ -68,7 +59,7 @@ def reachable_api() -> str | None:
     else:
         why = "no Prefect server is running"
     if mode == "required":
-        raise TunedeckError(f"{why} and {SWITCH}=required: start it with `tunedeck server start`.")
+        raise TunedeckError(f"{why} and {variable('prefect')}=required: start it with `tunedeck server start`.")
     print(
         f"tunedeck: {why}, so this stage runs without a flow run; "
         "`tunedeck server start` records stages in Prefect.",
@@ -189,14 +180,15 @@ def stop_children(keep: int, grace_s: float = 10.0) -> None:
     processes.stop_all(children, grace_s)
 
 
-def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[str, Any], tags: list[str]) -> dict[str, Any]:
+def run_stage(name: str, work: Callable[[], dict[str, Any]], parameters: dict[str, Any], tags: list[str],
+              settings: Settings) -> dict[str, Any]:
     """Run work() plainly, mirrored by the Prefect flow run ``name`` when a server is up.
 
     The flow run (opened by a reporter process beside this one) shows ``parameters`` and the
     stage's log, ends Completed with work's summary attached as an artifact, Failed with the
     sentence of a TunedeckError (raised again here), or Crashed if this process dies.
     """
-    url = reachable_api()
+    url = reachable_api(settings)
     if url is None:
         return work()
     global _reporter

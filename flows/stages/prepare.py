@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from flows.contracts.settings import Settings
 from flows.core.params import Params
 from flows.core.paths import PREPARED
 from flows.stages.entry import finish, run_main
@@ -11,7 +12,7 @@ from flows.stages.entry import finish, run_main
 log = logging.getLogger("tunedeck")
 
 
-def work(params: Params) -> dict:
+def work(params: Params, settings: Settings) -> dict:
     """Run prepare with a progress bar; report rejected files on the console and in rejected.json."""
     from pathlib import Path
 

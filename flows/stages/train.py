@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from flows.contracts import ModelCard
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
@@ -16,7 +17,7 @@ from flows.gateways import processes
 from flows.stages.entry import finish, run_main
 
 
-def work(params: Params) -> dict:
+def work(params: Params, settings: Settings) -> dict:
     """Train with dvclive logging every epoch's metrics (plots under dvclive/plots).
 
     With base.devices > 1 this process launches torchrun, whose workers train with DDP.
@@ -25,12 +26,12 @@ def work(params: Params) -> dict:
     from flows.core.train import train
 
     warn_if_untracked_weights(params)
-    mirror = checkpoint_mirror(params)
+    mirror = checkpoint_mirror(params, settings)
     if (params.base.devices > 1 or params.base.nodes > 1) and "RANK" not in os.environ:
-        return launch_ddp(params)
-    tracker = LiveTracker(params.train.epochs, mirror)
+        return launch_ddp(params, settings)
+    tracker = LiveTracker(params.train.epochs, settings, mirror)
     try:
-        result = train(params, PREPARED, MODELS, tracker, checkpoints_base())
+        result = train(params, PREPARED, MODELS, tracker, checkpoints_base(settings.checkpoints), settings.cpu_bf16)
     finally:
         tracker.close()
     if current_world().rank:
@@ -56,9 +57,9 @@ class LiveTracker:
     to its flow run, so the dashboard of any host sees it through the Prefect server.
     """
 
-    def __init__(self, epochs: int, mirror=None) -> None:
+    def __init__(self, epochs: int, settings: Settings, mirror=None) -> None:
         self.live = None
-        self.epochs = epochs
+        self.epochs, self.settings = epochs, settings
         self.mirror = mirror
         self.first_epoch = 0
         self.started = time.monotonic()
@@ -88,7 +89,7 @@ class LiveTracker:
         if epoch >= self.first_epoch:
             from flows.stages.orchestration import report_progress
 
-            report_progress(self.progress(epoch, metrics))
+            report_progress(self.progress(epoch, metrics), self.settings)
 
     def progress(self, epoch: int, metrics: dict[str, float]):
         """Epoch k/N, the metrics that matter while watching, and the time left at this run's pace (StageProgress)."""
@@ -118,7 +119,7 @@ class LiveTracker:
             self.mirror.close()
 
 
-def checkpoint_mirror(params: Params):
+def checkpoint_mirror(params: Params, settings: Settings):
     """The run's checkpoints on the DVC remote (flows.gateways.dvc.remote); fetched first when this host has none.
 
     Only the stage process fetches (before torchrun starts DDP workers); rank 0 pushes.
@@ -131,13 +132,13 @@ def checkpoint_mirror(params: Params):
         key = run_key(params, load_manifest(PREPARED))
     except TunedeckError:
         return None  # no prepared data: train() says so in one sentence
-    mirror = CheckpointMirror(Path.cwd(), key[:16])
+    mirror = CheckpointMirror(Path.cwd(), key[:16], settings.checkpoint_remote is not False)
     if "RANK" in os.environ:
         return mirror
     if params.base.devices > 1 or params.base.nodes > 1:
-        mirror.fetch(run_folder(checkpoints_base(), key))  # before torchrun starts the workers that read it
+        mirror.fetch(run_folder(checkpoints_base(settings.checkpoints), key))  # before torchrun starts the workers that read it
     else:
-        mirror.fetch_soon(run_folder(checkpoints_base(), key))  # while the model is built
+        mirror.fetch_soon(run_folder(checkpoints_base(settings.checkpoints), key))  # while the model is built
     return mirror
 
 
@@ -145,7 +146,7 @@ WATCHED = ("train/loss", "val/acc", "val/loss", "val/acc_ema", "samples_per_s")
 """The metrics a run's progress carries (the dashboard's columns and detail view)."""
 
 
-def launch_ddp(params: Params) -> dict:
+def launch_ddp(params: Params, settings: Settings) -> dict:
     """Run this stage under torchrun on base.devices processes; its summary comes from model.json."""
 
     import torch
@@ -155,7 +156,7 @@ def launch_ddp(params: Params) -> dict:
     from flows.core.speed import autocast_dtype
 
     check_model_name(params.model.name)  # refuse bad input here, not in n tracebacks
-    autocast_dtype(params.train.precision, resolve_device(params.base.device))
+    autocast_dtype(params.train.precision, resolve_device(params.base.device), settings.cpu_bf16)
     n = params.base.devices
     if params.base.device != "cpu" and torch.cuda.is_available() and n > torch.cuda.device_count():
         raise TunedeckError(
@@ -163,9 +164,9 @@ def launch_ddp(params: Params) -> dict:
         )
     if params.base.device != "cpu" and not torch.cuda.is_available():
         raise TunedeckError(f"base.devices is {n} but there is no CUDA GPU here: set base.device: cpu to use CPU processes.")
-    env = {**os.environ, "TUNEDECK_PREFECT": "off", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    placement = node_placement(params, env)
-    where = ["--standalone", f"--nproc_per_node={n}"] if placement is None else placement.torchrun_args(n, JOIN_SECONDS)
+    env = {**os.environ, **settings.but(prefect="off").env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    placement = node_placement(params, settings, env)
+    where = ["--standalone", f"--nproc_per_node={n}"] if placement is None else placement.torchrun_args(n, settings.ddp_join_s)
     torchrun = ["-m", "torch.distributed.run", *where, "-m", "flows.stages.train"]
     on = "" if placement is None else f" on node {placement.node_rank} of {placement.nodes} (rendezvous {placement.master})"
     logging.getLogger("tunedeck").info("train: launching %d DDP processes with torchrun%s", n, on)
@@ -178,24 +179,21 @@ def launch_ddp(params: Params) -> dict:
             "nodes": params.base.nodes}
 
 
-JOIN_SECONDS = int(os.environ.get("TUNEDECK_DDP_JOIN_S", "300"))
-"""How long node 0 waits for the other hosts to join a run over several hosts (they pull and prepare first)."""
-
-
-def node_placement(params: Params, env: dict[str, str]):
-    """This host's place in a run over base.nodes hosts (None for one host); gloo told which interface to use."""
+def node_placement(params: Params, settings: Settings, env: dict[str, str]):
+    """This host's place in a run over base.nodes hosts (None for one host); gloo told (in env) which interface to
+    use."""
     from flows.contracts.placement import Placement
     from flows.core.distributed import interface_of
 
     if params.base.nodes == 1:
         return None
-    placement = Placement.from_env(env)
+    placement = Placement.from_settings(settings)
     if placement is None or placement.nodes != params.base.nodes:
         raise TunedeckError(
             f"base.nodes is {params.base.nodes}, but this train stage was not placed on that many hosts: run it from "
             "the pipeline deployment (it places the other nodes), or set base.nodes: 1 for `dvc repro`."
         )
-    address = placement.master.rsplit(":", 1)[0] if placement.node_rank == 0 else env.get("TUNEDECK_NODE_ADDR", "")
+    address = placement.master.rsplit(":", 1)[0] if placement.node_rank == 0 else settings.node_addr
     iface = interface_of(address) if address else None
     if iface and "GLOO_SOCKET_IFNAME" not in env:
         env["GLOO_SOCKET_IFNAME"] = iface

@@ -30,10 +30,11 @@ import types
 from pathlib import Path
 from subprocess import DEVNULL
 
+from flows.contracts.settings import Settings, variable
 from flows.gateways import processes
 
-ENV = "TUNEDECK_WARM"
-"""The socket of this run's warm server; stage processes that see it hand their work over."""
+ENV = variable("warm")
+"""The setting that carries this run's warm server's socket; stage processes that have it hand their work over."""
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "timm", "timm.data", "timm.optim", "timm.scheduler", "safetensors.torch")
 """What the server imports once: the libraries every torch stage imports first."""
 CHILD = "tunedeck_warm_child"
@@ -46,9 +47,9 @@ IDLE_S = 900.0
 # ---- the stage's side --------------------------------------------------------------------------
 
 
-def delegate() -> int | None:
-    """Run this stage process's module in the warm server, if there is one; its exit status, or None to run here."""
-    path = os.environ.get(ENV)
+def delegate(path: str) -> int | None:
+    """Run this stage process's module in the warm server at path (the process's warm setting), if there is one;
+    its exit status, or None to run here."""
     main = sys.modules.get("__main__")
     module = getattr(getattr(main, "__spec__", None), "name", None)
     if not path or not module:
@@ -263,11 +264,15 @@ class WarmStages:
                                     stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
         return self
 
-    def env(self) -> dict[str, str]:
-        """The variable that sends stages here; empty once the server is gone."""
+    def socket_path(self) -> str:
+        """The warm setting that sends stages here; empty once the server is gone."""
         if self.proc is None or self.proc.poll() is not None:
-            return {}
-        return {ENV: str(self.path)}
+            return ""
+        return str(self.path)
+
+    def env(self) -> dict[str, str]:
+        """The variable that sends stages here (a test's stage process); empty once the server is gone."""
+        return Settings(warm=self.socket_path()).env()
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.gateways.gpus import stand_in_env
 from flows.host import server
 from tests.integration.project import env, free_port, make_project, run
 
@@ -39,7 +40,7 @@ def cluster(folder: Path, gpus: int | None = None, **worker_env: str) -> Iterato
         command = ["tunedeck", "worker", "--pool", "local"]
         if gpus is not None:
             command += ["--gpus", ",".join(map(str, range(gpus)))]
-            worker_env.setdefault("TUNEDECK_FAKE_GPUS", str(gpus))
+            worker_env = {**stand_in_env(gpus, folder / "stand-in-gpus"), **worker_env}
         log = folder / "worker.log"
         worker = subprocess.Popen(command, cwd=project, env=env(PREFECT_API_URL=url, PREFECT_LOGGING_LEVEL="INFO", **worker_env),
                                   stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import yaml
 
+from flows.gateways.gpus import stand_in_env
 from flows.host import server
 from flows.ship.registry import next_version, prod
 from tests.conftest import write_images
@@ -33,7 +34,7 @@ def cluster(tmp_path_factory):
         for n in range(2):
             workers.append(subprocess.Popen(
                 ["tunedeck", "worker", "--pool", "local", "--gpus", "0"], cwd=project,
-                env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="1", PREFECT_LOGGING_LEVEL="INFO"),
+                env=env(PREFECT_API_URL=url, PREFECT_LOGGING_LEVEL="INFO", **stand_in_env(1, project.parent / "stand-in-gpus")),
                 stdout=subprocess.DEVNULL, stderr=open(project.parent / f"worker-{n}.log", "w"), start_new_session=True,
             ))
         yield project, url
@@ -210,7 +211,8 @@ def test_worker_bad_input_is_one_sentence(cluster):
     project, url = cluster
     pool = run(project, "tunedeck", "worker", "--pool", "nope", check=False, PREFECT_API_URL=url)
     assert "work pool 'nope' does not exist" in one_sentence_error(pool)
-    gpu = run(project, "tunedeck", "worker", "--gpus", "0,3", check=False, PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="2")
+    gpu = run(project, "tunedeck", "worker", "--gpus", "0,3", check=False, PREFECT_API_URL=url,
+              **stand_in_env(2, project.parent / "stand-in-gpus-2"))
     assert "GPU 3 does not exist on this host (its GPUs: 0,1)" in one_sentence_error(gpu)
 
 

@@ -77,11 +77,11 @@ def quiet(project: Path, name: str) -> dict:
 
 def create_cpu_slot(url: str) -> None:
     """This host's CPU slot (a global concurrency limit), which every `tunedeck worker` here creates if missing."""
-    from flows.gateways.gpus import slot_name
+    from flows.gateways.gpus import host, slot_name
 
     limits = {c["name"] for c in api(url, "v2/concurrency_limits/filter")}
-    if slot_name(None) not in limits:
-        api(url, "v2/concurrency_limits/", {"name": slot_name(None), "limit": 1})
+    if slot_name(None, host()) not in limits:
+        api(url, "v2/concurrency_limits/", {"name": slot_name(None, host()), "limit": 1})
 
 
 def worker_logs(project: Path) -> str:

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from flows.gateways.gpus import stand_in_env
 from flows.host import server
 from tests.integration.project import env, free_port, make_project, run, wait
 from tests.integration.test_deployments import logs, start, task_intervals
@@ -41,7 +42,7 @@ def test_two_overlapping_runs_on_two_slots_each_train_with_their_own_params(tmp_
     try:
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
         worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1"], cwd=project,
-                                  env=env(PREFECT_API_URL=url, TUNEDECK_FAKE_GPUS="2"), stdout=subprocess.DEVNULL,
+                                  env=env(PREFECT_API_URL=url, **stand_in_env(2, tmp_path / "stand-in-gpus")), stdout=subprocess.DEVNULL,
                                   stderr=open(tmp_path / "worker.log", "w"), start_new_session=True)
         status = run(project, "git", "status", "--porcelain", "--untracked-files=all").stdout
         ids = {name: start(url, "pipeline", overrides=overrides, pull=False, push=False) for name, overrides in RUNS.items()}

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import yaml
 
+from flows.gateways.gpus import stand_in_env
 from flows.host import server
 from tests.integration.project import FINAL, api, env, make_project
 from tests.integration.test_remote import free_port_on, sh
@@ -90,7 +91,7 @@ class Hosts:
     def worker(self, ns: str, clone: Path, name: str) -> None:
         self.procs.append(subprocess.Popen(
             ["ip", "netns", "exec", ns, "tunedeck", "worker", "--pool", "local", "--gpus", "0"], cwd=clone,
-            env=self.env(PREFECT_LOGGING_LEVEL="INFO", TUNEDECK_HOST=name, TUNEDECK_FAKE_GPUS="1"),
+            env=self.env(PREFECT_LOGGING_LEVEL="INFO", TUNEDECK_HOST=name, **stand_in_env(1, self.tmp / "stand-in-gpus")),
             stdout=open(self.tmp / f"worker-{name}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
 

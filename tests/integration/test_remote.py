@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.gateways.gpus import stand_in_env
 from flows.host import server
 from tests.integration.project import FINAL, api, env, make_project
 
@@ -200,7 +201,7 @@ def site(tmp_path_factory):
         site.run(gh, "dvc", "remote", "modify", "--local", "shared", "keyfile", str(site.key), ns=True)
         site.procs.append(subprocess.Popen(
             site.in_ns("tunedeck", "worker", "--pool", "local", "--git-pull", "--gpus", "0"), cwd=gh,
-            env=site.env(PREFECT_LOGGING_LEVEL="INFO", TUNEDECK_HOST="gpu-host", TUNEDECK_FAKE_GPUS="1"),
+            env=site.env(PREFECT_LOGGING_LEVEL="INFO", TUNEDECK_HOST="gpu-host", **stand_in_env(1, tmp / "stand-in-gpus-1")),
             stdout=open(tmp / "worker.log", "wb"),
             stderr=subprocess.STDOUT, start_new_session=True,
         ))
@@ -334,7 +335,7 @@ async def test_two_hosts_gpus_on_one_dashboard_each_joined_to_its_run_and_a_stop
             await until(lambda: on_gpu("gpu-host", first), "the GPU host's run on its GPU 0")
             # the GPU host's one slot is busy now: the workstation's worker takes the next run
             worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1"], cwd=ws,
-                                      env=site.env(TUNEDECK_HOST="workstation", TUNEDECK_FAKE_GPUS="2"),
+                                      env=site.env(TUNEDECK_HOST="workstation", **stand_in_env(2, site.tmp / "stand-in-gpus-2")),
                                       stdout=open(site.tmp / "worker-ws.log", "wb"), stderr=subprocess.STDOUT,
                                       start_new_session=True)
             site.procs.append(worker)

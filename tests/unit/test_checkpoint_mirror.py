@@ -29,7 +29,7 @@ class Recording(LocalFileSystem):
 
 
 def mirror_on(tmp_path, fs) -> CheckpointMirror:
-    mirror = CheckpointMirror(tmp_path / "project", "0123456789abcdef", switch="on")
+    mirror = CheckpointMirror(tmp_path / "project", "0123456789abcdef", enabled=True)
     mirror._remote, mirror._resolved = RemoteStore("store", fs, str(tmp_path / "store")), True
     return mirror
 

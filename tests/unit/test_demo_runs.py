@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.demo import runs as demo_runs
 from flows.gateways.prefect_api import RunState
@@ -31,7 +32,7 @@ class ServerStates:
 def demo(tmp_path: Path, monkeypatch, ends: dict[str, tuple[str, str, int]]) -> demo_runs.DemoRuns:
     monkeypatch.setattr(demo_runs.prefect_api, "run_states", ServerStates(ends))
     monkeypatch.setattr(demo_runs.DemoRuns, "POLL_S", 0.0)
-    runs = demo_runs.DemoRuns(tmp_path, "http://127.0.0.1:1/api", 2)
+    runs = demo_runs.DemoRuns(tmp_path, "http://127.0.0.1:1/api", 2, Settings())
     runs.names = {run_id: f"exp-{run_id}" for run_id in ends}
     return runs
 

@@ -200,8 +200,8 @@ def test_precision_refusals(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
     with pytest.raises(TunedeckError, match="bf16 is not supported by Tesla T4"):
         autocast_dtype("bf16", torch.device("cuda", 0))
-    monkeypatch.setenv("TUNEDECK_CPU_BF16", "0")  # a CPU without native bf16 (tests/unit/test_speed.py: one with it)
-    assert autocast_dtype("auto", torch.device("cpu")) is None
+    # a CPU without native bf16 (tests/unit/test_speed.py: one with it)
+    assert autocast_dtype("auto", torch.device("cpu"), cpu_bf16_forced=False) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
 
 

@@ -13,6 +13,7 @@ import timm
 import torch
 
 from flows.contracts import ModelMeta
+from flows.contracts.settings import Settings
 from flows.core import export
 from flows.core.augment import Normalizer
 from flows.core.calibration import softmax
@@ -264,7 +265,7 @@ def stage_project(tmp_path, monkeypatch):
 def test_stage_writes_the_export_and_its_parity(stage_project):
     from flows.stages import export as stage
 
-    summary = stage.work(stage_project)
+    summary = stage.work(stage_project, Settings())
     parity = json.loads(Path("export/parity.json").read_text())
     assert summary["top1_agreement"] == parity["top1_agreement"] == 1.0
     assert parity["images"] == 9 and parity["max_prob_diff"] <= parity["max_prob_diff_allowed"]
@@ -281,5 +282,5 @@ def test_stage_removes_an_export_that_fails_its_check(stage_project, monkeypatch
     Path("export").mkdir()
     Path("export/parity.json").write_text("{}")  # an earlier run's
     with pytest.raises(TunedeckError, match="disagrees"):
-        stage.work(stage_project)
+        stage.work(stage_project, Settings())
     assert not Path("export/model.onnx").exists() and not Path("export/parity.json").exists()

@@ -116,6 +116,27 @@ def test_helper_processes_start_and_end_only_through_their_owner():
     assert found == [], f"processes started or ended outside {owner}: {found}"
 
 
+def test_tunedeck_settings_are_read_only_by_their_model():
+    """A TUNEDECK_* variable is named in flows/contracts/settings.py alone (Settings.read at a process's entry, then
+    passed down; children get Settings.env()): a string that is such a name anywhere else in our code is a second
+    reader or writer of the configuration. Sentences that mention one (`TUNEDECK_SILO_DATA=FOLDER tunedeck ...`)
+    are not names."""
+    import re
+
+    name = re.compile(r"^TUNEDECK_[A-Z0-9_]+$")
+    found = []
+    for path in [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]:
+        where = str(path.relative_to(ROOT))
+        if where == "flows/contracts/settings.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and name.match(node.value):
+                found.append(f"{where}:{node.lineno} {node.value}")
+            if isinstance(node, ast.Attribute) and node.attr == "getenv":
+                found.append(f"{where}:{node.lineno} getenv")
+    assert found == [], f"TUNEDECK_* variables named outside flows/contracts/settings.py: {found}"
+
+
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.gateways.gpus import GpuState, cpu_slot_name, gpu_states, slot_name
 from flows.run.overrides import apply_overrides, parse_overrides
@@ -42,12 +43,17 @@ def test_override_values_read_as_yaml():
     assert parse_overrides(["a.b=3", "a.c=null", "a.d=cosine"]) == {"a.b": 3, "a.c": None, "a.d": "cosine"}
 
 
-def test_gpu_slots_and_fake_gpus(monkeypatch):
-    monkeypatch.setenv("TUNEDECK_HOST", "box1")
-    monkeypatch.setenv("TUNEDECK_FAKE_GPUS", "2")
-    assert [g.index for g in gpu_states()] == [0, 1]
-    assert slot_name(1) == "tunedeck-box1-gpu1" and slot_name(None) == "tunedeck-box1-cpu"
-    assert [cpu_slot_name(i) for i in range(3)] == ["tunedeck-box1-cpu", "tunedeck-box1-cpu1", "tunedeck-box1-cpu2"], \
+def test_gpu_slots_and_stand_in_gpus():
+    from flows.gateways import gpus
+
+    gpus.use(gpus.StandInNvml(2))
+    try:
+        assert [g.index for g in gpu_states()] == [0, 1]
+    finally:
+        gpus.reset()
+    assert gpus.host("box1") == "box1" and gpus.host("") == gpus.socket.gethostname()
+    assert slot_name(1, "box1") == "tunedeck-box1-gpu1" and slot_name(None, "box1") == "tunedeck-box1-cpu"
+    assert [cpu_slot_name(i, "box1") for i in range(3)] == ["tunedeck-box1-cpu", "tunedeck-box1-cpu1", "tunedeck-box1-cpu2"], \
         "a worker with one CPU slot keeps the slot name workers had before --cpu-slots"
     assert GpuState(0, 0.05, 3).free and not GpuState(0, 0.5, 0).free and not GpuState(0, 0.0, 90).free
 
@@ -66,7 +72,7 @@ def test_bad_cpu_slots_are_one_sentence_before_any_server_is_asked(gpus, cpu_slo
     from flows.host.deploy import worker_command
 
     with pytest.raises(TunedeckError, match=f"--cpu-slots {cpu_slots}: give 1 or more, and only on a worker without --gpus"):
-        worker_command("local", gpus, root=ROOT, cpu_slots=cpu_slots)
+        worker_command(Settings(), "local", gpus, root=ROOT, cpu_slots=cpu_slots)
 
 
 @pytest.mark.parametrize("args", [["--seeds", "1"], ["--jobs", "0"], ["--source-epochs", "0"]])

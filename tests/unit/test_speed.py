@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from flows.contracts.settings import Settings
 from flows.core import speed
 from flows.core.augment import crop_and_flip, crop_boxes, resized_crops
 from flows.core.errors import TunedeckError
@@ -27,33 +28,26 @@ from tests.conftest import ROOT, tiny_params_dict
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def no_override(monkeypatch):
-    """Detection from the CPU's flags, whatever the environment says."""
-    monkeypatch.delenv(speed.CPU_BF16_ENV, raising=False)
-
-
 @pytest.mark.parametrize("flags", [{"avx512f", "avx512_bf16"}, {"amx_tile", "amx_bf16"}])
-def test_auto_picks_bf16_on_a_cpu_with_native_bf16(monkeypatch, no_override, flags):
+def test_auto_picks_bf16_on_a_cpu_with_native_bf16(monkeypatch, flags):
     monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset(flags))
     chosen = resolve_precision("auto", CPU)
     assert chosen.dtype is torch.bfloat16 and chosen.name == "bf16" and "bf16" in chosen.reason
 
 
 @pytest.mark.parametrize("flags", [{"avx2", "avx512f", "avx512bw"}, set()])
-def test_auto_picks_fp32_on_a_cpu_without_native_bf16(monkeypatch, no_override, flags):
+def test_auto_picks_fp32_on_a_cpu_without_native_bf16(monkeypatch, flags):
     monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset(flags))
     chosen = resolve_precision("auto", CPU)
     assert chosen.dtype is None and chosen.name == "fp32" and chosen.reason.startswith("auto: ")
 
 
-def test_the_environment_overrides_the_flags(monkeypatch):
+def test_the_setting_overrides_the_flags(monkeypatch):
     monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    monkeypatch.setenv(speed.CPU_BF16_ENV, "0")
-    assert resolve_precision("auto", CPU).dtype is None
-    monkeypatch.setenv(speed.CPU_BF16_ENV, "1")
+    forced = Settings.read({"TUNEDECK_CPU_BF16": "0"}).cpu_bf16
+    assert resolve_precision("auto", CPU, forced).dtype is None
     monkeypatch.setattr(speed, "cpu_flags", frozenset)
-    assert resolve_precision("auto", CPU).dtype is torch.bfloat16
+    assert resolve_precision("auto", CPU, Settings.read({"TUNEDECK_CPU_BF16": "1"}).cpu_bf16).dtype is torch.bfloat16
 
 
 def test_explicit_precisions_are_kept_and_fp16_is_refused_on_the_cpu():
@@ -63,7 +57,7 @@ def test_explicit_precisions_are_kept_and_fp16_is_refused_on_the_cpu():
         resolve_precision("fp16", CPU)
 
 
-def test_bf16_steps_give_a_finite_loss_close_to_fp32s(tiny_params, no_override):
+def test_bf16_steps_give_a_finite_loss_close_to_fp32s(tiny_params):
     """bf16 autocast against fp32 from the same weights and batches: finite, within a few percent, step by step.
 
     bf16 runs on any CPU (emulated where it has no native bf16, only slower), so this holds everywhere;
@@ -91,7 +85,6 @@ def test_bf16_steps_give_a_finite_loss_close_to_fp32s(tiny_params, no_override):
 
 def test_the_run_records_its_precision_and_why(tiny_params, tmp_path, monkeypatch):
     tiny_params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"precision": "auto"})})
-    monkeypatch.setenv(speed.CPU_BF16_ENV, "0")
     described = {}
 
     class Recorder:
@@ -106,9 +99,9 @@ def test_the_run_records_its_precision_and_why(tiny_params, tmp_path, monkeypatc
 
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"epochs": 1})})
     prepare(params, tmp_path / "p")
-    result = train(params, tmp_path / "p", tmp_path / "m", Recorder())
+    result = train(params, tmp_path / "p", tmp_path / "m", Recorder(), cpu_bf16=False)  # a CPU without native bf16
     assert (result.precision, described["precision"]) == ("fp32", "fp32")
-    assert described["precision_reason"] == result.precision_reason == f"auto: {speed.CPU_BF16_ENV}=0"
+    assert described["precision_reason"] == result.precision_reason == "auto: TUNEDECK_CPU_BF16=0"
 
 
 def test_crop_boxes_lie_inside_the_image_within_the_scale_and_ratio():

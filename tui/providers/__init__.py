@@ -33,15 +33,17 @@ def demo_providers(runs: int = 1000, animate: bool = True, hosts: int = 0) -> Pr
     return Providers(telemetry, prefect, FakeDvc(prefect.runs), label="demo")
 
 
-def live_providers() -> Providers:
-    """NVML (or CPU only) and psutil, the project's Prefect server, DVC in the current directory."""
+def live_providers(host_name: str = "") -> Providers:
+    """NVML (or CPU only) and psutil, the project's Prefect server, DVC in the current directory; host_name: the
+    process's host setting (else the hostname)."""
     from flows.gateways.gpus import host
     from flows.run.runjoin import RunJoiner
     from tui.providers.dvc_reader import DvcReader
     from tui.providers.fleet import FleetTelemetry, RemoteHosts
     from tui.providers.prefect_api import PrefectApi
-    from tui.providers.telemetry import NvmlTelemetry
+    from tui.providers.telemetry import NvmlTelemetry, PsutilHost
 
     api = PrefectApi()
-    fleet = FleetTelemetry(NvmlTelemetry(joiner=RunJoiner()), RemoteHosts(lambda: api.url, local_host=host()))
+    local = NvmlTelemetry(host=PsutilHost(host_name=host_name), joiner=RunJoiner())
+    fleet = FleetTelemetry(local, RemoteHosts(lambda: api.url, local_host=host(host_name)))
     return Providers(fleet, api, DvcReader(), label="live")

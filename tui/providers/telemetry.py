@@ -21,9 +21,10 @@ from tui.providers.models import GpuProcess, GpuSample, HostSample, Telemetry
 class PsutilHost:
     """The host's CPU, RAM and disk of the project's filesystem."""
 
-    def __init__(self, disk_path: str = ".") -> None:
+    def __init__(self, disk_path: str = ".", host_name: str = "") -> None:
+        """host_name: the process's host setting (else the hostname)."""
         self.disk_path = disk_path
-        self.hostname = gpus.host()
+        self.hostname = gpus.host(host_name)
         psutil.cpu_percent(interval=None)
 
     def sample(self) -> HostSample:

@@ -55,9 +55,10 @@ def default_remote(root: Path) -> RemoteStore | None:
 class CheckpointMirror:
     """The run's checkpoints on the DVC remote: push each epoch's (in the background), fetch one to resume."""
 
-    def __init__(self, root: Path, key16: str, switch: str | None = None) -> None:
+    def __init__(self, root: Path, key16: str, enabled: bool = True) -> None:
+        """enabled: the process's checkpoint_remote setting (off: checkpoints stay on this host)."""
         self.root, self.key16 = root, key16
-        self.enabled = (switch or os.environ.get("TUNEDECK_CHECKPOINT_REMOTE", "on")).lower() != "off"
+        self.enabled = enabled
         self._remote: Any | None = None
         self._resolved = False
         self._lookup = threading.Lock()
