@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 from flows.gateways import processes
 
@@ -109,6 +110,39 @@ def add_tags(run_id: str, tags: list[str]) -> None:
         api.update_flow_run(run_id, tags=sorted({*current, *tags}))
 
 
+def take_slot(name: str, lease_s: float, run_id: str | None = None):
+    """One request for a slot of the global concurrency limit name, leased for lease_s (held by flow run run_id):
+    the lease id, or None when the slot is taken. Other server errors propagate (httpx)."""
+    import httpx
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id)) if run_id else None
+    try:
+        with _client() as api:
+            response = api.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=lease_s, holder=holder)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == SLOT_TAKEN:
+            return None
+        raise
+    return UUID(response.json()["lease_id"])
+
+
+def renew_slot(lease_id, lease_s: float) -> None:
+    """Keep a slot's lease for lease_s more; errors propagate (httpx: 410 when the server no longer holds it)."""
+    with _client() as api:
+        api.renew_concurrency_lease(lease_id=lease_id, lease_duration=lease_s)
+
+
+def release_slot(lease_id) -> None:
+    """Free a slot's lease; errors propagate (httpx)."""
+    with _client() as api:
+        api.release_concurrency_slots_with_lease(lease_id)
+
+
+SLOT_TAKEN = 423  # the server's answer to a slot request when the slot is held
+
+
 class Session:
     """One client held for many calls: a run's label thread sends every update of the run through one."""
 
@@ -135,6 +169,31 @@ def session() -> Iterator[Session]:
     """A Session over one sync client, closed at the end."""
     with _client() as api:
         yield Session(api)
+
+
+class AsyncSession:
+    """One async client held for a run's life: a stage's reporter watches its run for a cancel and sets its labels
+    through one, through outages."""
+
+    def __init__(self, client) -> None:
+        self._api = client
+
+    async def run_state(self, run_id: str) -> str | None:
+        """The run's state type now (RUNNING, CANCELLING, ...); errors propagate."""
+        state = (await self._api.read_flow_run(run_id)).state
+        return state.type.value if state is not None else None
+
+    async def set_labels(self, run_id: str, labels: dict) -> None:
+        await self._api.update_flow_run_labels(run_id, labels)
+
+
+@contextlib.asynccontextmanager
+async def async_session():
+    """An AsyncSession over one async client, closed at the end (inside a flow run's event loop)."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as api:
+        yield AsyncSession(api)
 
 
 def completed_runs_tags(flow_name: str, limit: int = 20) -> list[list[str]]:

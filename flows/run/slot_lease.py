@@ -25,12 +25,12 @@ from pathlib import Path
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+from flows.gateways import prefect_api
 
 RENEW_FRACTION = 1 / 6  # renew every 10 s of a 60 s lease: an outage up to ~50 s keeps the very same lease
 RETRY_S = 2.0  # while the server does not answer, or the slot is someone else's
-GONE, LOCKED = 410, 423  # the server's answers: no such lease; the slot is taken
+GONE = 410  # the server's answer: no such lease
 
 
 class SlotLease:
@@ -39,7 +39,7 @@ class SlotLease:
     def __init__(self, name: str, what: str, lease_s: float, logger, run_id: str | None = None,
                  root: Path | None = None) -> None:
         self.name, self.what, self.lease_s, self.logger = name, what, lease_s, logger
-        self.holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id)) if run_id else None
+        self.run_id = run_id
         self.record = lease_file(root, run_id, name) if root is not None and run_id else None
         self.lease_id: UUID | None = None
         self._said_taken = False
@@ -60,8 +60,7 @@ class SlotLease:
         if self.lease_id is None:
             return
         try:
-            with get_client(sync_client=True) as client:
-                client.release_concurrency_slots_with_lease(self.lease_id)
+            prefect_api.release_slot(self.lease_id)
         except (httpx.HTTPError, OSError) as exc:
             self.logger.warning(f"{self.what}'s slot could not be freed ({type(exc).__name__}); "
                                 f"it frees itself within {self.lease_s:.0f} s")
@@ -70,15 +69,10 @@ class SlotLease:
 
     def _increment(self) -> bool:
         """One request for the slot; its lease id kept when granted."""
-        try:
-            with get_client(sync_client=True) as client:
-                response = client.increment_concurrency_slots_with_lease(
-                    names=[self.name], slots=1, mode="concurrency", lease_duration=self.lease_s, holder=self.holder)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == LOCKED:
-                return False
-            raise
-        self.lease_id = UUID(response.json()["lease_id"])
+        lease_id = prefect_api.take_slot(self.name, self.lease_s, self.run_id)
+        if lease_id is None:
+            return False
+        self.lease_id = lease_id
         if self.record is not None:  # through a rename: a worker reading it never sees half an id
             self.record.parent.mkdir(parents=True, exist_ok=True)
             partial = self.record.with_name(f".{self.record.name}.{os.getpid()}")
@@ -87,8 +81,7 @@ class SlotLease:
         return True
 
     def _renew(self) -> None:
-        with get_client(sync_client=True) as client:
-            client.renew_concurrency_lease(lease_id=self.lease_id, lease_duration=self.lease_s)
+        prefect_api.renew_slot(self.lease_id, self.lease_s)
 
     def _keep(self) -> None:
         """Renew until release(); through an outage, keep trying; a lease the server lost, take again."""
@@ -144,9 +137,7 @@ def release_dead(root: Path, run_id: str) -> list[str]:
     freed = []
     for record in sorted((root / LEASES).glob(f"{run_id}.*")):
         try:
-            lease_id = UUID(record.read_text().strip())
-            with get_client(sync_client=True) as client:
-                client.release_concurrency_slots_with_lease(lease_id)
+            prefect_api.release_slot(UUID(record.read_text().strip()))
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code not in (GONE, 404):
                 continue  # the server is busy: the next look frees it

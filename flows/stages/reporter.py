@@ -31,7 +31,7 @@ import sys
 from typing import Any
 
 from flows.gateways import processes
-from flows.gateways.prefect_api import end_run, healthy
+from flows.gateways.prefect_api import async_session, end_run, healthy
 
 CANCEL_POLL_S = 2.0
 SETTLE_S = 900.0  # how long a reporter keeps trying to set a run's final state through an outage
@@ -108,7 +108,6 @@ class Reporter:
     async def stage(self, params: dict[str, Any]) -> Any:
         """The flow's body: announce the run, watch for a cancel, relay the stage's lines until its end."""
         from prefect import get_run_logger
-        from prefect.client.orchestration import get_client
         from prefect.context import get_run_context
 
         run = get_run_context().flow_run
@@ -116,7 +115,7 @@ class Reporter:
         ui = self.spec["api_url"].removesuffix("/api")
         answer({"flow_run_id": self.run_id, "url": f"{ui}/runs/flow-run/{run.id}", "name": run.name})
         cancelled = asyncio.Event()
-        async with get_client() as client:  # one client for the run's life: the cancel watch and every label update
+        async with async_session() as client:  # one client for the run's life: the cancel watch and every label update
             self.client = client
             watcher = asyncio.create_task(self.watch_for_cancel(cancelled))
             try:
@@ -133,10 +132,10 @@ class Reporter:
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
             try:
-                current = await self.client.read_flow_run(self.run_id)
+                current = await self.client.run_state(self.run_id)
             except Exception:  # noqa: BLE001 - a server hiccup: look again next time
                 continue
-            if current.state is not None and current.state.type.value in ("CANCELLING", "CANCELLED"):
+            if current in ("CANCELLING", "CANCELLED"):
                 cancelled.set()
                 if os.getppid() == self.stage_pid:  # never signal whoever adopted an orphan
                     processes.send(self.stage_pid, signal.SIGTERM)
@@ -206,7 +205,7 @@ class Reporter:
     async def send_labels(self, update, timeout: float = 5.0) -> None:
         """The progress's labels on the run; best effort (a server hiccup loses them, never the run)."""
         try:
-            await asyncio.wait_for(self.client.update_flow_run_labels(self.run_id, update.labels()), timeout=timeout)
+            await asyncio.wait_for(self.client.set_labels(self.run_id, update.labels()), timeout=timeout)
         except Exception:  # noqa: BLE001 - best effort
             pass
 

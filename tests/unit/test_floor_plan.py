@@ -63,16 +63,12 @@ def test_git_runs_only_through_its_gateway():
     assert found == [], f"git run outside flows/gateways/git.py: {found}"
 
 
-PREFECT_CLIENT_AWAY = {
-    # still holding their own client (issue 26 item 3): a stage's reporter keeps one async client for the run's
-    # life (its cancel watch and labels, through outages); the GPU slot's lease renews from a thread of its own
-    "flows/stages/reporter.py", "flows/run/slot_lease.py",
-}
+PREFECT_CLIENT_AWAY: set[str] = set()  # none left
 
 
 def test_prefects_client_is_reached_only_through_its_gateway():
-    """Prefect's API client (prefect.client) is imported by flows/gateways/prefect_api.py alone (and the two named
-    above): "end a run", "add its tags", "set its labels" each exist once."""
+    """Prefect's API client (prefect.client) is imported by flows/gateways/prefect_api.py alone: "end a run", "add
+    its tags", "set its labels", "take a slot" each exist once."""
     found = []
     for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
         where = str(path.relative_to(ROOT))

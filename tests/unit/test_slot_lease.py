@@ -10,6 +10,7 @@ import uuid
 import httpx
 import pytest
 
+from flows.gateways import prefect_api
 from flows.run import slot_lease
 from flows.run.slot_lease import SlotLease
 
@@ -58,7 +59,7 @@ class Lines:
 def scripted(monkeypatch):
     def install(renewals: list[str], increments: list[str]) -> ScriptedServer:
         fake = ScriptedServer(renewals, increments)
-        monkeypatch.setattr(slot_lease, "get_client", lambda sync_client: contextlib.nullcontext(fake))
+        monkeypatch.setattr(prefect_api, "_client", lambda client=None: contextlib.nullcontext(fake))  # its gateway's
         monkeypatch.setattr(slot_lease, "RETRY_S", 0.001)
         return fake
     return install
