@@ -19,7 +19,6 @@ cannot be reached, the stage runs in its own process, as before: only slower, ne
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -30,7 +29,10 @@ import types
 from pathlib import Path
 from subprocess import DEVNULL
 
+from pydantic import TypeAdapter
+
 from flows.contracts.settings import Settings, variable
+from flows.contracts.warm import WarmEnded, WarmRequest, WarmStarted
 from flows.gateways import processes
 
 ENV = variable("warm")
@@ -58,23 +60,21 @@ def delegate(path: str) -> int | None:
     try:
         conn.connect(path)
         env = {k: v for k, v in os.environ.items() if k != ENV}  # the stage's own children run plainly
-        request = json.dumps({"module": module, "argv": sys.argv, "cwd": os.getcwd(), "env": env,
-                              "executable": sys.executable}).encode()
-        socket.send_fds(conn, [request + b"\n"], [0, 1, 2])
+        request = WarmRequest(module=module, argv=sys.argv, cwd=os.getcwd(), env=env, executable=sys.executable)
+        socket.send_fds(conn, [request.line()], [0, 1, 2])
         reader = conn.makefile("rb")
-        first = json.loads(reader.readline())
+        first = TypeAdapter(WarmStarted | WarmEnded).validate_json(reader.readline())
     except (OSError, ValueError):
         conn.close()
         return None  # no server (it ended, never started, or refused this Python): this process does the work itself
-    if "exit" in first:  # the child died before it could say hello (killed at once): that is the stage's end
+    if isinstance(first, WarmEnded):  # the child died before it could say hello (killed at once): the stage's end
         conn.close()
-        return int(first["exit"])
-    pid = int(first["pid"])
-    processes.forward(pid)
+        return first.exit
+    processes.forward(first.pid)
     status = 1
     for line in reader:  # the child's exit status, sent by the server once the child is gone
-        with contextlib.suppress(ValueError, KeyError):
-            status = int(json.loads(line)["exit"])
+        with contextlib.suppress(ValueError):
+            status = WarmEnded.model_validate_json(line).exit
             break
     else:
         status = 128 + signal.SIGKILL  # the server and the child are gone without a word
@@ -150,7 +150,7 @@ def _report(children: processes.Children) -> None:
     its status itself was still tearing down when CI looked, 986003c)."""
     for conn, code in children.reap():
         with contextlib.suppress(OSError):
-            conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            conn.sendall(WarmEnded(exit=code).line())
         conn.close()
 
 
@@ -161,8 +161,8 @@ def _start(conn: socket.socket, listener: socket.socket) -> int | None:
     """
     conn.settimeout(10)
     message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-    request = json.loads(message)
-    if request.get("executable") != sys.executable or len(fds) != 3:
+    request = WarmRequest.model_validate_json(message)
+    if request.executable != sys.executable or len(fds) != 3:
         for fd in fds:
             os.close(fd)
         conn.close()
@@ -185,7 +185,7 @@ def _start(conn: socket.socket, listener: socket.socket) -> int | None:
     raise AssertionError  # unreachable
 
 
-def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> int:
+def _run_child(conn: socket.socket, request: WarmRequest, fds: list[int]) -> int:
     """Become the stage: its stdio, directory, environment and argv; run its module as __main__."""
     import io
     import runpy
@@ -200,23 +200,23 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> int:
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True)
-    os.chdir(request["cwd"])
+    os.chdir(request.cwd)
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update(request.env)
     if (threads := os.environ.get("OMP_NUM_THREADS", "")).isdigit() and int(threads) > 0:
         import torch  # imported by the server: a cold process reads OMP_NUM_THREADS at that import, a fork must be told
 
         torch.set_num_threads(int(threads))
     for name in [m for m in sys.modules if m == "flows" or m.startswith("flows.")]:
         del sys.modules[name]  # the stage's code is its workspace's, not the server's
-    sys.path[0] = request["cwd"]
-    sys.argv = list(request["argv"])
+    sys.path[0] = request.cwd
+    sys.argv = list(request.argv)
     sys.modules[CHILD] = types.ModuleType(CHILD)
     conn.settimeout(None)
-    conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+    conn.sendall(WarmStarted(pid=os.getpid()).line())
     threading.Thread(target=_watch, args=(conn,), daemon=True).start()
     try:
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        runpy.run_module(request.module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:

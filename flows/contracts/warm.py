@@ -1,0 +1,42 @@
+"""The warm stage server's socket protocol (flows.stages.warm): a stage hands its work over, then hears how it ended.
+
+A stage's stand-in sends one WarmRequest line (with its stdin, stdout and stderr as SCM_RIGHTS);
+the server answers with WarmStarted (the child that runs the stage) and, once the child is reaped,
+WarmEnded (its exit status; 128 + N for a death by signal N). A child killed before it could say
+hello gives WarmEnded first.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class WarmRequest(BaseModel):
+    """The stage to run: its module (run as __main__), argv, working directory, environment and interpreter."""
+
+    module: str
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    executable: str
+
+    def line(self) -> bytes:
+        return self.model_dump_json().encode() + b"\n"
+
+
+class WarmStarted(BaseModel):
+    """The child that runs the stage (its stand-in forwards signals to it)."""
+
+    pid: int
+
+    def line(self) -> bytes:
+        return self.model_dump_json().encode() + b"\n"
+
+
+class WarmEnded(BaseModel):
+    """How the stage's child ended: its exit status."""
+
+    exit: int
+
+    def line(self) -> bytes:
+        return self.model_dump_json().encode() + b"\n"
