@@ -66,7 +66,7 @@ def show_registry(root: Path) -> int:
 def monitor_command(root: Path, params, folder: Path, device: str | None, settings: Settings) -> int:
     """`tunedeck monitor DIR`: one batch, recorded in monitor/ and (with a server) as Prefect events."""
     from flows.gateways import prefect_api
-    from flows.ship.monitor import monitor_batch, summary
+    from flows.ship.monitor import estimate_summary, monitor_batch, summary
     from flows.stages.orchestration import run_stage
 
     def work() -> dict:
@@ -74,9 +74,10 @@ def monitor_command(root: Path, params, folder: Path, device: str | None, settin
         batch = monitor_batch(root, params, folder, device, api_url=url if url and prefect_api.healthy(url, timeout=1.0) else None,
                               host_name=settings.host)
         flagged = {s.name: round(s.value, 4) for s in batch.statistics}
-        return {"summary": summary(batch), "drifted": batch.drifted, "streak": batch.streak, "triggered": batch.triggered,
+        return {"summary": summary(batch), "estimates": estimate_summary(batch), "drifted": batch.drifted, "streak": batch.streak, "triggered": batch.triggered,
                 "model_version": batch.model_version, **flagged}
 
     result = run_stage("monitor", work, {"folder": str(folder)}, ["stage:monitor"], settings)
     print(result["summary"])
+    print(result["estimates"])
     return 0

@@ -286,6 +286,14 @@ class DriftStatistic(BaseModel):
     direction: Literal["above", "below"] = Field(description="flagged when the value is above / below the threshold")
 
 
+class Estimated(BaseModel):
+    """A label-free estimate (a fraction) and its 95 % interval (flows.core.estimate)."""
+
+    value: float
+    low: float
+    high: float
+
+
 class MonitorBatch(BaseModel):
     """One batch the monitor scored (monitor/history.jsonl, and the payload of the `tunedeck.monitor.batch` event)."""
 
@@ -299,6 +307,10 @@ class MonitorBatch(BaseModel):
     statistics: list[DriftStatistic]
     streak: int = Field(description="batches in a row with drift, this one included")
     triggered: bool = Field(default=False, description="this batch emitted tunedeck.drift.detected")
+    estimated_accuracy: dict[str, Estimated] = Field(default_factory=dict, description="atc, confidence: no labels used")
+    priors: dict[str, Estimated] = Field(default_factory=dict, description="each class's estimated share (BBSE)")
+    reference_accuracy: float | None = Field(default=None, description="the model's measured held-out accuracy")
+    accuracy: float | None = Field(default=None, description="measured, when the batch came labelled (class folders)")
 
 
 MONITOR_EVENT = "tunedeck.monitor.batch"

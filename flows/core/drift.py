@@ -66,6 +66,8 @@ class Reference:
     mean_confidence: float  # mean top-class probability (temperature applied)
     accuracy: float | None  # on the held-out labels; None when unlabelled
     classes: list[str] = field(default_factory=list)
+    probs: np.ndarray | None = None  # N×C class probabilities (temperature applied): what label-free estimates fit on
+    labels: np.ndarray | None = None  # N true classes; None when unlabelled (or a reference written before them)
 
     @classmethod
     def of(cls, features: np.ndarray, probs: np.ndarray, labels: np.ndarray | None, classes: list[str]) -> Reference:
@@ -73,13 +75,18 @@ class Reference:
         pred = np.asarray(probs).argmax(axis=1)
         accuracy = float((pred == np.asarray(labels)).mean()) if labels is not None and len(labels) else None
         return cls(np.asarray(features, np.float32), np.bincount(pred, minlength=len(classes)).astype(np.int64),
-                   float(np.asarray(probs).max(axis=1).mean()) if len(pred) else 0.0, accuracy, list(classes))
+                   float(np.asarray(probs).max(axis=1).mean()) if len(pred) else 0.0, accuracy, list(classes),
+                   np.asarray(probs, np.float32), None if labels is None else np.asarray(labels, np.int64))
 
     def save(self, folder: Path) -> None:
         """Write features.npy and summary.json into folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "features.npy", self.features.astype(np.float32))
+        if self.probs is not None:
+            np.save(folder / "probs.npy", self.probs.astype(np.float32))
+        if self.labels is not None:
+            np.save(folder / "labels.npy", self.labels.astype(np.int64))
         summary = {"n_images": len(self.features), "feature_dim": int(self.features.shape[1]), "classes": self.classes,
                    "class_counts": [int(c) for c in self.class_counts], "mean_confidence": self.mean_confidence,
                    "accuracy": self.accuracy}
@@ -105,7 +112,22 @@ class Reference:
             raise _damaged(folder / "features.npy", "not a readable .npy array") from None
         if features.ndim != 2 or counts.shape != (len(classes),):
             raise _damaged(folder, f"features of shape {features.shape}, {counts.size} class counts for {len(classes)} classes")
-        return cls(features.astype(np.float32), counts, confidence, accuracy, classes)
+        probs, labels = _optional(folder / "probs.npy"), _optional(folder / "labels.npy")
+        if probs is not None and probs.shape != (len(features), len(classes)):
+            raise _damaged(folder / "probs.npy", f"of shape {probs.shape} for {len(features)} images of {len(classes)} classes")
+        if labels is not None and labels.shape != (len(features),):
+            raise _damaged(folder / "labels.npy", f"of shape {labels.shape} for {len(features)} images")
+        return cls(features.astype(np.float32), counts, confidence, accuracy, classes, probs, labels)
+
+
+def _optional(path: Path) -> np.ndarray | None:
+    """An array a reference written before it existed lacks (label-free estimates then say so)."""
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise _damaged(path, "not a readable .npy array") from None
 
 
 def _damaged(path: Path, what: str) -> TunedeckError:

@@ -129,19 +129,38 @@ def monitor_batch(root: Path, params: Params, folder: Path, device: str | None =
         print(f"monitor: skipped {reason}", file=sys.stderr)
     features, probs = features_and_probs(model, Normalizer(meta.mean, meta.std, dev), arrays, params.predict.batch_size,
                                          meta.temperature)
-    report = assess(reference, features, probs, labels_of(Path(folder), paths, meta.classes), params.monitor)
+    labels = labels_of(Path(folder), paths, meta.classes)
+    report = assess(reference, features, probs, labels, params.monitor)
     history = read_history(root)
     streak = streak_after(history, report.drifted, version)
     batch = MonitorBatch(host=host(host_name), folder=str(folder), model_version=version, n_images=len(paths), failures=len(failures),
                          drifted=report.drifted, streak=streak, triggered=report.drifted and streak == params.monitor.consecutive,
                          statistics=[DriftStatistic(name=s.name, value=float(s.value), threshold=float(s.threshold),
-                                                    flagged=s.flagged, direction=s.direction) for s in report.statistics])
+                                                    flagged=s.flagged, direction=s.direction) for s in report.statistics],
+                         reference_accuracy=reference.accuracy, **estimates(reference, probs, labels))
     record(root, batch, len(history))
     if api_url:
         post_event(api_url, MONITOR_EVENT, version, batch.model_dump(mode="json"))
         if batch.triggered:
             post_event(api_url, DRIFT_EVENT, version, {"summary": summary(batch), "batch": batch.model_dump(mode="json")})
     return batch
+
+
+def estimates(reference, probs: np.ndarray, labels: np.ndarray | None) -> dict:
+    """The batch's label-free accuracy estimates and class priors (a reference saved before they existed has no
+    labelled probabilities to fit them on: none), and its measured accuracy when it came labelled."""
+    from flows.contracts import Estimated
+    from flows.core.estimate import label_free
+
+    out: dict = {}
+    if labels is not None and len(labels) == len(probs) and len(probs):
+        out["accuracy"] = float((probs.argmax(axis=1) == labels).mean())
+    if reference.probs is None or reference.labels is None or not len(probs):
+        return out
+    accuracy, priors = label_free(reference.probs, reference.labels, probs)
+    out["estimated_accuracy"] = {k: Estimated(value=v.value, low=v.low, high=v.high) for k, v in accuracy.items()}
+    out["priors"] = {c: Estimated(value=v.value, low=v.low, high=v.high) for c, v in zip(reference.classes, priors, strict=True)}
+    return out
 
 
 def summary(batch: MonitorBatch) -> str:
@@ -151,6 +170,17 @@ def summary(batch: MonitorBatch) -> str:
     tail = f"; {batch.streak} in a row" if batch.drifted else ""
     return f"{batch.n_images} images vs {batch.model_version}'s reference: {state}{tail}" + (
         "; retrain event emitted" if batch.triggered else "")
+
+
+def estimate_summary(batch: MonitorBatch) -> str:
+    """One line: the batch's accuracy estimated without labels (and measured, when it came labelled)."""
+    if not batch.estimated_accuracy:
+        return ("no label-free estimate: the model's reference predates them (retrain it to save its held-out "
+                "probabilities)" + (f"; measured accuracy {batch.accuracy:.1%}" if batch.accuracy is not None else ""))
+    guesses = ", ".join(f"{name} {e.value:.1%} [{e.low:.1%}, {e.high:.1%}]" for name, e in batch.estimated_accuracy.items())
+    held_out = f" (held-out {batch.reference_accuracy:.1%})" if batch.reference_accuracy is not None else ""
+    measured = f"; measured {batch.accuracy:.1%}" if batch.accuracy is not None else ""
+    return f"estimated accuracy without labels: {guesses}{held_out}{measured}"
 
 
 def record(root: Path, batch: MonitorBatch, step: int) -> None:
@@ -167,6 +197,10 @@ def record(root: Path, batch: MonitorBatch, step: int) -> None:
         live.log_metric("drifted", int(batch.drifted))
         live.log_metric("streak", batch.streak)
         live.log_metric("n_images", batch.n_images)
+        for name, estimate in batch.estimated_accuracy.items():
+            live.log_metric(f"estimated_accuracy/{name}", estimate.value)
+        if batch.accuracy is not None:
+            live.log_metric("accuracy", batch.accuracy)
     (root / MONITOR / "last.json").write_text(json.dumps(batch.model_dump(mode="json"), indent=2))
 
 

@@ -88,6 +88,10 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
         # the monitor's own record of each batch: the retrain event went out once, for the fourth batch
         history = [json.loads(line) for line in (project / "monitor" / "history.jsonl").read_text().splitlines()]
         assert [batch["triggered"] for batch in history] == [False, False, False, True]
+        for batch in history:  # estimated without labels, and measured too (the batches came as class folders)
+            assert set(batch["estimated_accuracy"]) == {"atc", "confidence"} and batch["accuracy"] is not None
+            assert all(e["low"] <= e["value"] <= e["high"] for e in batch["estimated_accuracy"].values())
+            assert abs(sum(p["value"] for p in batch["priors"].values()) - 1) < 1e-6
         assert len(events(url, DRIFT_EVENT, 1)) == 1, "one drift event on the server, so at most one retrain"
         deadline = time.monotonic() + 120  # a hang guard: the trigger starts the run within seconds
         while not retrains(url):

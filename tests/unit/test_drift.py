@@ -228,10 +228,21 @@ def test_reference_of_counts_predictions_and_survives_a_round_trip(tmp_path):
     back = Reference.load(tmp_path / "reference")
     assert np.array_equal(back.features, ref.features) and back.class_counts.tolist() == [2, 1, 1]
     assert (back.mean_confidence, back.accuracy, back.classes) == (ref.mean_confidence, 0.75, ["a", "b", "c"])
+    assert np.allclose(back.probs, probs) and back.labels.tolist() == [0, 1, 1, 2], "what label-free estimates fit on"
+    (tmp_path / "reference" / "probs.npy").unlink()  # a reference saved before the estimates existed
+    older = Reference.load(tmp_path / "reference")
+    assert older.probs is None
+    from flows.ship.monitor import estimates
+
+    batch = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])
+    assert estimates(older, batch, np.array([0, 0])) == {"accuracy": 0.5}, "measured, never estimated from nothing"
+    now = estimates(back, batch, None)
+    assert set(now) == {"estimated_accuracy", "priors"} and set(now["priors"]) == {"a", "b", "c"}
+    assert all(e.low <= e.value <= e.high for e in now["estimated_accuracy"].values())
 
 
 @pytest.mark.parametrize(("name", "content"), [("summary.json", b"{not json"), ("features.npy", b""),
-                                              ("features.npy", b"\x93NUMPY truncated")])
+                                              ("features.npy", b"\x93NUMPY truncated"), ("probs.npy", b"")])
 def test_a_missing_or_damaged_reference_is_one_sentence_naming_the_evaluate_stage(tmp_path, name, content):
     with pytest.raises(TunedeckError, match="dvc repro evaluate") as missing:
         Reference.load(tmp_path / "nowhere")
