@@ -197,6 +197,12 @@ class MonitorParams(_Group):
     accuracy_drop: float = Field(0.1, gt=0.0, le=1.0, description="with labels: accuracy lower than the reference's by more: drift")
     permutations: int = Field(500, ge=19, le=100_000, description="MMD permutations (the p-value's resolution is 1/(n+1))")
     consecutive: int = Field(3, ge=1, le=100, description="batches in a row with drift before a retrain is triggered")
+    trigger: Literal["drift", "estimated_drop", "both"] = Field(
+        "drift", description="what a batch must show to count toward a retrain: drift, an estimated accuracy drop "
+                             "(no labels needed), or both")
+    estimated_drop: float = Field(0.1, gt=0.0, le=1.0, description="estimated accuracy (its interval's upper end) "
+                                                                  "lower than the reference's by more: harm")
+    estimator: Literal["atc", "confidence"] = Field("atc", description="the label-free accuracy estimate the trigger reads")
 
 
 class Params(_Group):

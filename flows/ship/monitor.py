@@ -96,16 +96,32 @@ def read_history(root: Path) -> list[MonitorBatch]:
     return found
 
 
-def streak_after(history: list[MonitorBatch], drifted: bool, version: str) -> int:
-    """Batches in a row with drift on this model version, counting a new batch that drifted or not."""
-    if not drifted:
+def streak_after(history: list[MonitorBatch], counted: bool, version: str) -> int:
+    """Batches in a row on this model version that count toward a retrain, the new one (counted or not) included."""
+    if not counted:
         return 0
     streak = 1
     for batch in reversed(history):
-        if not batch.drifted or batch.model_version != version:
+        if not (batch.drifted if batch.counted is None else batch.counted) or batch.model_version != version:
             break
         streak += 1
     return streak
+
+
+def harm(estimated: dict, reference_accuracy: float | None, monitor) -> bool | None:
+    """Whether the batch's estimated accuracy (its interval's upper end) fell below the reference's by more than
+    monitor.estimated_drop; None when there is no estimate or no measured reference to compare with."""
+    estimate = estimated.get(monitor.estimator)
+    if estimate is None or reference_accuracy is None:
+        return None
+    return estimate.high < reference_accuracy - monitor.estimated_drop
+
+
+def counts(trigger: str, drifted: bool, harmful: bool | None) -> bool:
+    """Whether a batch counts toward a retrain: drift, an estimated drop, or both (no estimate: drift decides)."""
+    if trigger == "drift" or harmful is None:
+        return drifted
+    return bool(harmful) if trigger == "estimated_drop" else drifted and bool(harmful)
 
 
 def monitor_batch(root: Path, params: Params, folder: Path, device: str | None = None, api_url: str | None = None,
@@ -132,12 +148,15 @@ def monitor_batch(root: Path, params: Params, folder: Path, device: str | None =
     labels = labels_of(Path(folder), paths, meta.classes)
     report = assess(reference, features, probs, labels, params.monitor)
     history = read_history(root)
-    streak = streak_after(history, report.drifted, version)
+    found = estimates(reference, probs, labels)
+    harmful = harm(found.get("estimated_accuracy", {}), reference.accuracy, params.monitor)
+    counted = counts(params.monitor.trigger, report.drifted, harmful)
+    streak = streak_after(history, counted, version)
     batch = MonitorBatch(host=host(host_name), folder=str(folder), model_version=version, n_images=len(paths), failures=len(failures),
-                         drifted=report.drifted, streak=streak, triggered=report.drifted and streak == params.monitor.consecutive,
+                         drifted=report.drifted, streak=streak, triggered=counted and streak == params.monitor.consecutive,
                          statistics=[DriftStatistic(name=s.name, value=float(s.value), threshold=float(s.threshold),
                                                     flagged=s.flagged, direction=s.direction) for s in report.statistics],
-                         reference_accuracy=reference.accuracy, **estimates(reference, probs, labels))
+                         reference_accuracy=reference.accuracy, harmful=harmful, counted=counted, **found)
     record(root, batch, len(history))
     if api_url:
         post_event(api_url, MONITOR_EVENT, version, batch.model_dump(mode="json"))
@@ -167,7 +186,9 @@ def summary(batch: MonitorBatch) -> str:
     """One line: the verdict and the statistics that crossed their thresholds."""
     flagged = [f"{s.name} {s.value:.3g} ({s.direction} {s.threshold:g})" for s in batch.statistics if s.flagged]
     state = f"drift ({', '.join(flagged)})" if batch.drifted else "no drift"
-    tail = f"; {batch.streak} in a row" if batch.drifted else ""
+    if batch.harmful:
+        state += "; estimated accuracy drop"
+    tail = f"; {batch.streak} in a row" if batch.streak else ""
     return f"{batch.n_images} images vs {batch.model_version}'s reference: {state}{tail}" + (
         "; retrain event emitted" if batch.triggered else "")
 

@@ -147,8 +147,14 @@ def test_monitor_view_reads_the_monitors_events_and_the_runs_drift_started():
     from tui.providers.fake_prefect import fake_monitor
     from tui.providers.monitor_api import read_monitor
 
+    from flows.contracts import Estimated
+
     batch = MonitorBatch(folder="new/1", model_version="v0.1.0", n_images=40, drifted=True, streak=2, triggered=True,
-                         statistics=[DriftStatistic(name="psi", value=0.4, threshold=0.25, flagged=True, direction="above")])
+                         statistics=[DriftStatistic(name="psi", value=0.4, threshold=0.25, flagged=True, direction="above")],
+                         estimated_accuracy={"atc": Estimated(value=0.6, low=0.5, high=0.7),
+                                             "confidence": Estimated(value=0.7, low=0.6, high=0.8)},
+                         priors={"a": Estimated(value=0.75, low=0.7, high=0.8), "b": Estimated(value=0.25, low=0.2, high=0.3)},
+                         reference_accuracy=0.9)
     runs = [{"name": "calm-fox", "state_type": "SCHEDULED", "start_time": None, "labels": {"tunedeck.reason": "drift: psi"}},
             {"name": "other", "state_type": "COMPLETED", "start_time": None, "labels": {}}]
 
@@ -157,6 +163,8 @@ def test_monitor_view_reads_the_monitors_events_and_the_runs_drift_started():
 
     view = read_monitor(call)
     assert len(view.batches) == 1 and view.batches[0].triggered and view.batches[0].statistics[0].name == "psi"
+    assert view.batches[0].estimated == (0.6, 0.5, 0.7) and view.batches[0].reference_accuracy == 0.9
+    assert view.batches[0].priors == (("a", 0.75), ("b", 0.25)) and view.batches[0].accuracy is None
     assert [r.name for r in view.retrains] == ["calm-fox"] and view.retrains[0].state == "Scheduled"
     fake = fake_monitor()  # the demo's fake has the same shape
     assert {s.name for s in fake.batches[-1].statistics} <= {"mmd_p", "domain_auc", "psi", "chi2_p", "confidence_drop", "accuracy_drop"}

@@ -139,8 +139,11 @@ def fake_monitor() -> MonitorView:
                                  else (s.value < s.threshold), s.direction) for s in stats)
         drifted = any(s.flagged for s in stats)
         streak = day - 8 if shifted else 0
+        guess = round(rng.uniform(0.58, 0.66) if shifted else rng.uniform(0.88, 0.93), 3)
+        mix = (0.52, 0.12, 0.12, 0.12, 0.12) if shifted else (0.2, 0.21, 0.19, 0.2, 0.2)
         batches.append(MonitoredBatch(NOW - (11 - day) * 86400, f"data/incoming/2026-11-{day + 18:02d}", "v0.2.0", 400,
-                                      drifted, streak, streak == 3, stats))
+                                      drifted, streak, streak == 3, stats, (guess, guess - 0.045, guess + 0.045), 0.912,
+                                      None, tuple(zip(("cat", "dog", "fox", "owl", "yak"), mix, strict=True))))
     retrain = Retrain("brave-lynx-1001", "Running", "drift: 400 images vs v0.2.0's reference: drift (mmd_p 0.002 (below 0.005), "
                       "domain_auc 0.93 (above 0.8)); 3 in a row; retrain event emitted", NOW - 300)
     return MonitorView(tuple(batches), (retrain,))

@@ -262,6 +262,10 @@ class MonitoredBatch:
     streak: int
     triggered: bool
     statistics: tuple[DriftPoint, ...]
+    estimated: tuple[float, float, float] | None = None  # accuracy without labels (ATC): value, 95 % low, high
+    reference_accuracy: float | None = None  # the model's measured held-out accuracy
+    accuracy: float | None = None  # measured, when the batch came labelled
+    priors: tuple[tuple[str, float], ...] = ()  # each class's estimated share (BBSE)
 
 
 @dataclass(frozen=True)

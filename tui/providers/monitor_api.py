@@ -18,8 +18,11 @@ DAYS = 90
 def batch_view(batch: MonitorBatch) -> MonitoredBatch:
     """The contract's batch as the screen's frozen dataclass."""
     stats = tuple(DriftPoint(s.name, s.value, s.threshold, s.flagged, s.direction) for s in batch.statistics)
+    atc = batch.estimated_accuracy.get("atc")
     return MonitoredBatch(batch.at, batch.folder, batch.model_version, batch.n_images, batch.drifted, batch.streak,
-                          batch.triggered, stats)
+                          batch.triggered, stats, (atc.value, atc.low, atc.high) if atc else None,
+                          batch.reference_accuracy, batch.accuracy,
+                          tuple((name, p.value) for name, p in batch.priors.items()))
 
 
 def read_monitor(call) -> MonitorView:

@@ -33,6 +33,24 @@ def when(at: float | None) -> str:
     return time.strftime("%m-%d %H:%M", time.localtime(at)) if at else ""
 
 
+def estimated_cell(batch) -> str:
+    """The batch's accuracy estimated without labels (ATC), and measured when it came labelled."""
+    if batch.estimated is None:
+        return "" if batch.accuracy is None else f"({batch.accuracy:.0%})"
+    measured = f" ({batch.accuracy:.0%})" if batch.accuracy is not None else ""
+    return f"{batch.estimated[0]:.0%}{measured}"
+
+
+def estimated_line(batch) -> str:
+    """The status line's second line: the last batch's estimated accuracy against prod's, and its class mix."""
+    if batch.estimated is None:
+        return ""
+    value, low, high = batch.estimated
+    prod = f" against {batch.reference_accuracy:.1%} held-out" if batch.reference_accuracy is not None else ""
+    mix = " · ".join(f"{name} {share:.0%}" for name, share in batch.priors[:8])
+    return f"\naccuracy without labels (ATC) {value:.1%} [{low:.1%}, {high:.1%}]{prod}" + (f" · class mix {mix}" if mix else "")
+
+
 class MonitorScreen(Screen[None]):
     """`m`: drift statistics, batches and retrains, from the Prefect server (any host's monitor)."""
 
@@ -70,7 +88,7 @@ class MonitorScreen(Screen[None]):
             last = view.batches[-1]
             verdict = f"[b red]DRIFT[/] {last.streak} in a row" if last.drifted else "[green]no drift[/]"
             status.update(f"{len(view.batches)} batches · last {when(last.at)} {last.folder} · {last.n_images} images "
-                          f"vs {last.model_version} · {verdict}")
+                          f"vs {last.model_version} · {verdict}" + estimated_line(last))
         self._fill_stats(view)
         self._fill_batches(view)
         lines = [f"{when(r.started)}  drift → retrain [b]{r.name}[/b] ({r.state}): {r.reason}" for r in view.retrains[:5]]
@@ -93,9 +111,10 @@ class MonitorScreen(Screen[None]):
     def _fill_batches(self, view: MonitorView) -> None:
         table = self.query_one("#monitor-batches", DataTable)
         table.clear(columns=True)
-        for col in ("time", "batch", "model", "images", "streak", "event", "verdict"):
+        for col in ("time", "batch", "model", "images", "est. acc", "streak", "event", "verdict"):
             table.add_column(col, key=col)
         for i, b in enumerate(reversed(view.batches)):
             flagged = ", ".join(s.name for s in b.statistics if s.flagged)
-            table.add_row(when(b.at), b.folder[-32:], b.model_version, str(b.n_images), str(b.streak) if b.drifted else "",
-                          "→ retrain" if b.triggered else "", f"drift: {flagged}" if b.drifted else "ok", key=str(i))
+            table.add_row(when(b.at), b.folder[-32:], b.model_version, str(b.n_images), estimated_cell(b),
+                          str(b.streak) if b.streak else "", "→ retrain" if b.triggered else "",
+                          f"drift: {flagged}" if b.drifted else "ok", key=str(i))
