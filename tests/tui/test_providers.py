@@ -143,11 +143,9 @@ def test_fake_experiments_have_curves():
 
 def test_monitor_view_reads_the_monitors_events_and_the_runs_drift_started():
     """What flows.ship.monitor emits (the MonitorBatch contract) comes back as the screen's dataclasses."""
-    from flows.contracts import DriftStatistic, MonitorBatch
+    from flows.contracts import DriftStatistic, Estimated, MonitorBatch
     from tui.providers.fake_prefect import fake_monitor
     from tui.providers.monitor_api import read_monitor
-
-    from flows.contracts import Estimated
 
     batch = MonitorBatch(folder="new/1", model_version="v0.1.0", n_images=40, drifted=True, streak=2, triggered=True,
                          statistics=[DriftStatistic(name="psi", value=0.4, threshold=0.25, flagged=True, direction="above")],
