@@ -38,17 +38,18 @@ from flows.core.prepare import load_split, prepare  # noqa: E402
 from flows.core.train import train  # noqa: E402
 from flows.demo.digits import write_digits  # noqa: E402
 
-SHIFTS = ("none", "blur", "darker", "noise", "class missing", "70% one class")
+SHIFTS = ("none", "blur", "darker, mild", "darker", "noise, mild", "noise", "class missing", "70% one class")
 
 
 def shifted(images: np.ndarray, shift: str, rng: np.random.Generator) -> np.ndarray:
     """uint8 N×H×W×3 images with a covariate shift (the label shifts are in how a batch is drawn)."""
     if shift == "blur":
         return np.stack([np.asarray(Image.fromarray(i).filter(ImageFilter.GaussianBlur(1.2))) for i in images])
-    if shift == "darker":
-        return (images.astype(np.float32) * 0.45).astype(np.uint8)
-    if shift == "noise":
-        return np.clip(images + rng.normal(0, 45, images.shape), 0, 255).astype(np.uint8)
+    if shift.startswith("darker"):
+        return (images.astype(np.float32) * (0.7 if shift.endswith("mild") else 0.45)).astype(np.uint8)
+    if shift.startswith("noise"):
+        sigma = 20 if shift.endswith("mild") else 45
+        return np.clip(images + rng.normal(0, sigma, images.shape), 0, 255).astype(np.uint8)
     return images
 
 
@@ -78,8 +79,8 @@ def trained_model(folder: Path, seed: int, epochs: int):
     evaluate(params, folder / "prepared", folder / "models", folder / "eval")
     model, meta = load_model(folder / "models" / "model.safetensors")
     norm = Normalizer(meta.mean, meta.std, "cpu")
-    x, y = load_split(folder / "prepared", "test", mmap=False)
-    return model, norm, meta, Reference.load(folder / "eval" / "reference"), np.asarray(x), np.asarray(y), params
+    x, y = (np.array(a) for a in load_split(folder / "prepared", "test", mmap=False))
+    return model, norm, meta, Reference.load(folder / "eval" / "reference"), x, y, params
 
 
 def one_seed(seed: int, args) -> tuple[dict[str, list[tuple[float, float, float]]], list[float], list[float]]:
@@ -134,13 +135,14 @@ def main() -> None:
         print(f"seed {seed}: in-distribution accuracy {np.mean([t for t, _, _ in seeded['none']]):.3f}", flush=True)
     print(f"\n{args.seeds} seeds x {args.batches} batches of {args.size} per shift; absolute error in points, "
           "mean over batches (± std of the per-seed means for ATC)")
-    print(f"{'shift':<16} {'true acc':>8} {'ATC err':>14} {'conf. err':>9}")
+    print(f"{'shift':<16} {'true acc':>8} {'ATC err':>14} {'ATC bias':>8} {'conf. err':>9} {'conf. bias':>10}")
     for shift in SHIFTS:
         truth = np.array([t for t, _, _ in rows[shift]])
-        atc_err = np.abs(truth - np.array([a for _, a, _ in rows[shift]])) * 100
-        conf_err = np.abs(truth - np.array([c for _, _, c in rows[shift]])) * 100
+        atc_signed = (np.array([a for _, a, _ in rows[shift]]) - truth) * 100
+        conf_signed = (np.array([c for _, _, c in rows[shift]]) - truth) * 100
         spread = statistics.pstdev([100 * s[shift] for s in per_seed]) if len(per_seed) > 1 else 0.0
-        print(f"{shift:<16} {truth.mean():>8.3f} {atc_err.mean():>8.2f} ± {spread:<4.2f} {conf_err.mean():>9.2f}")
+        print(f"{shift:<16} {truth.mean():>8.3f} {np.abs(atc_signed).mean():>8.2f} ± {spread:<4.2f} "
+              f"{atc_signed.mean():>+8.2f} {np.abs(conf_signed).mean():>9.2f} {conf_signed.mean():>+10.2f}")
     print(f"\nBBSE on batches of 500 at 70 % one class: worst class's error, mean {100 * np.mean(bbse_errors):.2f} "
           f"points, max {100 * np.max(bbse_errors):.2f} over {len(bbse_errors)} batches")
     print(f"estimates and BBSE over scoring a batch of 500: median {100 * statistics.median(overhead):.2f} % extra "
