@@ -48,7 +48,19 @@ def side_env(checkout: Path, shims: Path) -> dict[str, str]:
     shim.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(checkout)!r})\n"
                     f"from {module} import {func}\nsys.exit({func}())\n")
     shim.chmod(0o755)
-    return {**os.environ, "PYTHONPATH": str(checkout), "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # the installed console script (which a side's tests put first on PATH) imports this checkout's entry module:
+    # where the other checkout has no module of that name, a stand-in behind it on PYTHONPATH calls its own
+    installed = tomllib.loads((HERE / "pyproject.toml").read_text())["project"]["scripts"]["tunedeck"].split(":")
+    entry = folder / "entry"
+    target = entry.joinpath(*installed[0].split("."))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for parent in [target.parent, *target.parent.parents]:
+        if parent == entry:
+            break
+        (parent / "__init__.py").touch()
+    target.with_suffix(".py").write_text(f"from {module} import {func} as {installed[1]}  # noqa: F401\n")
+    path = os.pathsep.join([str(checkout), str(entry)])
+    return {**os.environ, "PYTHONPATH": path, "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def one(checkout: Path, bench: str, args: list[str], env: dict[str, str]) -> dict:
