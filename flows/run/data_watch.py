@@ -7,6 +7,7 @@ import json
 from prefect import flow, get_run_logger
 
 from flows.gateways.dvc.cli import dvc
+from flows.gateways.dvc.repo import data_version_now
 
 
 def data_changed(status: dict) -> list[str]:
@@ -43,15 +44,6 @@ def data_watch(stage: str = "prepare") -> list[str]:
     else:
         logger.info("data unchanged")
     return changed
-
-
-def data_version_now(stage: str) -> tuple[str, str]:
-    """(data.source, its DVC md5 now) for the stage's first dependency; DVC's state cache spares rehashing."""
-    from dvc.repo import Repo
-
-    with Repo(".") as repo:
-        dep = repo.stage.collect(stage)[0].deps[0]
-        return dep.def_path, dep.get_hash().value or ""
 
 
 def last_trained_data() -> str | None:

@@ -50,13 +50,13 @@ def create(clone: Path, name: str) -> Path:
 def write_dvc_config(clone: Path, path: Path) -> None:
     """path/.dvc/config.local: the clone's cache (shared, linked out) and its remotes as the clone resolves them."""
     from configobj import ConfigObj
-    from dvc.config import Config
 
-    resolved = Config(dvc_dir=str(clone / ".dvc"))  # relative remote URLs come back absolute
+    from flows.gateways.dvc.repo import resolved_config
+
+    cache_dir, remotes = resolved_config(clone)  # relative remote URLs come back absolute
     local = ConfigObj(str(path / ".dvc" / "config.local"))
-    cache_dir = resolved.get("cache", {}).get("dir") or str(clone / ".dvc" / "cache")
     local["cache"] = {"dir": str(Path(cache_dir).resolve()), "type": LINK_TYPES}
-    for name, remote in resolved.get("remote", {}).items():
+    for name, remote in remotes.items():
         section = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in remote.items()
                    if v is not None and not isinstance(v, dict | list)}
         local[f'remote "{name}"'] = section
