@@ -17,7 +17,8 @@ from pathlib import Path
 
 from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
-from flows.host.deploy import DEFAULT_POOL, check_deployed, deploy_flow, ensure_pool, prefect_cli, reachable
+from flows.gateways import prefect_api
+from flows.host.deploy import DEFAULT_POOL, check_deployed, deploy_flow, ensure_pool, reachable
 
 SILO_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
 
@@ -41,6 +42,6 @@ def deploy_federated(silos: list[str], root: Path | None = None) -> list[str]:
         deploy_flow(root, "flows/federated/coordinator.py:silo", silo, pool_of(silo))
         names.append(f"silo/{silo}")
     ensure_pool(DEFAULT_POOL)
-    proc = prefect_cli("deploy", "--name", "coordinator", cwd=root, env=Settings(project=root).env())  # prefect.yaml's
+    proc = prefect_api.cli("deploy", "--name", "coordinator", cwd=root, env=Settings(project=root).env())  # prefect.yaml's
     check_deployed(proc, "--name coordinator")
     return [*names, "federated/coordinator"]

@@ -221,6 +221,46 @@ def auth() -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
+def rest(timeout: float = 3.0):
+    """A plain HTTP client for Prefect's REST API, with its auth: for the callers that must not import Prefect's own
+    client (seconds of start-up: the dashboard, a worker's telemetry thread, the monitor's events). Every raw call to
+    the server goes through one made here."""
+    import httpx
+
+    return httpx.Client(timeout=timeout, auth=auth())
+
+
+def event(name: str, resource_id: str, resource_name: str, payload: dict, occurred: float | None = None) -> dict:
+    """One Prefect event as POST /events takes it (a list of these)."""
+    import time
+    import uuid
+    from datetime import UTC, datetime
+
+    return {"id": str(uuid.uuid4()), "occurred": datetime.fromtimestamp(occurred or time.time(), tz=UTC).isoformat(),
+            "event": name, "resource": {"prefect.resource.id": resource_id, "prefect.resource.name": resource_name},
+            "payload": payload, "related": []}
+
+
+def post_events(client, api_url: str, events: list[dict], timeout: float | None = None) -> None:
+    """POST the events through client (rest()); an answer of 300 or more raises httpx.HTTPError."""
+    import httpx
+
+    answer = client.post(f"{api_url.rstrip('/')}/events", json=events, **({"timeout": timeout} if timeout else {}))
+    if answer.status_code >= 300:
+        raise httpx.HTTPError(f"HTTP {answer.status_code}")
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """Run the prefect CLI of this environment, without prompts (`prefect deploy` reads prefect.yaml); its
+    CompletedProcess, output captured."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "prefect"
+    return subprocess.run([str(exe), "--no-prompt", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True)
+
+
 @contextlib.contextmanager
 def using(url: str) -> Iterator[None]:
     """Prefect's clients in this process (and the CLIs it starts) talk to url, also when Prefect was imported before

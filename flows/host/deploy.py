@@ -25,13 +25,6 @@ def reachable() -> str:
     return url
 
 
-def prefect_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the prefect CLI of this environment, without prompts."""
-    exe = Path(sys.executable).parent / "prefect"
-    return subprocess.run([str(exe), "--no-prompt", *args], cwd=cwd, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True)
-
-
 def ensure_pool(name: str) -> None:
     """The process work pool `name` on the server, created when missing."""
     prefect_api.work_pool(name, create=True)
@@ -57,7 +50,7 @@ ENGINE = "command=python -m prefect.engine"  # one process per run (Prefect's de
 def deploy_flow(root: Path, entrypoint: str, name: str, pool: str) -> str:
     """`prefect deploy ENTRYPOINT --name NAME --pool POOL` with prefect.yaml's pull step (the worker's own clone);
     the deployment's full name, FLOW/NAME."""
-    proc = prefect_cli("deploy", entrypoint, "--name", name, "--pool", pool, "--job-variable", ENGINE, cwd=root,
+    proc = prefect_api.cli("deploy", entrypoint, "--name", name, "--pool", pool, "--job-variable", ENGINE, cwd=root,
                        env=Settings(project=root).env())
     check_deployed(proc, f"{entrypoint} --name {name}")
     return name
@@ -78,7 +71,7 @@ def deploy(settings: Settings, root: Path | None = None) -> list[str]:
     reachable()
     ensure_pool(DEFAULT_POOL)
     ensure_zombie_automation(after_s)
-    check_deployed(prefect_cli("deploy", "--all", cwd=root, env=Settings(project=root.resolve()).env()), "--all")
+    check_deployed(prefect_api.cli("deploy", "--all", cwd=root, env=Settings(project=root.resolve()).env()), "--all")
     import yaml
 
     return [d["name"] for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]]

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import psutil
 
 from flows.contracts import TELEMETRY_EVENT, TELEMETRY_EVERY_S, HostTelemetry
-from flows.gateways import gpus
-from flows.gateways.prefect_api import auth
+from flows.gateways import gpus, prefect_api
 from flows.run.runjoin import RunJoiner
 
 GIB = 1024**3
@@ -46,7 +43,7 @@ class HostPublisher:
         self.host = gpus.host(host_name)
         self.disk = str(project or Path.cwd())
         self.joiner = RunJoiner((project or Path.cwd()) / ".tunedeck" / "runs")
-        self.http = httpx.Client(timeout=3.0, auth=auth())
+        self.http = prefect_api.rest(timeout=3.0)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="tunedeck-telemetry", daemon=True)
         self.sent = self.failed = 0
@@ -62,15 +59,11 @@ class HostPublisher:
 
     def publish(self, sample: HostTelemetry, timeout: float | None = None) -> bool:
         """Post one sample as an event; False (and nothing raised) when the server does not take it."""
-        event = {
-            "id": str(uuid.uuid4()), "occurred": datetime.fromtimestamp(sample.at, tz=UTC).isoformat(),
-            "event": TELEMETRY_EVENT, "resource": {"prefect.resource.id": f"tunedeck.host.{sample.host}",
-                                                   "prefect.resource.name": sample.host},
-            "payload": sample.model_dump(mode="json"), "related": [],
-        }
+        event = prefect_api.event(TELEMETRY_EVENT, f"tunedeck.host.{sample.host}", sample.host,
+                                  sample.model_dump(mode="json"), occurred=sample.at)
         try:
-            post = self.http.post(f"{self.api_url}/events", json=[event], **({"timeout": timeout} if timeout else {}))
-            ok = post.status_code < 300
+            prefect_api.post_events(self.http, self.api_url, [event], timeout)
+            ok = True
         except httpx.HTTPError:
             ok = False
         self.sent += ok

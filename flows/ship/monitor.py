@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -226,18 +224,15 @@ def record(root: Path, batch: MonitorBatch, step: int) -> None:
 
 
 def post_event(api_url: str, name: str, version: str, payload: dict) -> None:
-    """One Prefect event about the model version (`POST /events`); a server that does not take it is one line, not fatal."""
+    """One Prefect event about the model version; a server that does not take it is one line, not fatal."""
     import httpx
 
-    from flows.gateways.prefect_api import auth
+    from flows.gateways import prefect_api
 
-    event = {"id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(), "event": name,
-             "resource": {"prefect.resource.id": f"tunedeck.model.{version}", "prefect.resource.name": f"model {version}"},
-             "payload": payload, "related": []}
     try:
-        answer = httpx.post(f"{api_url.rstrip('/')}/events", json=[event], auth=auth(), timeout=10)
-        if answer.status_code >= 300:
-            raise httpx.HTTPError(f"HTTP {answer.status_code}")
+        with prefect_api.rest(timeout=10) as client:
+            prefect_api.post_events(client, api_url, [prefect_api.event(name, f"tunedeck.model.{version}",
+                                                                        f"model {version}", payload)])
     except httpx.HTTPError as exc:
         print(f"monitor: the Prefect server at {api_url} did not take the {name} event ({exc}); "
               "the batch is recorded in monitor/ all the same.", file=sys.stderr)

@@ -133,6 +133,22 @@ def test_tunedeck_settings_are_read_only_by_their_model():
     assert found == [], f"TUNEDECK_* variables named outside flows/contracts/settings.py: {found}"
 
 
+def test_prefects_rest_api_is_reached_through_a_client_its_gateway_makes():
+    """A raw HTTP client (httpx.Client, httpx.post/get/...) is made in flows/gateways/prefect_api.py alone (rest()):
+    the dashboard, a worker's telemetry and the monitor's events reach the server through one made there."""
+    found = []
+    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
+        where = str(path.relative_to(ROOT))
+        if where == "flows/gateways/prefect_api.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "httpx"
+                    and node.func.attr in {"Client", "AsyncClient", "post", "get", "put", "patch", "delete", "request"}):
+                found.append(f"{where}:{node.lineno} httpx.{node.func.attr}")
+    assert found == [], f"HTTP clients made outside flows/gateways/prefect_api.py: {found}"
+
+
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 

@@ -28,11 +28,9 @@ class RemoteHosts:
     def __init__(self, url: Callable[[], str | None], local_host: str | None = None, every: float = 2.0,
                  clock: Callable[[], float] = time.time, timeout: float = 3.0) -> None:
         self._url, self.local_host, self.every, self.clock = url, local_host, every, clock
-        import httpx  # here, not at import: the demo's fleet (FleetTelemetry on fakes) starts without it
+        from flows.gateways.prefect_api import rest  # here, not at import: the demo's fleet (on fakes) needs no httpx
 
-        from flows.gateways.prefect_api import auth
-
-        self._http = httpx.Client(timeout=timeout, auth=auth())
+        self._http = rest(timeout=timeout)
         self.known: dict[str, HostTelemetry] = {}
         self._fetched_at: float | None = None
 

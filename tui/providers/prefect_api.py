@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from flows.gateways.prefect_api import auth
+from flows.gateways.prefect_api import rest
 from tui.providers.base import ActionError
 from tui.providers.models import MonitorView, Orchestration, Run, RunDetail, RunQuery
 from tui.providers.prefect_parse import (
@@ -42,7 +42,7 @@ class PrefectApi:
     def __init__(self, url: str | Callable[[], str | None] | None = None, timeout: float = 3.0) -> None:
         self._url = url if callable(url) else (lambda: url) if url else _default_url
         self.timeout = timeout
-        self._http = httpx.Client(timeout=timeout, auth=auth())
+        self._http = rest(timeout=timeout)
         self._flows: dict[str, str] = {}
 
     @property
