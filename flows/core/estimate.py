@@ -49,11 +49,15 @@ def _entropy_score(probs: np.ndarray) -> np.ndarray:
 
 
 def atc_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The score threshold above which the reference's share of images equals its accuracy."""
+    """The score threshold above which the reference's share of images equals its accuracy.
+
+    The accuracy is smoothed, (right + 0.5) / (n + 1): a reference the model got all right would
+    otherwise put the threshold below every image, and ATC would call every batch perfect whatever
+    it holds (the same, mirrored, for one it got all wrong)."""
     scores = _entropy_score(probs)
-    accuracy = float((np.asarray(probs).argmax(axis=1) == np.asarray(labels)).mean())
-    return float(np.quantile(scores, 1.0 - accuracy)) if 0.0 < accuracy < 1.0 else (
-        float(scores.min()) - 1.0 if accuracy >= 1.0 else float(scores.max()) + 1.0)
+    right = float((np.asarray(probs).argmax(axis=1) == np.asarray(labels)).sum())
+    accuracy = (right + 0.5) / (len(scores) + 1)
+    return float(np.quantile(scores, 1.0 - accuracy))
 
 
 def _resamples(n: int, resamples: int, seed: int) -> np.ndarray:

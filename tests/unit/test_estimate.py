@@ -62,3 +62,15 @@ def test_bbse_recovers_a_70_10_10_10_mix_within_5_points_per_class():
                   classifier(labels, rng, margin=1.0))
     assert np.abs(naive - truth).max() > np.abs(np.array([p.value for p in priors]) - truth).max(), \
         "the predicted-class histogram alone is as good: the test does not separate BBSE from counting"
+
+
+def test_a_reference_the_model_got_all_right_still_leaves_atc_able_to_see_a_worse_batch():
+    rng = np.random.default_rng(4)
+    ref_labels = rng.integers(0, 4, 400)
+    ref_probs = classifier(ref_labels, rng, margin=6.0)  # every held-out image right
+    assert (ref_probs.argmax(axis=1) == ref_labels).all()
+    threshold = atc_threshold(ref_probs, ref_labels)
+    labels = rng.integers(0, 4, 300)
+    worse = classifier(labels, rng, margin=1.0)
+    truth = float((worse.argmax(axis=1) == labels).mean())
+    assert atc(worse, threshold).value < 0.9 > truth, "ATC called a batch near chance perfect"
