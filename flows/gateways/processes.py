@@ -103,10 +103,9 @@ class Helper:
 
     def close(self, grace_s: float = 30.0) -> int:
         """For a helper that ends when its stdin closes: close it, wait up to grace_s, then SIGKILL."""
-        for pipe in (self.proc.stdin,):
-            with contextlib.suppress(OSError):
-                if pipe is not None:
-                    pipe.close()
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
         try:
             code = self.proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:

@@ -39,6 +39,8 @@ ENV = variable("warm")
 """The setting that carries this run's warm server's socket; stage processes that have it hand their work over."""
 PRELOAD = ("numpy", "PIL.Image", "torch", "torchvision", "timm", "timm.data", "timm.optim", "timm.scheduler", "safetensors.torch")
 """What the server imports once: the libraries every torch stage imports first."""
+FIRST_REPLY = TypeAdapter(WarmStarted | WarmEnded)
+"""The server's first line to a stand-in: the child that runs the stage, or its end if it died before saying so."""
 CHILD = "tunedeck_warm_child"
 """A warm child has a module of this name in sys.modules (not a flows.* one: the child drops those): a stage that
 ends asks it (flows.stages.entry.finish), to end through SystemExit, which the child reports to its stand-in."""
@@ -63,7 +65,7 @@ def delegate(path: str) -> int | None:
         request = WarmRequest(module=module, argv=sys.argv, cwd=os.getcwd(), env=env, executable=sys.executable)
         socket.send_fds(conn, [request.line()], [0, 1, 2])
         reader = conn.makefile("rb")
-        first = TypeAdapter(WarmStarted | WarmEnded).validate_json(reader.readline())
+        first = FIRST_REPLY.validate_json(reader.readline())
     except (OSError, ValueError):
         conn.close()
         return None  # no server (it ended, never started, or refused this Python): this process does the work itself

@@ -18,6 +18,15 @@ from tests.conftest import ROOT
 PACKAGES = ("cli", "flows", "tui")
 
 
+def nodes_outside(*owners: str):
+    """(file, node) for every AST node of our code but the owners' files (paths from the repository root)."""
+    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
+        where = str(path.relative_to(ROOT))
+        if where not in owners:
+            for node in ast.walk(ast.parse(path.read_text())):
+                yield where, node
+
+
 def test_no_import_cycle_between_our_modules():
     graph = grimp.build_graph(*PACKAGES, include_external_packages=False)
     edges = nx.DiGraph()
@@ -51,15 +60,11 @@ def test_every_folder_opens_with_a_docstring():
 def test_git_runs_only_through_its_gateway():
     """Every git command goes through flows/gateways/git.py, which checks its exit status (a list literal or
     call starting with "git" anywhere else is a git subprocess that may not)."""
-    gateway = ROOT / "flows" / "gateways" / "git.py"
     found = []
-    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
-        if path == gateway:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            first = node.elts[0] if isinstance(node, (ast.List, ast.Tuple)) and node.elts else None
-            if isinstance(first, ast.Constant) and first.value == "git":
-                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    for where, node in nodes_outside("flows/gateways/git.py"):
+        first = node.elts[0] if isinstance(node, (ast.List, ast.Tuple)) and node.elts else None
+        if isinstance(first, ast.Constant) and first.value == "git":
+            found.append(f"{where}:{node.lineno}")
     assert found == [], f"git run outside flows/gateways/git.py: {found}"
 
 
@@ -70,15 +75,11 @@ def test_prefects_client_is_reached_only_through_its_gateway():
     """Prefect's API client (prefect.client) is imported by flows/gateways/prefect_api.py alone: "end a run", "add
     its tags", "set its labels", "take a slot" each exist once."""
     found = []
-    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
-        where = str(path.relative_to(ROOT))
-        if where == "flows/gateways/prefect_api.py" or where in PREFECT_CLIENT_AWAY:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            if any(n == "prefect.client" or n.startswith("prefect.client.") for n in names):
-                found.append(f"{where}:{node.lineno}")
+    for where, node in nodes_outside("flows/gateways/prefect_api.py", *PREFECT_CLIENT_AWAY):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if any(n == "prefect.client" or n.startswith("prefect.client.") for n in names):
+            found.append(f"{where}:{node.lineno}")
     assert found == [], f"Prefect's client imported outside flows/gateways/prefect_api.py: {found}"
 
 
@@ -98,17 +99,13 @@ def test_helper_processes_start_and_end_only_through_their_owner():
     does not own (the two named above excepted)."""
     owner = "flows/gateways/processes.py"
     found = []
-    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
-        where = str(path.relative_to(ROOT))
-        if where == owner:
+    for where, node in nodes_outside(owner):
+        if not isinstance(node, ast.Call):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Call):
-                continue
-            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            said = ({name} & PROCESS_CALLS) | ({k.arg for k in node.keywords} & PROCESS_KEYWORDS)
-            if said - PROCESSES_AWAY.get(where, set()):
-                found.append(f"{where}:{node.lineno} {sorted(said)}")
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        said = ({name} & PROCESS_CALLS) | ({k.arg for k in node.keywords} & PROCESS_KEYWORDS)
+        if said - PROCESSES_AWAY.get(where, set()):
+            found.append(f"{where}:{node.lineno} {sorted(said)}")
     assert found == [], f"processes started or ended outside {owner}: {found}"
 
 
@@ -121,15 +118,11 @@ def test_tunedeck_settings_are_read_only_by_their_model():
 
     name = re.compile(r"^TUNEDECK_[A-Z0-9_]+$")
     found = []
-    for path in [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]:
-        where = str(path.relative_to(ROOT))
-        if where == "flows/contracts/settings.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and name.match(node.value):
-                found.append(f"{where}:{node.lineno} {node.value}")
-            if isinstance(node, ast.Attribute) and node.attr == "getenv":
-                found.append(f"{where}:{node.lineno} getenv")
+    for where, node in nodes_outside("flows/contracts/settings.py"):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and name.match(node.value):
+            found.append(f"{where}:{node.lineno} {node.value}")
+        if isinstance(node, ast.Attribute) and node.attr == "getenv":
+            found.append(f"{where}:{node.lineno} getenv")
     assert found == [], f"TUNEDECK_* variables named outside flows/contracts/settings.py: {found}"
 
 
@@ -137,15 +130,11 @@ def test_prefects_rest_api_is_reached_through_a_client_its_gateway_makes():
     """A raw HTTP client (httpx.Client, httpx.post/get/...) is made in flows/gateways/prefect_api.py alone (rest()):
     the dashboard, a worker's telemetry and the monitor's events reach the server through one made there."""
     found = []
-    for path in [p for name in PACKAGES for p in (ROOT / name).rglob("*.py")]:
-        where = str(path.relative_to(ROOT))
-        if where == "flows/gateways/prefect_api.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "httpx"
-                    and node.func.attr in {"Client", "AsyncClient", "post", "get", "put", "patch", "delete", "request"}):
-                found.append(f"{where}:{node.lineno} httpx.{node.func.attr}")
+    for where, node in nodes_outside("flows/gateways/prefect_api.py"):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "httpx"
+                and node.func.attr in {"Client", "AsyncClient", "post", "get", "put", "patch", "delete", "request"}):
+            found.append(f"{where}:{node.lineno} httpx.{node.func.attr}")
     assert found == [], f"HTTP clients made outside flows/gateways/prefect_api.py: {found}"
 
 
