@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (the export stage's model)")
     predict.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
     monitor = sub.add_parser("monitor", help="drift of a folder of new images against the prod model's reference")
-    monitor.add_argument("folder", type=Path, metavar="DIR", help="one batch of new images (sub-folders named as classes: labelled)")
+    monitor.add_argument("folder", type=Path, nargs="?", metavar="DIR",
+                         help="one batch of new images (sub-folders named as classes: labelled)")
+    monitor.add_argument("--errors", action="store_true",
+                         help="print the label-free estimators' errors on the labelled batches monitored so far, and exit")
     monitor.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
     fed = sub.add_parser("federated", help="federated fine-tuning (FedAvg): deploy silos, or run the coordinator here")
     fed.add_argument("action", choices=["deploy", "run"], help="deploy: pools silo-NAME + deployments; run: the coordinator")

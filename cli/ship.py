@@ -4,6 +4,7 @@ up (flows.stages.orchestration.run_stage), and plainly when not."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from flows.contracts.settings import Settings
@@ -35,6 +36,15 @@ def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{summary['prod']} is prod again (was {summary['was']}; tag {summary['tag']}).")
         return 0
     if args.command == "monitor":
+        if args.errors:
+            from flows.ship.monitor import errors_table, read_history
+
+            print(errors_table(read_history(root)))
+            return 0
+        if args.folder is None:
+            print("tunedeck monitor: name the folder of new images to score (or --errors for the estimators' record).",
+                  file=sys.stderr)
+            return 2
         return monitor_command(root, params, args.folder, args.device, settings)
     from flows.ship.predict import predict_command
 
@@ -66,7 +76,7 @@ def show_registry(root: Path) -> int:
 def monitor_command(root: Path, params, folder: Path, device: str | None, settings: Settings) -> int:
     """`tunedeck monitor DIR`: one batch, recorded in monitor/ and (with a server) as Prefect events."""
     from flows.gateways import prefect_api
-    from flows.ship.monitor import estimate_summary, monitor_batch, summary
+    from flows.ship.monitor import errors_summary, estimate_summary, monitor_batch, read_history, summary
     from flows.stages.orchestration import run_stage
 
     def work() -> dict:
@@ -74,10 +84,13 @@ def monitor_command(root: Path, params, folder: Path, device: str | None, settin
         batch = monitor_batch(root, params, folder, device, api_url=url if url and prefect_api.healthy(url, timeout=1.0) else None,
                               host_name=settings.host)
         flagged = {s.name: round(s.value, 4) for s in batch.statistics}
-        return {"summary": summary(batch), "estimates": estimate_summary(batch), "drifted": batch.drifted, "streak": batch.streak, "triggered": batch.triggered,
+        record = errors_summary(read_history(root)) if batch.accuracy is not None else None
+        return {"summary": summary(batch), "estimates": estimate_summary(batch), "errors": record, "drifted": batch.drifted, "streak": batch.streak, "triggered": batch.triggered,
                 "model_version": batch.model_version, **flagged}
 
     result = run_stage("monitor", work, {"folder": str(folder)}, ["stage:monitor"], settings)
     print(result["summary"])
     print(result["estimates"])
+    if result.get("errors"):
+        print(result["errors"])
     return 0

@@ -311,6 +311,7 @@ class MonitorBatch(BaseModel):
     priors: dict[str, Estimated] = Field(default_factory=dict, description="each class's estimated share (BBSE)")
     reference_accuracy: float | None = Field(default=None, description="the model's measured held-out accuracy")
     accuracy: float | None = Field(default=None, description="measured, when the batch came labelled (class folders)")
+    estimator: str | None = Field(default=None, description="the estimate harm was judged on (monitor.estimator)")
     harmful: bool | None = Field(default=None, description="the estimated accuracy fell by more than monitor.estimated_drop")
     counted: bool | None = Field(default=None, description="counts toward a retrain under monitor.trigger (None: "
                                                            "recorded before the trigger had modes; drifted counted)")

@@ -154,7 +154,8 @@ def monitor_batch(root: Path, params: Params, folder: Path, device: str | None =
                          drifted=report.drifted, streak=streak, triggered=counted and streak == params.monitor.consecutive,
                          statistics=[DriftStatistic(name=s.name, value=float(s.value), threshold=float(s.threshold),
                                                     flagged=s.flagged, direction=s.direction) for s in report.statistics],
-                         reference_accuracy=reference.accuracy, harmful=harmful, counted=counted, **found)
+                         reference_accuracy=reference.accuracy, estimator=params.monitor.estimator, harmful=harmful,
+                         counted=counted, **found)
     record(root, batch, len(history))
     if api_url:
         post_event(api_url, MONITOR_EVENT, version, batch.model_dump(mode="json"))
@@ -185,10 +186,54 @@ def summary(batch: MonitorBatch) -> str:
     flagged = [f"{s.name} {s.value:.3g} ({s.direction} {s.threshold:g})" for s in batch.statistics if s.flagged]
     state = f"drift ({', '.join(flagged)})" if batch.drifted else "no drift"
     if batch.harmful:
-        state += "; estimated accuracy drop"
+        state += f"; {harm_summary(batch)}"
     tail = f"; {batch.streak} in a row" if batch.streak else ""
     return f"{batch.n_images} images vs {batch.model_version}'s reference: {state}{tail}" + (
         "; retrain event emitted" if batch.triggered else "")
+
+
+def estimator_errors(history: list[MonitorBatch]) -> dict[str, list[float]]:
+    """Each estimator's signed error (estimate − measured accuracy, in points) on every batch that came labelled."""
+    errors: dict[str, list[float]] = {}
+    for batch in history:
+        if batch.accuracy is None:
+            continue
+        for name, estimate in batch.estimated_accuracy.items():
+            errors.setdefault(name, []).append(100.0 * (estimate.value - batch.accuracy))
+    return errors
+
+
+def errors_summary(history: list[MonitorBatch]) -> str | None:
+    """One line: how far each estimator has been from the truth on this clone's labelled batches (None: none yet)."""
+    errors = estimator_errors(history)
+    if not errors:
+        return None
+    n = max(len(e) for e in errors.values())
+    parts = ", ".join(f"{name} {np.mean(np.abs(e)):.1f} points (bias {np.mean(e):+.1f})" for name, e in errors.items())
+    return f"estimates against the measured accuracy over {n} labelled batch{'es' if n != 1 else ''}: {parts}"
+
+
+def errors_table(history: list[MonitorBatch]) -> str:
+    """The estimators' errors on this clone's labelled batches as a markdown table (`tunedeck monitor --errors`)."""
+    errors = estimator_errors(history)
+    if not errors:
+        return ("no labelled batch yet: monitor a folder with one sub-folder per class and the monitor measures its "
+                "accuracy beside the estimates.")
+    rows = ["| estimator | labelled batches | mean abs. error (points) | bias (points) | worst (points) |",
+            "|---|---:|---:|---:|---:|"]
+    for name, e in errors.items():
+        worst = max(e, key=abs)
+        rows.append(f"| {name} | {len(e)} | {np.mean(np.abs(e)):.2f} | {np.mean(e):+.2f} | {worst:+.2f} |")
+    return "\n".join(rows)
+
+
+def harm_summary(batch: MonitorBatch) -> str:
+    """The estimated drop that counts as harm, in words: the estimate the trigger read against prod's held-out accuracy."""
+    name, estimate = next(((k, e) for k, e in batch.estimated_accuracy.items() if k == batch.estimator), (None, None))
+    if estimate is None or batch.reference_accuracy is None:
+        return "estimated accuracy drop"
+    return (f"estimated accuracy drop ({name} {estimate.value:.1%} [{estimate.low:.1%}, {estimate.high:.1%}] against "
+            f"{batch.reference_accuracy:.1%} held out)")
 
 
 def estimate_summary(batch: MonitorBatch) -> str:

@@ -1,11 +1,16 @@
 """Drift → event → retrain, with a live Prefect server, the deployments' trigger and a worker.
 
+Two triggers, each through the real server and worker. monitor.trigger: drift (below, first test):
+
 The prod model (promoted from a first `dvc repro`) is monitored batch by batch with
 `tunedeck monitor`: a one-batch blip (colour-inverted images between batches of the training
 images) starts nothing; a shift that lasts monitor.consecutive (2 here) batches starts exactly one
 pipeline run through the trigger on `tunedeck.drift.detected`, and that retrain passes the gate: it
 trains the same data with the same params as prod, so its model is prod's file and the verdict is
-certain (promoted, as v0.2.0).
+certain (promoted, as v0.2.0). monitor.trigger: estimated_drop (second test): the retrain follows
+the accuracy estimated without labels, not the drift statistics: a slight blur the statistics flag
+but the model shrugs off starts nothing, a batch whose colour signal faded, halving the accuracy,
+starts exactly one.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from flows.contracts import DRIFT_EVENT, MONITOR_EVENT, ModelCard
 from flows.host import server
@@ -110,6 +116,87 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
         assert verdict["description"].startswith("promoted: test accuracy "), verdict["description"]
         assert registry.prod(project).version == "v0.2.0"
         assert len(events(url, MONITOR_EVENT, 4)) == 4, "every batch is an event the dashboard reads"
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        server.stop(root=project)
+
+
+def faint_colours(folder: Path, per_class: int, seed: int, signal: float = 1.0, blur: float = 0.0) -> Path:
+    """Three classes of 20 px images: uniform noise with one colour channel raised by a random amount (a weak
+    raise is a hard image, so the model is right on most but not all, and its confidence means something);
+    signal scales the raise (a faded batch), blur softens the noise (a batch that looks different, same colours)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("red", "green", "blue")):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.uniform(0, 140, (20, 20, 3))
+            pixels[..., c] += rng.uniform(0, 40) * signal
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            (image.filter(ImageFilter.GaussianBlur(blur)) if blur else image).save(folder / name / f"{i:03d}.png")
+    return folder
+
+
+def test_estimated_drop_retrains_on_a_halved_accuracy_and_not_on_a_harmless_shift(tmp_path):
+    project = make_project(tmp_path / "clone")
+    shutil.rmtree(project / "data" / "tiny")
+    faint_colours(project / "data" / "tiny", 40, seed=0)
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["monitor"].update(trigger="estimated_drop", estimator="atc", consecutive=1)
+    raw["train"].update(epochs=6, lr=0.01)
+    raw["data"].update(val_fraction=0.3, test_fraction=0.2)  # 36 reference images to fit ATC's threshold on
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "faint colours; retrain on an estimated accuracy drop")
+    url = server.start(free_port(), root=project)
+    worker = None
+    try:
+        run(project, "dvc", "repro", "evaluate", PREFECT_API_URL=url)
+        run(project, "tunedeck", "promote", PREFECT_API_URL=url)
+        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
+        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
+                                  stdout=subprocess.DEVNULL, stderr=open(project.parent / "worker.log", "w"), start_new_session=True)
+
+        def monitor(folder: Path) -> dict:
+            out = run(project, "tunedeck", "monitor", str(folder), PREFECT_API_URL=url).stdout
+            assert "estimated accuracy without labels: atc " in out, out
+            return json.loads((project / "monitor" / "last.json").read_text())
+
+        drop = raw["monitor"]["estimated_drop"]
+        # new images like the training ones (class folders, so the monitor also measures their accuracy)
+        normal = monitor(faint_colours(tmp_path / "normal", 40, seed=7))
+        assert not normal["counted"] and not normal["triggered"]
+        # a slight blur: the drift statistics flag it, so trigger: drift would retrain; accuracy barely moves
+        # (less than the tolerated drop), the estimate says so, and nothing starts
+        blurred = monitor(faint_colours(tmp_path / "blurred", 40, seed=7, blur=0.5))
+        assert blurred["drifted"], blurred["statistics"]
+        assert blurred["accuracy"] > normal["accuracy"] - drop, (normal["accuracy"], blurred["accuracy"])
+        assert blurred["harmful"] is False and not blurred["counted"] and not blurred["triggered"]
+        # the colour signal faded: accuracy roughly halves (measured), the estimate falls with it: one retrain event
+        faded = monitor(faint_colours(tmp_path / "faded", 40, seed=7, signal=0.08))
+        assert faded["accuracy"] < 0.7 * normal["accuracy"], (normal["accuracy"], faded["accuracy"])
+        assert faded["harmful"] and faded["counted"] and faded["triggered"], faded["estimated_accuracy"]
+        assert faded["estimated_accuracy"]["atc"]["high"] < faded["reference_accuracy"] - drop
+        sent = events(url, DRIFT_EVENT, 1)
+        assert len(sent) == 1, "the blurred batch sent no retrain event, the faded one one"
+        assert "estimated accuracy drop (atc " in sent[0]["payload"]["summary"], sent[0]["payload"]
+        assert sent[0]["payload"]["batch"]["estimated_accuracy"]["atc"] == faded["estimated_accuracy"]["atc"]
+        deadline = time.monotonic() + 120  # a hang guard: the trigger starts the run within seconds
+        while not retrains(url):
+            assert time.monotonic() < deadline, "the estimated drop started no retrain"
+            time.sleep(0.5)
+        done = wait(url, retrains(url)[0]["id"], timeout=600)  # a hang guard
+        assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-3000:]
+        assert "estimated accuracy drop" in done["parameters"]["reason"], done["parameters"]
+        started = retrains(url)  # the retrain took a while: a second run from the one event would be here by now
+        assert len(started) == 1, [r["name"] for r in started]
+        assert len(events(url, DRIFT_EVENT, 1)) == 1
+        # the three batches came labelled: each estimator's record against the measured accuracy
+        table = run(project, "tunedeck", "monitor", "--errors").stdout.splitlines()
+        assert table[0].startswith("| estimator | labelled batches |") and table[2].startswith("| atc | 3 |"), table
+        missing = run(project, "tunedeck", "monitor", check=False)
+        assert missing.returncode == 2 and "name the folder of new images" in missing.stderr, missing.stderr
     finally:
         if worker is not None:
             os.killpg(worker.pid, signal.SIGTERM)

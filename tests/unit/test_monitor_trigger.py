@@ -8,7 +8,7 @@ import pytest
 
 from flows.contracts import Estimated, MonitorBatch
 from flows.core.params import MonitorParams
-from flows.ship.monitor import counts, harm, streak_after
+from flows.ship.monitor import counts, errors_summary, errors_table, estimator_errors, harm, streak_after, summary
 
 
 def test_harm_is_judged_on_the_intervals_upper_end_not_the_point():
@@ -41,3 +41,27 @@ def test_the_streak_counts_counted_batches_and_old_records_by_their_drift():
     assert streak_after(history, True, "v1") == 3
     assert streak_after(history, False, "v1") == 0
     assert streak_after(history, True, "v2") == 1, "another version's batches do not count"
+
+
+def scored(accuracy: float | None, atc: float, confidence: float) -> MonitorBatch:
+    return MonitorBatch(folder="f", model_version="v1", n_images=100, drifted=False, statistics=[], streak=0,
+                        accuracy=accuracy, reference_accuracy=0.9, estimator="atc", harmful=atc < 0.7,
+                        estimated_accuracy={"atc": Estimated(value=atc, low=atc - 0.05, high=atc + 0.05),
+                                            "confidence": Estimated(value=confidence, low=confidence - 0.05,
+                                                                    high=confidence + 0.05)})
+
+
+def test_labelled_batches_keep_each_estimators_record_and_unlabelled_ones_add_nothing():
+    history = [scored(0.80, 0.82, 0.75), scored(None, 0.5, 0.5), scored(0.60, 0.57, 0.66)]
+    errors = estimator_errors(history)
+    assert errors["atc"] == pytest.approx([2.0, -3.0]) and errors["confidence"] == pytest.approx([-5.0, 6.0])
+    assert errors_summary(history) == ("estimates against the measured accuracy over 2 labelled batches: "
+                                       "atc 2.5 points (bias -0.5), confidence 5.5 points (bias +0.5)")
+    table = errors_table(history).splitlines()
+    assert table[2] == "| atc | 2 | 2.50 | -0.50 | -3.00 |" and table[3] == "| confidence | 2 | 5.50 | +0.50 | +6.00 |"
+    assert errors_summary(history[1:2]) is None and errors_table([]).startswith("no labelled batch yet")
+
+
+def test_a_harmful_batchs_summary_names_the_estimate_it_was_judged_on():
+    line = summary(scored(0.6, 0.55, 0.7))
+    assert "estimated accuracy drop (atc 55.0% [50.0%, 60.0%] against 90.0% held out)" in line, line
