@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.parquet or FILE.csv")
     predict.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (the export stage's model)")
     predict.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
+    predict.add_argument("--prior-shift", action="store_true",
+                         help="correct the predictions for the images' own class mix (EM of Saerens et al.), printed")
     monitor = sub.add_parser("monitor", help="drift of a folder of new images against the prod model's reference")
     monitor.add_argument("folder", type=Path, nargs="?", metavar="DIR",
                          help="one batch of new images (sub-folders named as classes: labelled)")

@@ -48,8 +48,10 @@ def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
         return monitor_command(root, params, args.folder, args.device, settings)
     from flows.ship.predict import predict_command
 
-    parameters = {"model": args.model, "input": str(args.input), "out": str(args.out), "backend": args.backend}
-    summary = run_stage("predict", lambda: predict_command(root, params, args.model, args.input, args.out, args.backend, args.device),
+    parameters = {"model": args.model, "input": str(args.input), "out": str(args.out), "backend": args.backend,
+                  "prior_shift": args.prior_shift}
+    summary = run_stage("predict", lambda: predict_command(root, params, args.model, args.input, args.out, args.backend, args.device,
+                                                           args.prior_shift),
                         parameters, ["stage:predict"], settings)
     return 0 if summary else 1
 

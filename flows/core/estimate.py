@@ -13,7 +13,11 @@ probabilities and labels):
 And it estimates the batch's class priors by black-box shift estimation (BBSE, Lipton et al.
 2018): the reference's joint distribution of (predicted, true) class, C, maps the true priors to
 the predicted-class histogram q = C w (w the ratio of new to reference priors); solving for w
-gives the priors, clipped to be non-negative and normalised.
+gives the priors, clipped to be non-negative and normalised. And, for `predict --prior-shift`, the EM
+re-weighting of Saerens et al. (2002): the model's probabilities were right for the training priors;
+under new ones each image's posterior is re-weighted by new/old priors and renormalised, the new priors
+are the mean re-weighted posterior, and the two are iterated to a fixed point (the batch's maximum
+likelihood priors), which corrects the predictions themselves, not only the class mix.
 
 Each estimate has a 95 % interval, seeded. For accuracy it is an interval for the batch's own
 accuracy, not only for the estimator's mean: the batch is resampled with replacement (the threshold
@@ -127,3 +131,25 @@ def label_free(ref_probs: np.ndarray, ref_labels: np.ndarray, probs: np.ndarray,
     accuracy = {"atc": atc(probs, atc_threshold(ref_probs, ref_labels), resamples, seed),
                 "confidence": average_confidence(probs, resamples, seed)}
     return accuracy, bbse(ref_probs, ref_labels, probs, resamples, seed)
+
+
+def em_priors(probs: np.ndarray, source: np.ndarray, iterations: int = 1000,
+              tolerance: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """(the batch's class priors, its posteriors re-weighted for them) by Saerens et al.'s EM, from the model's
+    probabilities (N×C, made under the source priors). A class the source never had keeps probability 0."""
+    probs = np.asarray(probs, np.float64)
+    source = np.asarray(source, np.float64)
+    if not len(probs):
+        return source.copy(), probs.copy()
+    ratio_of = lambda priors: np.divide(priors, source, out=np.zeros_like(source), where=source > 0)  # noqa: E731
+    priors = source.copy()
+    for _ in range(iterations):
+        weighted = probs * ratio_of(priors)
+        weighted /= np.clip(weighted.sum(axis=1, keepdims=True), 1e-300, None)
+        new = weighted.mean(axis=0)
+        done = np.abs(new - priors).max() < tolerance
+        priors = new
+        if done:
+            break
+    weighted = probs * ratio_of(priors)
+    return priors, weighted / np.clip(weighted.sum(axis=1, keepdims=True), 1e-300, None)

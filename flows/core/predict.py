@@ -54,6 +54,7 @@ class Predictions:
     failures: list[Failure]
     model_version: str
     model_sha256: str
+    priors: dict[str, float] | None = None  # the images' class mix by EM (predict --prior-shift), else None
 
 
 class Backend(Protocol):
@@ -105,11 +106,14 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def predict(images: list[Path], backend: Backend, batch_size: int = 64, top_k: int = 3, workers: int = 0,
-            progress=None, root: Path | None = None, model_version: str = "file") -> Predictions:
+            progress=None, root: Path | None = None, model_version: str = "file",
+            source_priors: np.ndarray | None = None) -> Predictions:
     """Predict every image, in order, decoding in `workers` threads (0: one per core) while the model runs.
 
     Row paths are relative to root when given. progress(done, total), when given, is called
-    after every batch and at the end.
+    after every batch and at the end. With source_priors (the class mix the model was trained on), the
+    rows are corrected for the images' own class mix, estimated by EM over them all (estimate.em_priors),
+    and Predictions.priors holds it.
     """
     if batch_size < 1 or top_k < 1 or workers < 0:
         raise TunedeckError(
@@ -121,6 +125,7 @@ def predict(images: list[Path], backend: Backend, batch_size: int = 64, top_k: i
     failures: list[Failure] = []
     batch: list[np.ndarray] = []
     names: list[str] = []
+    held: list[tuple[list[str], np.ndarray]] = []  # with source_priors: every batch's logits, corrected at the end
     decoded = decode_ahead(images, backend.prepare, meta.image_size, workers or os.cpu_count() or 1, batch_size)
     with contextlib.closing(decoded):  # on an error, stop the decode threads now, not when the traceback goes
         for done, (path, item) in enumerate(decoded, 1):
@@ -131,12 +136,23 @@ def predict(images: list[Path], backend: Backend, batch_size: int = 64, top_k: i
                 names.append(name(path))
             ran = bool(batch) and (len(batch) == batch_size or done == len(images))
             if ran:
-                rows.extend(_rows(names, backend.logits(np.stack(batch)), meta, top_k))
+                if source_priors is None:
+                    rows.extend(_rows(names, backend.logits(np.stack(batch)), meta, top_k))
+                else:
+                    held.append((list(names), backend.logits(np.stack(batch))))
                 batch.clear()
                 names.clear()
             if progress is not None and (ran or done == len(images)):
                 progress(done, len(images))
-    return Predictions(rows, failures, model_version, backend.sha256)
+    if source_priors is None:
+        return Predictions(rows, failures, model_version, backend.sha256)
+    from flows.core.estimate import em_priors
+
+    every = [n for names_, _ in held for n in names_]
+    logits = np.concatenate([lg for _, lg in held]) if held else np.zeros((0, len(meta.classes)))
+    priors, corrected = em_priors(softmax(logits, meta.temperature), source_priors)
+    return Predictions(_rows_of(every, corrected, meta, top_k), failures, model_version, backend.sha256,
+                       priors={c: float(p) for c, p in zip(meta.classes, priors, strict=True)})
 
 
 def decode_ahead(images: list[Path], prepare, size: int, workers: int, batch_size: int) -> Iterator[tuple[Path, np.ndarray | str]]:
@@ -174,7 +190,11 @@ def decode_ahead(images: list[Path], prepare, size: int, workers: int, batch_siz
 
 def _rows(paths: list[str], logits: np.ndarray, meta: ModelMeta, top_k: int) -> list[Row]:
     """Rows from one batch's logits: softmax(logits / temperature), best first."""
-    probs = softmax(logits, meta.temperature)
+    return _rows_of(paths, softmax(logits, meta.temperature), meta, top_k)
+
+
+def _rows_of(paths: list[str], probs: np.ndarray, meta: ModelMeta, top_k: int) -> list[Row]:
+    """Rows from class probabilities, best first."""
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # stable: ties go to the lower index, as argmax
     rows = []
     for path, p, best in zip(paths, probs, order, strict=True):

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.ship.gate import MODEL_CACHE, resolve_model
@@ -40,9 +42,28 @@ def onnx_for(root: Path, model_path: Path, version: str, opset: int) -> Path:
     return export_onnx(model_path, cached, opset)
 
 
+def training_priors(root: Path, model_path: Path, version: str) -> np.ndarray:
+    """The class mix a model was trained on, read from its held-out reference (a stratified split: the same mix)."""
+    from flows.core.drift import Reference
+    from flows.ship.monitor import reference_for
+
+    try:
+        reference = Reference.load(reference_for(root, model_path, version))
+    except TunedeckError:
+        if version != "file":
+            raise
+        raise TunedeckError(f"{model_path} comes with no held-out reference, so the class mix it was trained on is "
+                            "unknown: use --prior-shift with the prod model or a registry version.") from None
+    if reference.labels is None or not len(reference.labels):
+        raise TunedeckError(f"model {version}'s reference keeps no held-out labels, so its training class mix is unknown: "
+                            "retrain it with this version of tunedeck (`dvc repro`) to use --prior-shift.")
+    return np.bincount(np.asarray(reference.labels), minlength=len(reference.classes)) / len(reference.labels)
+
+
 def predict_command(root: Path, params: Params, model: str, input_dir: Path, out: Path, backend: str = "torch",
-                    device: str | None = None) -> dict:
-    """Label every image under input_dir; rows to out (.parquet/.csv), unreadable files to <out>.errors.csv."""
+                    device: str | None = None, prior_shift: bool = False) -> dict:
+    """Label every image under input_dir; rows to out (.parquet/.csv), unreadable files to <out>.errors.csv.
+    prior_shift: correct the rows for the images' own class mix (EM), printed."""
     from tqdm import tqdm
 
     from flows.core.predict import OnnxBackend, TorchBackend, list_images, predict, write_predictions
@@ -51,6 +72,7 @@ def predict_command(root: Path, params: Params, model: str, input_dir: Path, out
         raise TunedeckError(f"--out {out}: name the output FILE.parquet or FILE.csv.")
     images = list_images(Path(input_dir))
     model_path, version = resolve_model(model, root)
+    source = training_priors(root, model_path, version) if prior_shift else None
     if backend == "onnx":
         from flows.core.model_file import sha256
 
@@ -66,7 +88,7 @@ def predict_command(root: Path, params: Params, model: str, input_dir: Path, out
     tic = time.perf_counter()
     try:
         result = predict(images, runner, params.predict.batch_size, params.predict.top_k, params.predict.workers,
-                         progress=progress, root=Path(input_dir), model_version=version)
+                         progress=progress, root=Path(input_dir), model_version=version, source_priors=source)
     finally:
         bar.close()
     seconds = time.perf_counter() - tic
@@ -76,6 +98,10 @@ def predict_command(root: Path, params: Params, model: str, input_dir: Path, out
         print(f"predict: {len(result.failures)} of {len(images)} files could not be read (listed in {errors}); "
               f"the first: {result.failures[0].path}: {result.failures[0].reason}", file=sys.stderr)
     print(f"predict: {len(result.rows)} images labelled by {version} ({backend}) in {seconds:.1f} s -> {out}")
+    if result.priors is not None:
+        mix = ", ".join(f"{c} {p:.1%} (trained on {q:.1%})" for (c, p), q in zip(result.priors.items(), source, strict=True))
+        print(f"predict: corrected for the images' class mix, estimated by EM: {mix}")
     return {"images": len(images), "rows": len(result.rows), "failures": len(result.failures), "model_version": version,
             "model_sha256": result.model_sha256[:12], "backend": backend, "out": str(out),
-            "images_per_s": round(len(result.rows) / max(seconds, 1e-9), 1)}
+            "images_per_s": round(len(result.rows) / max(seconds, 1e-9), 1),
+            **({"priors": {c: round(p, 4) for c, p in result.priors.items()}} if result.priors is not None else {})}

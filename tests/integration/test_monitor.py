@@ -167,6 +167,11 @@ def test_estimated_drop_retrains_on_a_halved_accuracy_and_not_on_a_harmless_shif
         # new images like the training ones (class folders, so the monitor also measures their accuracy)
         normal = monitor(faint_colours(tmp_path / "normal", 40, seed=7))
         assert not normal["counted"] and not normal["triggered"]
+        # the same images predicted with their own class mix corrected for (EM): the mix is printed, rows written
+        out = run(project, "tunedeck", "predict", "--model", "prod", "--input", str(tmp_path / "normal"), "--out",
+                  str(tmp_path / "normal.csv"), "--prior-shift").stdout
+        assert "corrected for the images' class mix, estimated by EM: blue " in out, out
+        assert len((tmp_path / "normal.csv").read_text().splitlines()) == 1 + 120
         # a slight blur: the drift statistics flag it, so trigger: drift would retrain; accuracy barely moves
         # (less than the tolerated drop), the estimate says so, and nothing starts
         blurred = monitor(faint_colours(tmp_path / "blurred", 40, seed=7, blur=0.5))

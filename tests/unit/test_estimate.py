@@ -74,3 +74,23 @@ def test_a_reference_the_model_got_all_right_still_leaves_atc_able_to_see_a_wors
     worse = classifier(labels, rng, margin=1.0)
     truth = float((worse.argmax(axis=1) == labels).mean())
     assert atc(worse, threshold).value < 0.9 > truth, "ATC called a batch near chance perfect"
+
+
+def test_em_recovers_a_new_class_mix_and_its_corrected_predictions_are_more_often_right():
+    """Posteriors exact for uniform training priors (three 1-D Gaussians); a batch drawn 70/20/10: EM's priors
+    come within 3 points of the mix, and re-weighting the posteriors for them gets more images right (Bayes)."""
+    from flows.core.estimate import em_priors
+
+    rng = np.random.default_rng(3)
+    means = np.array([-1.0, 0.0, 1.0])
+    truth = rng.choice(3, 5000, p=[0.7, 0.2, 0.1])
+    x = rng.normal(means[truth], 1.0)
+    likelihood = np.exp(-0.5 * (x[:, None] - means[None, :]) ** 2)
+    posteriors = likelihood / likelihood.sum(axis=1, keepdims=True)
+    source = np.full(3, 1 / 3)
+    priors, corrected = em_priors(posteriors, source)
+    assert np.abs(priors - [0.7, 0.2, 0.1]).max() < 0.03, priors
+    assert (corrected.argmax(1) == truth).mean() > (posteriors.argmax(1) == truth).mean()
+    np.testing.assert_allclose(corrected.sum(axis=1), 1.0)
+    same, unchanged = em_priors(posteriors[truth == truth[0]][:0], source)  # no images: the source mix, nothing to fix
+    assert np.array_equal(same, source) and unchanged.shape == (0, 3)

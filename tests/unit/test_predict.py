@@ -201,3 +201,26 @@ def test_normalising_on_the_device_as_for_a_gpu_gives_the_same_predictions(model
     on_device = predict(files, device_side, batch_size=4, workers=2)
     assert [r.label for r in on_device.rows] == [r.label for r in host.rows]
     np.testing.assert_allclose([r.topk_probs for r in on_device.rows], [r.topk_probs for r in host.rows], atol=1e-6)
+
+
+def test_prior_shift_rows_are_the_em_correction_of_the_plain_rows_in_the_same_order(model_path, photos):
+    from flows.core.estimate import em_priors
+
+    files = list_images(photos)
+    source = np.full(len(CLASSES), 1.0 / len(CLASSES))
+    plain = predict(files, TorchBackend(model_path), batch_size=4, top_k=len(CLASSES), workers=1)
+    shifted = predict(files, TorchBackend(model_path), batch_size=4, top_k=len(CLASSES), workers=1, source_priors=source)
+    good = [f for f in files if f.name != "broken.jpg"]
+    priors, corrected = em_priors(softmax(expected_logits(model_path, good)), source)
+    assert [r.path for r in shifted.rows] == [r.path for r in plain.rows] and len(shifted.failures) == 1
+    assert [r.label for r in shifted.rows] == [CLASSES[i] for i in corrected.argmax(1)]
+    np.testing.assert_allclose([r.confidence for r in shifted.rows], corrected.max(1), atol=1e-5)
+    assert shifted.priors == pytest.approx(dict(zip(CLASSES, priors, strict=True)), abs=1e-6) and plain.priors is None
+
+
+def test_prior_shift_with_a_model_file_that_has_no_reference_is_one_sentence(model_path, tmp_path):
+    from flows.ship.predict import training_priors
+
+    with pytest.raises(TunedeckError, match=r"comes with no held-out reference, so the class mix it was trained on is "
+                                            r"unknown: use --prior-shift with the prod model or a registry version\.$"):
+        training_priors(tmp_path, model_path, "file")
