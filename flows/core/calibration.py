@@ -42,10 +42,21 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error: the count-weighted mean |accuracy − confidence| over the bins."""
-    n = len(labels)
-    if not n:
+    probs = np.asarray(probs)
+    if not len(labels):
         return 0.0
-    return float(sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, labels, bins)) / n)
+    return ece_of(probs.max(axis=1), probs.argmax(axis=1) == np.asarray(labels), bins)
+
+
+def ece_of(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE from each image's top-class probability and whether the top class was right."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    if not len(confidence):
+        return 0.0
+    which = _bin_of(confidence, bins)
+    counts = np.bincount(which, minlength=bins)
+    gaps = np.abs(np.bincount(which, correct, bins) - np.bincount(which, confidence, bins))  # per-bin sums' difference
+    return float(gaps[counts > 0].sum() / len(confidence))
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:

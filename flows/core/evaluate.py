@@ -68,9 +68,22 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
     confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(test_y.tolist(), pred.tolist(), strict=True)]
     (out / "confusion.json").write_text(json.dumps(confusion))
     (out / "reliability.json").write_text(json.dumps(reliability(softmax(logits, config.temperature), test_y)))
+    write_groups(prepared, test_y, softmax(logits, config.temperature), classes, out)
     save_reference(model, norm, prepared, params, config, out / "reference")
     save_resolved(params, out)
     return metrics
+
+
+def write_groups(prepared: Path, labels: np.ndarray, probs: np.ndarray, classes: list[str], out: Path) -> dict:
+    """out/groups.json (per group of data.groups: figures with intervals, the worst group and its gap) and
+    out/groups_plot.json; both empty when the data declares no groups, so the stage's outputs always exist."""
+    from flows.core import groups
+
+    split = groups.load(prepared, "test")
+    figures = groups.report(labels, probs, split, classes) if split is not None else {}
+    (out / "groups.json").write_text(json.dumps(figures, indent=2))
+    (out / "groups_plot.json").write_text(json.dumps(groups.plot_rows(figures)))
+    return figures
 
 
 REFERENCE_MIN = 100  # fewer validation images than this: the test images join them (both are held out)

@@ -146,6 +146,13 @@ class Streamed:
     labels: np.ndarray  # (N,) int64, one per row written
     rejected: tuple[Rejected, ...]
     version: str
+    paths: tuple[str, ...] = ()  # each row's file, relative to the source (groups are declared by it)
+
+
+def class_files(source: Path) -> list[tuple[int, Path]]:
+    """(class folder index, file) of every file decode_stream reads, in its order."""
+    folders = list_class_folders(source)
+    return [(i, p) for i, f in enumerate(folders) for p in sorted(f.rglob("*")) if p.is_file() and not p.name.startswith(".")]
 
 
 def decode_stream(source: Path, sizes: tuple[int, ...], write, workers: int | None = None, progress=None) -> Streamed:
@@ -158,9 +165,10 @@ def decode_stream(source: Path, sizes: tuple[int, ...], write, workers: int | No
     data set: write() stores each one (prepare appends it to a file).
     """
     folders = list_class_folders(source)
-    files = [(i, p) for i, f in enumerate(folders) for p in sorted(f.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    files = class_files(source)
     rejected: list[Rejected] = []
     rows: list[int] = []  # the class folder of each image written
+    written: list[str] = []
     md5s: dict[Path, str] = {}
     for (folder, path), (md5, result) in zip(files, decode_in_order([p for _, p in files], sizes, workers, progress), strict=True):
         md5s[path] = md5
@@ -169,6 +177,7 @@ def decode_stream(source: Path, sizes: tuple[int, ...], write, workers: int | No
         else:
             write(result)
             rows.append(folder)
+            written.append(path.relative_to(source).as_posix())
     counts = np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(folders))
     for folder, n in zip(folders, counts, strict=True):
         if not n:
@@ -183,7 +192,7 @@ def decode_stream(source: Path, sizes: tuple[int, ...], write, workers: int | No
         )
     label_of = {folder: label for label, folder in enumerate(kept)}
     labels = np.array([label_of[f] for f in rows], dtype=np.int64)
-    return Streamed(classes, labels, tuple(rejected), folder_version(source, md5s))
+    return Streamed(classes, labels, tuple(rejected), folder_version(source, md5s), tuple(written))
 
 
 def decode_folder(source: Path, size: int, workers: int | None = None, progress=None) -> Decoded:

@@ -63,6 +63,11 @@ class DataParams(_Group):
     val_fraction: float = Field(0.15, ge=0.0, le=0.5)
     test_fraction: float = Field(0.15, gt=0.0, le=0.9)
     limit_per_class: int | None = Field(None, ge=1, description="at most this many train images per class")
+    groups: str | None = Field(None, min_length=1, description="CSV inside data.source: path,<attribute>... (per-group "
+                               "evaluation and the gate's group check; null: none)")
+    group_min_images: int = Field(5, ge=2, description="each group of the groups CSV needs at least this many images")
+    train_without: list[str] = Field(default_factory=list, description="groups left out of training, as "
+                                     "attribute=value (kept in val and test): what a model misses without them")
 
     @model_validator(mode="after")
     def _room_to_train(self) -> DataParams:
@@ -71,6 +76,11 @@ class DataParams(_Group):
                 f"data.store_size ({self.store_size}) must be at least data.image_size ({self.image_size}): "
                 "train images are stored larger and cropped down to image_size"
             )
+        for item in self.train_without:
+            if self.groups is None:
+                raise ValueError("data.train_without names groups, but data.groups names no groups CSV: set data.groups")
+            if "=" not in item or not all(part.strip() for part in item.split("=", 1)):
+                raise ValueError(f"data.train_without item '{item}' is not attribute=value (e.g. site=B)")
         if self.val_fraction + self.test_fraction > 0.95:
             raise ValueError(
                 f"data.val_fraction + data.test_fraction ({self.val_fraction + self.test_fraction:g}) must leave "
@@ -169,6 +179,10 @@ class PromoteParams(_Group):
 
     tolerance: float = Field(0.01, ge=0.0, le=1.0, description="test accuracy may be at most this much below prod's")
     max_class_drop: float = Field(0.05, ge=0.0, le=1.0, description="no class's recall may drop more than this")
+    max_worst_group_drop: float = Field(0.05, ge=0.0, le=1.0, description="with data.groups: the worst group's accuracy "
+                                        "may not be certainly (its 95 % interval) lower than prod's by more than this")
+    max_group_gap: float | None = Field(None, ge=0.0, le=1.0, description="with data.groups: reject when the gap between "
+                                        "the best and worst group's accuracy certainly exceeds this (null: no ceiling)")
 
 
 class PredictParams(_Group):

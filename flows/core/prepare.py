@@ -11,7 +11,7 @@ import numpy as np
 
 from flows.contracts import PrepareManifest
 from flows.core.errors import TunedeckError
-from flows.core.images import decode_stream
+from flows.core.images import class_files, decode_stream
 from flows.core.params import Params, save_resolved
 from flows.core.split import stratified_split
 
@@ -40,6 +40,7 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
     images is ever built; a million images need the disk, not the RAM).
     """
     data = params.data
+    table = declared_groups(data)  # checked before anything is decoded or written
     out.mkdir(parents=True, exist_ok=True)
     sizes = stored_sizes(data)  # (train's, val/test's): train larger when data.store_size asks for it
     staged = [out / f".decoded-{size}.tmp" for size in sizes]
@@ -55,6 +56,8 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
         split = stratified_split(
             decoded.labels, data.val_fraction, data.test_fraction, params.base.seed, data.limit_per_class
         )
+        if table is not None and data.train_without:  # those groups' images stay out of training only
+            split["train"] = table.kept(split["train"], [decoded.paths[i] for i in split["train"]], data.train_without)
         if not len(split["test"]):
             raise TunedeckError(
                 f"data.test_fraction {data.test_fraction} leaves no test image ({len(decoded.labels)} images in all): raise it."
@@ -75,10 +78,28 @@ def prepare(params: Params, out: Path, progress=None) -> PrepareResult:
             for name, idx in split.items()
         },
     ).write(out)
+    if table is not None:
+        from flows.core.groups import save
+
+        save(table, {name: [decoded.paths[i] for i in idx] for name, idx in split.items()}, out)
+    else:
+        (out / "groups.json").unlink(missing_ok=True)  # one left by an earlier run would describe other data
     report = [{"path": r.path, "reason": r.reason} for r in decoded.rejected]
     (out / "rejected.json").write_text(json.dumps(report, indent=2))
     save_resolved(params, out)
     return PrepareResult(decoded.classes, counts, decoded.version, len(report))
+
+
+def declared_groups(data):
+    """data.groups' CSV, checked against the source's files (flows.core.groups.GroupTable), or None."""
+    if data.groups is None:
+        return None
+    from flows.core.groups import read_groups
+
+    files = [path.relative_to(data.source).as_posix() for _, path in class_files(Path(data.source))]
+    table = read_groups(Path(data.source), data.groups, files, data.group_min_images)
+    table.without(data.train_without)  # names groups the CSV has
+    return table
 
 
 def stored_sizes(data) -> tuple[int, ...]:

@@ -45,6 +45,7 @@ class Decision:
     max_class_drop: float
     notes: list[str] = field(default_factory=list)
     compared: bool = True  # False: there is a prod model, but its figures could not be had
+    groups: list[dict] = field(default_factory=list)  # with data.groups: each attribute's worst group, gap, change
 
     @property
     def verdict(self) -> str:
@@ -68,9 +69,11 @@ class Decision:
                 f"(tolerance {self.tolerance}), no class's recall dropped more than {self.max_class_drop}.")
 
 
-def decide(candidate: Figures, prod: Figures | None, tolerance: float, max_class_drop: float) -> Decision:
+def decide(candidate: Figures, prod: Figures | None, tolerance: float, max_class_drop: float,
+           groups: list[dict] | None = None, group_reasons: list[str] | tuple[str, ...] = ()) -> Decision:
     """Promote when there is no prod, or when the candidate's accuracy is at least prod's minus
-    tolerance and no class's recall is lower than prod's by more than max_class_drop."""
+    tolerance and no class's recall is lower than prod's by more than max_class_drop; and, with groups,
+    when the group check (flows.core.groups.compare: its figures and reasons) found nothing certain against it."""
     reasons: list[str] = []
     if prod is not None:
         floor = prod.accuracy - tolerance
@@ -82,8 +85,9 @@ def decide(candidate: Figures, prod: Figures | None, tolerance: float, max_class
             if before - after > max_class_drop + 1e-12:
                 reasons.append(f"class '{name}' recall drops {before - after:.4f} ({before:.4f} -> {after:.4f}), "
                                f"more than promote.max_class_drop {max_class_drop}")
+    reasons += group_reasons
     return Decision(promote=not reasons, reasons=reasons, candidate=candidate, prod=prod,
-                    tolerance=tolerance, max_class_drop=max_class_drop)
+                    tolerance=tolerance, max_class_drop=max_class_drop, groups=list(groups or []))
 
 
 def not_compared(candidate: Figures, why: str, tolerance: float, max_class_drop: float) -> Decision:

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from flows.contracts import ModelCard
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
@@ -38,8 +40,8 @@ class Judgement:
     candidate_sha256: str
 
 
-def figures_of(model_path: Path, root: Path, params: Params) -> tuple[Figures, list[str]]:
-    """A model file's figures on root's test split, and its classes."""
+def figures_of(model_path: Path, root: Path, params: Params) -> tuple[Figures, list[str], np.ndarray | None]:
+    """A model file's figures on root's test split, its classes and its predictions (None: other classes)."""
     from flows.core.augment import Normalizer
     from flows.core.devices import resolve_device
     from flows.core.model_file import load_model
@@ -50,11 +52,11 @@ def figures_of(model_path: Path, root: Path, params: Params) -> tuple[Figures, l
     model, meta = load_model(model_path, device)
     classes = load_manifest(root / PREPARED).classes
     if meta.classes != classes:
-        return Figures(0.0, {}, 0), meta.classes
+        return Figures(0.0, {}, 0), meta.classes, None
     images, labels = load_split(root / PREPARED, "test")
     logits = logits_of(model, Normalizer(meta.mean, meta.std, device), images, params.evaluate.batch_size)
     pred = logits.argmax(1) if len(labels) else labels
-    return Figures.of(labels, pred, classes), meta.classes
+    return Figures.of(labels, pred, classes), meta.classes, pred
 
 
 def judge(root: Path, params: Params, force: bool = False, log=print) -> Judgement:
@@ -64,21 +66,22 @@ def judge(root: Path, params: Params, force: bool = False, log=print) -> Judgeme
     the gate: its verdict is "could not compare", which promotes nothing, and the sentence says why.
     """
     card = check_candidate(root)
-    candidate, _ = figures_of(root / MODEL_WEIGHTS, root, params)
+    candidate, _, candidate_pred = figures_of(root / MODEL_WEIGHTS, root, params)
     current = registry.prod(root)
     tolerance, max_drop = params.promote.tolerance, params.promote.max_class_drop
     try:
-        prod_figures, notes = prod_figures_of(root, params, current, card.classes)
-        decision = decide(candidate, prod_figures, tolerance, max_drop)
+        prod_figures, notes, prod_pred = prod_figures_of(root, params, current, card.classes)
+        checks, group_reasons = group_check(root, params, candidate_pred, None if notes else prod_pred)
+        decision = decide(candidate, prod_figures, tolerance, max_drop, checks, group_reasons)
     except registry.ModelUnavailable as exc:
         prod_figures, notes = None, []
         decision = not_compared(candidate, str(exc).rstrip("."), tolerance, max_drop)
     if notes and not force:
         decision = Decision(False, [*decision.reasons, *notes, "promote it anyway with --force"], candidate, None,
-                            decision.tolerance, decision.max_class_drop, notes)
+                            decision.tolerance, decision.max_class_drop, notes, groups=decision.groups)
     elif force and not decision.promote:
         decision = Decision(True, [], candidate, prod_figures, decision.tolerance, decision.max_class_drop,
-                            [f"forced past: {'; '.join(decision.reasons + notes)}"], decision.compared)
+                            [f"forced past: {'; '.join(decision.reasons + notes)}"], decision.compared, decision.groups)
     version = registry.next_version(root) if decision.promote else None
     judgement = Judgement(decision, version, current.version if current else None, card.sha256)
     write_promotion(root, judgement)
@@ -102,19 +105,33 @@ def check_candidate(root: Path) -> ModelCard:
 
 
 def prod_figures_of(root: Path, params: Params, current: registry.Version | None,
-                    classes: list[str]) -> tuple[Figures | None, list[str]]:
-    """Prod's figures on root's test split (None when there is no prod), and notes on why they cannot count.
+                    classes: list[str]) -> tuple[Figures | None, list[str], np.ndarray | None]:
+    """Prod's figures on root's test split (None when there is no prod), notes on why they cannot count, and its
+    predictions.
 
     Raises registry.ModelUnavailable when prod's model file cannot be fetched.
     """
     if current is None:
-        return None, []
+        return None, [], None
     with tempfile.TemporaryDirectory() as tmp:
         prod_file = registry.fetch(root, Path(tmp) / "prod.safetensors", stage=registry.PROD)
-        figures, prod_classes = figures_of(prod_file, root, params)
+        figures, prod_classes, pred = figures_of(prod_file, root, params)
     if prod_classes != classes:
-        return figures, [f"prod {current.version} has other classes ({', '.join(prod_classes)}): it cannot be scored on this test split"]
-    return figures, []
+        return figures, [f"prod {current.version} has other classes ({', '.join(prod_classes)}): it cannot be scored on this test split"], None
+    return figures, [], pred
+
+
+def group_check(root: Path, params: Params, candidate: np.ndarray | None,
+                prod: np.ndarray | None) -> tuple[list[dict], list[str]]:
+    """With data.groups: the candidate's worst group against prod's, and its gap (flows.core.groups.compare)."""
+    from flows.core import groups
+    from flows.core.prepare import load_split
+
+    split = groups.load(root / PREPARED, "test")
+    if split is None or candidate is None:
+        return [], []
+    _, labels = load_split(root / PREPARED, "test")
+    return groups.compare(labels, candidate, prod, split, params.promote.max_worst_group_drop, params.promote.max_group_gap)
 
 
 def write_promotion(root: Path, judgement: Judgement) -> None:
@@ -148,6 +165,9 @@ def markdown(judgement: Judgement) -> str:
     for name, recall in d.candidate.recall.items():
         before = f"{prod.recall.get(name, 0.0):.4f}" if prod else ""
         lines.append(f"| recall {name} | {recall:.4f} | {before} |")
+    for check in d.groups:
+        theirs = f"{check['prod_worst']} {check['prod_worst_accuracy']:.4f}" if "prod_worst" in check else ""
+        lines.append(f"| worst {check['attribute']} group | {check['worst']} {check['worst_accuracy']:.4f} | {theirs} |")
     lines += ["", f"tolerance {d.tolerance}, max class drop {d.max_class_drop}, {d.candidate.n_test} test images"]
     lines += [f"- {reason}" for reason in d.reasons + d.notes]
     return "\n".join(lines)
