@@ -64,7 +64,7 @@ def draw(labels: np.ndarray, shift: str, size: int, rng: np.random.Generator, cl
     return rng.choice(len(labels), size, replace=size > len(labels))
 
 
-def trained_model(folder: Path, seed: int, epochs: int):
+def trained_model(folder: Path, seed: int, epochs: int, auto_augment: str | None = None):
     """Digits → prepare → train → evaluate (its reference) in folder; the model, normaliser, temperature,
     reference and the test split (the batches' pool)."""
     write_digits(folder / "digits", range(10))
@@ -72,7 +72,8 @@ def trained_model(folder: Path, seed: int, epochs: int):
     raw["base"].update(seed=seed, device="cpu")
     raw["data"].update(source=str(folder / "digits"), val_fraction=0.2, test_fraction=0.4, limit_per_class=None)
     raw["model"].update(name="resnet18", pretrained=False)
-    raw["train"].update(epochs=epochs, batch_size=32, freeze_epochs=0, head_lr_scale=1.0, crop_padding=2)
+    raw["train"].update(epochs=epochs, batch_size=32, freeze_epochs=0, head_lr_scale=1.0, crop_padding=2,
+                        auto_augment=auto_augment)
     params = parse_params(raw)
     prepare(params, folder / "prepared")
     train(params, folder / "prepared", folder / "models")
@@ -85,7 +86,7 @@ def trained_model(folder: Path, seed: int, epochs: int):
 
 def one_seed(seed: int, args) -> tuple[dict[str, list[tuple[float, float, float]]], list[float], list[float]]:
     with tempfile.TemporaryDirectory() as scratch:
-        model, norm, meta, reference, x, y, params = trained_model(Path(scratch), seed, args.epochs)
+        model, norm, meta, reference, x, y, params = trained_model(Path(scratch), seed, args.epochs, args.auto_augment)
         rng = np.random.default_rng(seed)
         rows: dict[str, list[tuple[float, float, float]]] = {s: [] for s in SHIFTS}
         for shift in SHIFTS:
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=200, help="images per batch")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--timing-rounds", type=int, default=5)
+    parser.add_argument("--auto-augment", help="train with timm's augmentation policy, e.g. rand-m9-mstd0.5")
     args = parser.parse_args()
     rows: dict[str, list[tuple[float, float, float]]] = {s: [] for s in SHIFTS}
     bbse_errors, overhead, per_seed = [], [], []
