@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--force", action="store_true", help="promote even when the gate rejects it (recorded as forced)")
     rollback = sub.add_parser("rollback", help="make an earlier registered model version prod again")
     rollback.add_argument("--to", required=True, metavar="VERSION", help="a registered version, e.g. v0.2.0")
-    sub.add_parser("registry", help="the registered model versions, which is prod, and the history")
+    registry = sub.add_parser("registry", help="the registered model versions, which is prod, and the history")
+    registry.add_argument("--audit", metavar="VERSION", help="the version's chain: who registered it, made it prod or "
+                          "rolled back to it, when, why, and on which data, code and params")
+    verify = sub.add_parser("verify", help="recompute a registered version's model sha256 and data md5 against its record")
+    verify.add_argument("version", metavar="VERSION", help="a registry version, e.g. v0.2.0 (`tunedeck registry` lists them)")
     predict = sub.add_parser("predict", help="label a folder of images with a model: one row per image")
     predict.add_argument("--model", default="prod", help="prod (default), a registry version vX.Y.Z, or a .safetensors file")
     predict.add_argument("--input", required=True, type=Path, metavar="DIR", help="folder of images (searched recursively)")
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from cli.federated import federated_command
 
             return federated_command(args.action, args.silos, args.config)
-        if args.command in ("promote", "rollback", "registry", "predict", "monitor"):
+        if args.command in ("promote", "rollback", "registry", "predict", "monitor", "verify"):
             from cli.ship import run_ship_command
 
             return run_ship_command(args, settings)

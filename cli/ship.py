@@ -21,7 +21,9 @@ def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
 
     root = Path.cwd()
     if args.command == "registry":
-        return show_registry(root)
+        return audit_chain(root, args.audit) if args.audit else show_registry(root)
+    if args.command == "verify":
+        return verify_version(root, args.version)
     setup_logging()
     params = load_params("params.yaml")
     if args.command == "promote":
@@ -32,7 +34,8 @@ def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{summary['version']} is prod ({summary['tags']}); `dvc artifacts get . model --stage prod` fetches it.")
         return 0 if summary["promoted"] else PROMOTE_REJECTED
     if args.command == "rollback":
-        summary = run_stage("rollback", lambda: gate.rollback(root, args.to), {"to": args.to}, ["stage:rollback"], settings)
+        summary = run_stage("rollback", lambda: gate.rollback(root, args.to, params), {"to": args.to}, ["stage:rollback"],
+                            settings)
         print(f"{summary['prod']} is prod again (was {summary['was']}; tag {summary['tag']}).")
         return 0
     if args.command == "monitor":
@@ -54,6 +57,32 @@ def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
                                                            args.prior_shift),
                         parameters, ["stage:predict"], settings)
     return 0 if summary else 1
+
+
+def verify_version(root: Path, version: str) -> int:
+    """`tunedeck verify vX`: print what held; each mismatch is one sentence on stderr, and exit 1."""
+    from flows.ship.verify import verify
+
+    held, problems = verify(root, version)
+    for line in held:
+        print(f"ok: {line}")
+    for problem in problems:
+        print(f"tunedeck verify: {problem}.", file=sys.stderr)
+    if not problems:
+        print(f"{version} is the model and data its record names.")
+    return 1 if problems else 0
+
+
+def audit_chain(root: Path, version: str) -> int:
+    """`tunedeck registry --audit vX`: who registered it, made it prod or rolled back to it, when, why, on what."""
+    from flows.ship import audit, registry
+
+    if version not in [v.version for v in registry.versions(root)]:
+        print(f"tunedeck registry: there is no registered version {version}: `tunedeck registry` lists them.", file=sys.stderr)
+        return 2
+    for line in audit.chain(root, version):
+        print(line)
+    return 0
 
 
 def show_registry(root: Path) -> int:

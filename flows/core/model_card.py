@@ -4,7 +4,7 @@ matter with `model-index` results, then what a reader needs to trust and use the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -22,6 +22,8 @@ class CardFacts:
     version: str  # the registry version this promotion creates
     code_commit: str
     gate: str  # the gate's one-sentence verdict
+    groups: dict = field(default_factory=dict)  # eval/groups.json (data.groups), {} when none
+    approved_by: str = "unknown"  # who promoted it (git identity)
 
 
 def front_matter(facts: CardFacts) -> dict:
@@ -151,4 +153,23 @@ def _lineage(facts: CardFacts) -> str:
 | model sha256 | {card.sha256} |
 | code commit | {facts.code_commit} |
 | promotion gate | {facts.gate} |
-"""
+| approved by | {facts.approved_by} |
+""" + _groups(facts)
+
+
+def _groups(facts: CardFacts) -> str:
+    """Per-group test accuracy with its 95 % interval, the worst group and its gap (data.groups)."""
+    if not facts.groups:
+        return ""
+    rows = ["", "## Groups", "", "Test accuracy per group (seeded bootstrap 95 % intervals; eval/groups.json has macro-F1, "
+            "per-class recall and ECE too):", "", "| attribute | group | images | accuracy [95 % interval] |", "|---|---|---|---|"]
+    for attribute, entry in facts.groups.items():
+        for value, g in entry["groups"].items():
+            shown = (f"{g['accuracy']['value']:.4f} [{g['accuracy']['low']:.4f}, {g['accuracy']['high']:.4f}]"
+                     if "accuracy" in g else g["note"])
+            rows.append(f"| {attribute} | {value} | {g['n']} | {shown} |")
+        if "gap" in entry:
+            d = entry["gap"]["difference"]
+            rows += ["", f"Worst {attribute} group: {entry['worst']}; gap to the best {d['value']:.4f} "
+                     f"[{d['low']:.4f}, {d['high']:.4f}]."]
+    return "\n".join(rows) + "\n"

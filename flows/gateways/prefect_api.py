@@ -372,3 +372,16 @@ def ensure_crash_on_silence(name: str, after_s: int, description: str, message: 
             api.update_automation(found[0].id, automation)
         else:
             api.create_automation(automation)
+
+
+def current_run() -> dict | None:
+    """The Prefect flow run this process runs in, and its deployment: {"flow_run", "flow_run_name", "deployment"}
+    (None outside a flow run)."""
+    try:
+        from prefect.runtime import deployment, flow_run
+
+        if not flow_run.id:
+            return None
+        return {"flow_run": str(flow_run.id), "flow_run_name": flow_run.name, "deployment": deployment.name}
+    except Exception:  # noqa: BLE001 - no run context is no run, whatever Prefect raises for it
+        return None

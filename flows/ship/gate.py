@@ -23,7 +23,7 @@ from flows.core.params import Params
 from flows.core.paths import EVAL, MODEL_WEIGHTS, MODELS, PREPARED
 from flows.core.promotion import Decision, Figures, decide, not_compared
 from flows.gateways.git import git, head, probe
-from flows.ship import registry
+from flows.ship import audit, registry
 
 PROMOTION_FILE = "promotion.json"
 CARD_FILE = "MODEL_CARD.md"
@@ -38,6 +38,7 @@ class Judgement:
     version: str | None  # set when promoted
     prod_version: str | None
     candidate_sha256: str
+    audit: dict | None = None  # who, when, why, data, code, params (flows.ship.audit)
 
 
 def figures_of(model_path: Path, root: Path, params: Params) -> tuple[Figures, list[str], np.ndarray | None]:
@@ -83,7 +84,8 @@ def judge(root: Path, params: Params, force: bool = False, log=print) -> Judgeme
         decision = Decision(True, [], candidate, prod_figures, decision.tolerance, decision.max_class_drop,
                             [f"forced past: {'; '.join(decision.reasons + notes)}"], decision.compared, decision.groups)
     version = registry.next_version(root) if decision.promote else None
-    judgement = Judgement(decision, version, current.version if current else None, card.sha256)
+    entry = audit.record(root, decision.summary(), card.data_version, params.to_dict())
+    judgement = Judgement(decision, version, current.version if current else None, card.sha256, entry)
     write_promotion(root, judgement)
     if version:
         write_card(root, params, card, judgement)
@@ -139,7 +141,7 @@ def write_promotion(root: Path, judgement: Judgement) -> None:
     record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "verdict": judgement.decision.verdict,
               "promoted": judgement.decision.promote, "summary": judgement.decision.summary(), "version": judgement.version,
               "prod_version": judgement.prod_version, "candidate_sha256": judgement.candidate_sha256,
-              **judgement.decision.to_dict()}
+              **judgement.decision.to_dict(), "audit": judgement.audit}
     (root / PROMOTION_FILE).write_text(json.dumps(record, indent=2))
 
 
@@ -149,9 +151,12 @@ def write_card(root: Path, params: Params, card: ModelCard, judgement: Judgement
     from flows.core.model_card import CardFacts, render
 
     commit = head(root) or ""
+    groups_file = root / EVAL / "groups.json"
     facts = CardFacts(card=card, params=params.to_dict(), metrics=json.loads((root / EVAL / "metrics.json").read_text()),
                       per_class=json.loads((root / EVAL / "per_class.json").read_text()), version=judgement.version or "",
-                      code_commit=commit or "unknown", gate=judgement.decision.summary())
+                      code_commit=commit or "unknown", gate=judgement.decision.summary(),
+                      groups=json.loads(groups_file.read_text()) if groups_file.is_file() else {},
+                      approved_by=(judgement.audit or {}).get("who", "unknown"))
     (root / CARD_FILE).write_text(render(facts))
 
 
@@ -177,7 +182,9 @@ def register(root: Path, judgement: Judgement, commit: str) -> list[str]:
     """Tag commit as the judged version and make it prod; push the tags to origin when there is one."""
     if not judgement.decision.promote or not judgement.version:
         return []
-    tags = registry.register_prod(root, commit, judgement.version, judgement.decision.summary())
+    summary = judgement.decision.summary()
+    tags = registry.register_prod(root, commit, judgement.version,
+                                  registry.tag_message(summary, judgement.audit) if judgement.audit else summary)
     why = registry.push_tags(root, tags)
     if why:
         print(f"tunedeck: the registry tags {', '.join(tags)} stay on this clone: git push failed ({why}); push them with `git push origin --tags`.")
@@ -259,10 +266,12 @@ def _promote_clone(root: Path, params: Params, force: bool) -> dict:
     return {**summary, "version": judgement.version, "commit": commit[:12], "tags": " ".join(tags)}
 
 
-def rollback(root: Path, version: str) -> dict:
+def rollback(root: Path, version: str, params: Params | None = None) -> dict:
     """`tunedeck rollback --to vX`: make an earlier version prod again with one more tag; nothing is deleted."""
     before = registry.prod(root)
-    tag = registry.assign_prod(root, version, f"rollback from {before.version if before else 'none'} to {version}")
+    why = f"rollback from {before.version if before else 'none'} to {version}"
+    entry = audit.record(root, why, None, params.to_dict() if params is not None else {})
+    tag = registry.assign_prod(root, version, registry.tag_message(why, entry))
     why = registry.push_tags(root, [tag])
     if why:
         print(f"tunedeck: the tag {tag} stays on this clone: git push failed ({why}).")

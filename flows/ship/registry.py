@@ -8,6 +8,7 @@ whole history stays in git. The model file of any version comes back with
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class Event:
     stage: str | None
     commit: str
     message: str
+    author: str = ""  # the tagger, name <email>
+    record: dict | None = None  # the accountability record the tag carries (flows.ship.audit), if any
 
 
 def _semver(version: str) -> tuple[int, ...]:
@@ -98,8 +101,39 @@ def history(root: Path) -> list[Event]:
         rows = gto_api().history(str(root), ARTIFACT)
     except Exception:  # noqa: BLE001 - no registry yet
         return []
-    return [Event(row["timestamp"], row["event"], row["version"], row["stage"], row["commit"], (row["message"] or "").strip())
-            for row in rows if row["event"] in ("registration", "assignment")]
+    events = []
+    for row in rows:
+        if row["event"] in ("registration", "assignment"):
+            summary, record = parse_message(row["message"] or "")
+            events.append(Event(row["timestamp"], row["event"], row["version"], row["stage"], row["commit"], summary,
+                                _who(row.get("author"), row.get("author_email")), record))
+    return events
+
+
+AUDIT_MARK = "tunedeck-audit: "  # the line of a tag message that holds its accountability record (flows.ship.audit)
+
+
+def tag_message(summary: str, record: dict) -> str:
+    """A tag message: the summary a person reads, then the record on its own line."""
+    return f"{summary}\n\n{AUDIT_MARK}{json.dumps(record, sort_keys=True, default=str)}"
+
+
+def parse_message(text: str) -> tuple[str, dict | None]:
+    """(the summary, the record or None) of a tag message (one written before records: no record)."""
+    summary, found = [], None
+    for line in (text or "").splitlines():
+        if line.startswith(AUDIT_MARK):
+            try:
+                found = json.loads(line[len(AUDIT_MARK):])
+            except ValueError:
+                found = None
+        elif line.strip():
+            summary.append(line.strip())
+    return " ".join(summary), found
+
+
+def _who(name: str | None, email: str | None) -> str:
+    return f"{name or ''} <{email}>".strip() if email else (name or "")
 
 
 def next_version(root: Path) -> str:

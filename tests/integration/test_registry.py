@@ -96,3 +96,36 @@ def test_promote_reject_promote_within_tolerance_and_roll_back(tmp_path):
     # bad input: an unknown version is one sentence and exit 2
     bad = run(project, "tunedeck", "rollback", "--to", "v9.9.9", check=False)
     assert bad.returncode == 2 and "not in the registry" in bad.stderr and "Traceback" not in bad.stderr
+
+    # accountability: each verdict's record (who, when, why, data, code, params) in promotion.json and the tags
+    verdict = json.loads((project / "promotion.json").read_text())
+    assert verdict["audit"]["who"] == "tunedeck tests <tests@tunedeck.invalid>" and verdict["audit"]["flow_run"] is None
+    assert verdict["audit"]["data_md5"].endswith(".dir") and verdict["audit"]["params"]["base"]["seed"] == 7
+    chain = run(project, "tunedeck", "registry", "--audit", "v0.1.0").stdout.splitlines()
+    assert [line.split("  ", 1)[1].split(" by ")[0] for line in chain[::2]] == \
+        ["v0.1.0 registered", "v0.1.0 made prod", "v0.1.0 made prod"], chain
+    assert chain[4].endswith("rollback from v0.2.0 to v0.1.0") and "by tunedeck tests <tests@tunedeck.invalid>" in chain[4]
+    assert chain[1].startswith("    by hand (no Prefect flow run); code ") and "params sha256 " in chain[1], chain
+    assert "| approved by | tunedeck tests <tests@tunedeck.invalid> |" in (project / "MODEL_CARD.md").read_text()
+
+    # verify: the version's model file and data hold to its record; one byte changed in the DVC cache fails it
+    held = run(project, "tunedeck", "verify", "v0.2.0")
+    assert held.stdout.rstrip().endswith("v0.2.0 is the model and data its record names."), held.stdout
+    lock = yaml.safe_load(run(project, "git", "show", f"{tags_commit(project, 'model@v0.2.0')}:dvc.lock").stdout)
+    md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/model.safetensors")
+    cached = project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    cached.chmod(0o644)
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 1
+    cached.write_bytes(bytes(data))
+    broken = run(project, "tunedeck", "verify", "v0.2.0", check=False)
+    assert broken.returncode == 1, broken.stdout
+    said = broken.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("tunedeck verify: v0.2.0's model file hashes to sha256 "), said
+    assert str(cached) in said[0] and said[0].endswith("delete that copy and `dvc pull` from a trusted remote.")
+    unknown = run(project, "tunedeck", "verify", "v9.9.9", check=False)
+    assert unknown.returncode == 2 and "there is no registered version v9.9.9" in unknown.stderr
+
+
+def tags_commit(project: Path, tag: str) -> str:
+    return run(project, "git", "rev-list", "-n", "1", tag).stdout.strip()
