@@ -35,6 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="git pull --ff-only this clone before each run (for remote GPU hosts)")
     worker.add_argument("--cpu-slots", type=int, default=1, metavar="N",
                         help="without --gpus: runs at once on the CPU, each with its share of the cores (default 1)")
+    add_ship_commands(sub)
+    fed = sub.add_parser("federated", help="federated fine-tuning (FedAvg): deploy silos, or run the coordinator here")
+    fed.add_argument("action", choices=["deploy", "run"], help="deploy: pools silo-NAME + deployments; run: the coordinator")
+    fed.add_argument("silos", nargs="*", metavar="NAME", help="deploy: the silos' names")
+    fed.add_argument("--config", type=Path, default=Path("federated.yaml"), help="run: the settings file (default federated.yaml)")
+    dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
+    dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
+    dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
+    dash.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="telemetry refresh (default 1)")
+    dash.add_argument("--replay", type=Path, metavar="FILE", help="replay a recording made with --record")
+    dash.add_argument("--record", type=Path, metavar="FILE", help="record what the providers return to FILE")
+    return parser
+
+
+def add_ship_commands(sub) -> None:
+    """The sub-commands that ship and watch a model: promote, rollback, registry, verify, predict, explain, monitor."""
     promote = sub.add_parser("promote", help="the promotion gate: this clone's trained model becomes prod if no worse than prod")
     promote.add_argument("--force", action="store_true", help="promote even when the gate rejects it (recorded as forced)")
     rollback = sub.add_parser("rollback", help="make an earlier registered model version prod again")
@@ -52,23 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
     predict.add_argument("--prior-shift", action="store_true",
                          help="correct the predictions for the images' own class mix (EM of Saerens et al.), printed")
+    explain = sub.add_parser("explain", help="a model's top classes for images and a Grad-CAM overlay of why")
+    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
+    explain.add_argument("--model", default="prod", help="prod (default), a registry version vX.Y.Z, or a .safetensors file")
+    explain.add_argument("--out", type=Path, default=Path("explain"), metavar="DIR", help="where the overlays go (default explain/)")
+    explain.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
     monitor = sub.add_parser("monitor", help="drift of a folder of new images against the prod model's reference")
     monitor.add_argument("folder", type=Path, nargs="?", metavar="DIR",
                          help="one batch of new images (sub-folders named as classes: labelled)")
     monitor.add_argument("--errors", action="store_true",
                          help="print the label-free estimators' errors on the labelled batches monitored so far, and exit")
     monitor.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
-    fed = sub.add_parser("federated", help="federated fine-tuning (FedAvg): deploy silos, or run the coordinator here")
-    fed.add_argument("action", choices=["deploy", "run"], help="deploy: pools silo-NAME + deployments; run: the coordinator")
-    fed.add_argument("silos", nargs="*", metavar="NAME", help="deploy: the silos' names")
-    fed.add_argument("--config", type=Path, default=Path("federated.yaml"), help="run: the settings file (default federated.yaml)")
-    dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
-    dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
-    dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
-    dash.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="telemetry refresh (default 1)")
-    dash.add_argument("--replay", type=Path, metavar="FILE", help="replay a recording made with --record")
-    dash.add_argument("--record", type=Path, metavar="FILE", help="record what the providers return to FILE")
-    return parser
 
 
 def server_command(action: str, port: int, host: str = "127.0.0.1", database: str | None = None) -> int:
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             from cli.federated import federated_command
 
             return federated_command(args.action, args.silos, args.config)
-        if args.command in ("promote", "rollback", "registry", "predict", "monitor", "verify"):
+        if args.command in ("promote", "rollback", "registry", "predict", "monitor", "verify", "explain"):
             from cli.ship import run_ship_command
 
             return run_ship_command(args, settings)

@@ -38,6 +38,13 @@ def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
                             settings)
         print(f"{summary['prod']} is prod again (was {summary['was']}; tag {summary['tag']}).")
         return 0
+    if args.command == "explain":
+        from flows.ship.explain import explain_command
+
+        parameters = {"model": args.model, "images": [str(i) for i in args.images], "out": str(args.out)}
+        run_stage("explain", lambda: explain_command(root, params, args.model, args.images, args.out, args.device),
+                  parameters, ["stage:explain"], settings)
+        return 0
     if args.command == "monitor":
         if args.errors:
             from flows.ship.monitor import errors_table, read_history

@@ -44,6 +44,7 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
 
     from flows.core.augment import Normalizer
     from flows.core.calibration import calibration_metrics, reliability, softmax
+    from flows.core.explain import write_explanations
     from flows.core.scoring import logits_of
 
     device = resolve_device(params.base.device)
@@ -63,6 +64,8 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
         **calibration_metrics(logits, test_y, config.temperature),
     }
     out.mkdir(parents=True, exist_ok=True)
+    metrics["gradcam_sanity_rho"] = write_explanations(model, norm, test_x, test_y, pred, classes, out / "explain",
+                                                       params.evaluate.explain_images, params.base.seed).mean
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "per_class.json").write_text(json.dumps(per_class, indent=2))
     confusion = [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(test_y.tolist(), pred.tolist(), strict=True)]

@@ -172,6 +172,8 @@ class EvaluateParams(_Group):
     """The held-out test."""
 
     batch_size: int = Field(256, ge=1, le=65_536)
+    explain_images: int = Field(12, ge=1, le=1000, description="Grad-CAM overlays saved (eval/explain/): a seeded "
+                                "sample of test images, right and wrong, spread over the classes")
 
 
 class PromoteParams(_Group):

@@ -126,6 +126,13 @@ def test_promote_reject_promote_within_tolerance_and_roll_back(tmp_path):
     unknown = run(project, "tunedeck", "verify", "v9.9.9", check=False)
     assert unknown.returncode == 2 and "there is no registered version v9.9.9" in unknown.stderr
 
+    # explain: top classes and a Grad-CAM overlay per image, with the randomisation check's figure
+    shown = run(project, "tunedeck", "explain", "--model", "v0.1.0", "data/tiny/red/000.png", "--out", str(tmp_path / "why"))
+    assert shown.stdout.startswith("data/tiny/red/000.png: ") and (tmp_path / "why" / "000-gradcam.png").is_file()
+    assert "sanity check (model randomisation, Adebayo et al. 2018): rank correlation" in shown.stdout, shown.stdout
+    missing = run(project, "tunedeck", "explain", "nope.png", check=False)
+    assert missing.returncode == 2 and "nope.png: no such file: name image files that exist." in missing.stderr
+
 
 def tags_commit(project: Path, tag: str) -> str:
     return run(project, "git", "rev-list", "-n", "1", tag).stdout.strip()

@@ -161,6 +161,11 @@ def test_a_harder_group_shows_its_gap_and_the_gate_rejects_a_model_trained_witho
     gap = json.loads((root / "eval" / "groups.json").read_text())["site"]
     assert gap["worst"] == "b" and gap["gap"]["difference"]["low"] > 0, gap
     assert yaml.safe_dump(json.loads((root / "eval" / "groups_plot.json").read_text()))
+    overlays = sorted(p.name for p in (root / "eval" / "explain").glob("*.png"))  # evaluate's Grad-CAM sample
+    assert len(overlays) == 12 and any("-wrong-as-" in n for n in overlays) and any("-right-as-" in n for n in overlays)
+    sanity = json.loads((root / "eval" / "explain" / "sanity.json").read_text())
+    assert len(sanity["per_image"]) == 12 and sanity["verdict"].startswith("sanity check (model randomisation")
+    assert json.loads((root / "eval" / "metrics.json").read_text())["gradcam_sanity_rho"] == sanity["spearman_trained_vs_random"]
     labels = np.load(root / "data" / "prepared" / "test_y.npy")
     split = groups.load(root / "data" / "prepared")
     prod_figures, _, prod_pred = figures_of(tmp_path / "prod" / "models" / "model.safetensors", root, params["prod"])
