@@ -78,13 +78,16 @@ def evaluate(params: Params, prepared: Path, models: Path, out: Path) -> dict:
 
 
 def write_groups(prepared: Path, labels: np.ndarray, probs: np.ndarray, classes: list[str], out: Path) -> dict:
-    """out/groups.json (per group of data.groups: figures with intervals, the worst group and its gap) and
-    out/groups_plot.json; both empty when the data declares no groups, so the stage's outputs always exist."""
+    """out/groups.json (per group of data.groups: figures with intervals, the worst group and its gap), its
+    headline out/groups_metrics.json (a DVC metric: each attribute's worst-group accuracy and gap, so `dvc exp show`
+    and the dashboard get two columns per attribute, not one per group and figure) and out/groups_plot.json; all
+    empty when the data declares no groups, so the stage's outputs always exist."""
     from flows.core import groups
 
     split = groups.load(prepared, "test")
     figures = groups.report(labels, probs, split, classes) if split is not None else {}
     (out / "groups.json").write_text(json.dumps(figures, indent=2))
+    (out / "groups_metrics.json").write_text(json.dumps(groups.headline(figures), indent=2))
     (out / "groups_plot.json").write_text(json.dumps(groups.plot_rows(figures)))
     return figures
 

@@ -240,6 +240,20 @@ def report(labels: np.ndarray, probs: np.ndarray, groups: SplitGroups, classes: 
     return out
 
 
+def headline(figures: dict) -> dict:
+    """Per attribute: the worst group's accuracy and the gap to the best (with its interval's ends)."""
+    out = {}
+    for attribute, entry in figures.items():
+        if "worst" not in entry:
+            continue
+        row = {"worst_accuracy": entry["groups"][entry["worst"]]["accuracy"]["value"]}
+        if "gap" in entry:
+            gap = entry["gap"]["difference"]
+            row.update(gap=gap["value"], gap_low=gap["low"], gap_high=gap["high"])
+        out[attribute] = row
+    return out
+
+
 def plot_rows(figures: dict) -> list[dict]:
     """Rows for the DVC plot of each group's accuracy and its interval."""
     return [{"group": f"{attribute}={value}", "accuracy": g["accuracy"]["value"], "low": g["accuracy"]["low"],

@@ -161,6 +161,8 @@ def test_a_harder_group_shows_its_gap_and_the_gate_rejects_a_model_trained_witho
     gap = json.loads((root / "eval" / "groups.json").read_text())["site"]
     assert gap["worst"] == "b" and gap["gap"]["difference"]["low"] > 0, gap
     assert yaml.safe_dump(json.loads((root / "eval" / "groups_plot.json").read_text()))
+    headline = json.loads((root / "eval" / "groups_metrics.json").read_text())["site"]
+    assert headline["worst_accuracy"] == gap["groups"]["b"]["accuracy"]["value"] and headline["gap_low"] > 0
     overlays = sorted(p.name for p in (root / "eval" / "explain").glob("*.png"))  # evaluate's Grad-CAM sample
     assert len(overlays) == 12 and any("-wrong-as-" in n for n in overlays) and any("-right-as-" in n for n in overlays)
     sanity = json.loads((root / "eval" / "explain" / "sanity.json").read_text())
