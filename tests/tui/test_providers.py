@@ -183,3 +183,17 @@ def test_a_finished_run_s_test_scores_come_from_its_labels_beside_its_training_s
     assert progress.step == 11 and progress.epochs == 12 and dict(progress.metrics) == {"val/acc": 0.9}
     assert run_scores(labels) == (("test/acc", 0.88), ("test/macro_f1", 0.87))
     assert run_progress(scores.labels()) is None and run_scores(scores.labels()) == run_scores(labels)
+
+
+def test_the_registry_line_shows_prods_worst_group_and_gap_when_the_data_has_groups():
+    from tui.providers.models import Experiment, Registry
+    from tui.screens.experiments import registry_line
+
+    registry = Registry("v0.2.0", (("v0.1.0", "a" * 40), ("v0.2.0", "b" * 40)))
+    rows = (Experiment("exp-1", "a" * 7, (), (("accuracy", 0.9),)),
+            Experiment("exp-2", "b" * 7, (), (("accuracy", 0.95), ("site.worst_accuracy", 0.632), ("site.gap", 0.339),
+                                               ("camera.worst_accuracy", 0.81))))
+    line = registry_line(registry, rows).splitlines()[0]
+    assert line == ("model registry: prod [b]v0.2.0[/b] (worst camera group 0.810; worst site group 0.632, gap 0.339) "
+                    "· versions v0.1.0, v0.2.0"), line
+    assert registry_line(registry, rows[:1]).splitlines()[0] == "model registry: prod [b]v0.2.0[/b] · versions v0.1.0, v0.2.0"

@@ -123,7 +123,7 @@ class ExperimentsScreen(Screen[None]):
         """Fill the table and draw the curves."""
         self.experiments = with_running(message.experiments, self.running_runs)
         self.registry = message.registry
-        self.query_one("#registry", Static).update(registry_line(message.registry))
+        self.query_one("#registry", Static).update(registry_line(message.registry, message.experiments))
         self._status(message.error)
         self._fill()
         self._plot(message.curves)
@@ -325,8 +325,16 @@ class ExperimentsScreen(Screen[None]):
         self.app.push_screen(DiffScreen(f"{a.name} {a.rev}".strip(), f"{b.name} {b.rev}".strip(), diff(a, b)))
 
 
-def registry_line(registry: Registry) -> str:
-    """The registry in two lines: prod and the versions, then the latest events."""
+def group_summary(metrics: dict[str, float]) -> str:
+    """Each attribute's worst-group accuracy and gap (eval/groups_metrics.json, data.groups), or ""."""
+    attributes = sorted(k.rsplit(".", 1)[0] for k in metrics if k.endswith(".worst_accuracy"))
+    return "; ".join(f"worst {a} group {metrics[f'{a}.worst_accuracy']:.3f}"
+                     + (f", gap {metrics[f'{a}.gap']:.3f}" if f"{a}.gap" in metrics else "") for a in attributes)
+
+
+def registry_line(registry: Registry, experiments: tuple[Experiment, ...] = ()) -> str:
+    """The registry in two lines: prod (with its worst group, when the data has groups) and the versions, then the
+    latest events."""
     if not registry.versions:
         return "model registry: no version yet (`tunedeck promote` registers the first)"
     import time
@@ -334,4 +342,8 @@ def registry_line(registry: Registry) -> str:
     versions = ", ".join(v for v, _ in registry.versions)
     events = " · ".join(f"{time.strftime('%m-%d %H:%M', time.localtime(e.at))} {e.version} {e.what}"
                         for e in registry.history[:3])
-    return f"model registry: prod [b]{registry.prod or 'none'}[/b] · versions {versions}\nhistory: {events}"
+    commit = dict(registry.versions).get(registry.prod or "", "")
+    row = next((e for e in experiments if commit and e.rev and (commit.startswith(e.rev) or e.rev.startswith(commit))), None)
+    groups = group_summary(dict(row.metrics)) if row is not None else ""
+    return (f"model registry: prod [b]{registry.prod or 'none'}[/b]{f' ({groups})' if groups else ''} · versions {versions}"
+            f"\nhistory: {events}")
