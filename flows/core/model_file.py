@@ -52,7 +52,12 @@ def load_model(path: Path, device="cpu"):
 
 def sha256(path: Path) -> str:
     """The file's sha256, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """The file's hex digest by hashlib's algorithm (sha256, md5 ...), read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)

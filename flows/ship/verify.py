@@ -11,7 +11,6 @@ Any mismatch is one sentence and exit 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import yaml
 
 from flows.contracts import ModelCard
 from flows.core.errors import TunedeckError
-from flows.core.model_file import sha256
+from flows.core.model_file import file_digest, sha256
 from flows.gateways.dvc.experiments import read_output
 from flows.gateways.git import git
 from flows.ship import registry
@@ -29,11 +28,7 @@ MODEL_PATH = "models/model.safetensors"
 
 
 def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def _lock_md5(lock: dict, stage: str, kind: str, path: str) -> str | None:

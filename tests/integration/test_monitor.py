@@ -15,12 +15,11 @@ starts exactly one.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,10 @@ import yaml
 from PIL import Image, ImageFilter, ImageOps
 
 from flows.contracts import DRIFT_EVENT, MONITOR_EVENT, ModelCard
-from flows.host import server
 from flows.ship import registry
-from tests.integration.project import api, env, free_port, make_project, run, wait
+from tests.integration.project import api, make_project, run, wait
 from tests.integration.test_deployments import logs
+from tests.integration.test_gate import deployed
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +61,29 @@ def events(url: str, name: str, at_least: int) -> list[dict]:
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def promoted_and_watched(project: Path) -> Iterator[str]:
+    """A live server for project with its deployments and a worker (test_gate.deployed), the first model trained
+    and promoted: the server's URL."""
+    with deployed(project) as url:
+        run(project, "dvc", "repro", "evaluate", PREFECT_API_URL=url)
+        run(project, "tunedeck", "promote", PREFECT_API_URL=url)
+        yield url
+
+
+def the_one_retrain(url: str, what: str) -> dict:
+    """The retrain the event started, once it Completed; that no second one started from the same event."""
+    deadline = time.monotonic() + 120  # a hang guard: the trigger starts the run within seconds
+    while not retrains(url):
+        assert time.monotonic() < deadline, f"the {what} started no retrain"
+        time.sleep(0.5)
+    done = wait(url, retrains(url)[0]["id"], timeout=600)  # a hang guard
+    assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-3000:]
+    started = retrains(url)  # the retrain took a while: a second run from the one event would be here by now
+    assert len(started) == 1, [r["name"] for r in started]
+    return done
+
+
 def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
     project = make_project(tmp_path / "clone")
     raw = yaml.safe_load((project / "params.yaml").read_text())
@@ -69,16 +91,9 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
     raw["data"].update(val_fraction=0.3, test_fraction=0.4)  # 21 held-out images: the reference needs at least 20
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run(project, "git", "commit", "-qam", "retrain after two drifted batches")
-    url = server.start(free_port(), root=project)
-    worker = None
-    try:
-        run(project, "dvc", "repro", "evaluate", PREFECT_API_URL=url)
-        run(project, "tunedeck", "promote", PREFECT_API_URL=url)
+    with promoted_and_watched(project) as url:
         prod_sha256 = ModelCard.read(project / "models").sha256
         assert (project / "eval" / "reference" / "features.npy").is_file()
-        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
-        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
-                                  stdout=subprocess.DEVNULL, stderr=open(project.parent / "worker.log", "w"), start_new_session=True)
         normal = shutil.copytree(project / "data" / "tiny", tmp_path / "normal")  # the training images: no drift
         shifted = inverted(normal, tmp_path / "shifted")
 
@@ -99,14 +114,7 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
             assert all(e["low"] <= e["value"] <= e["high"] for e in batch["estimated_accuracy"].values())
             assert abs(sum(p["value"] for p in batch["priors"].values()) - 1) < 1e-6
         assert len(events(url, DRIFT_EVENT, 1)) == 1, "one drift event on the server, so at most one retrain"
-        deadline = time.monotonic() + 120  # a hang guard: the trigger starts the run within seconds
-        while not retrains(url):
-            assert time.monotonic() < deadline, "the drift event started no retrain"
-            time.sleep(0.5)
-        done = wait(url, retrains(url)[0]["id"], timeout=600)  # a hang guard
-        assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-3000:]
-        started = retrains(url)  # the retrain took minutes: a second run from the one event would be here by now
-        assert len(started) == 1, [r["name"] for r in started]
+        done = the_one_retrain(url, "drift event")
         assert len(events(url, DRIFT_EVENT, 1)) == 1
         # the gate's verdict: the retrain's model is prod's own file, so it is certainly promoted
         artifacts = api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [done["id"]]}}})
@@ -116,11 +124,6 @@ def test_a_lasting_shift_starts_one_retrain_and_a_blip_none(tmp_path):
         assert verdict["description"].startswith("promoted: test accuracy "), verdict["description"]
         assert registry.prod(project).version == "v0.2.0"
         assert len(events(url, MONITOR_EVENT, 4)) == 4, "every batch is an event the dashboard reads"
-    finally:
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
-        server.stop(root=project)
 
 
 def faint_colours(folder: Path, per_class: int, seed: int, signal: float = 1.0, blur: float = 0.0) -> Path:
@@ -149,15 +152,7 @@ def test_estimated_drop_retrains_on_a_halved_accuracy_and_not_on_a_harmless_shif
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "faint colours; retrain on an estimated accuracy drop")
-    url = server.start(free_port(), root=project)
-    worker = None
-    try:
-        run(project, "dvc", "repro", "evaluate", PREFECT_API_URL=url)
-        run(project, "tunedeck", "promote", PREFECT_API_URL=url)
-        run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
-        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local"], cwd=project, env=env(PREFECT_API_URL=url),
-                                  stdout=subprocess.DEVNULL, stderr=open(project.parent / "worker.log", "w"), start_new_session=True)
-
+    with promoted_and_watched(project) as url:
         def monitor(folder: Path) -> dict:
             out = run(project, "tunedeck", "monitor", str(folder), PREFECT_API_URL=url).stdout
             assert "estimated accuracy without labels: atc " in out, out
@@ -187,23 +182,11 @@ def test_estimated_drop_retrains_on_a_halved_accuracy_and_not_on_a_harmless_shif
         assert len(sent) == 1, "the blurred batch sent no retrain event, the faded one one"
         assert "estimated accuracy drop (atc " in sent[0]["payload"]["summary"], sent[0]["payload"]
         assert sent[0]["payload"]["batch"]["estimated_accuracy"]["atc"] == faded["estimated_accuracy"]["atc"]
-        deadline = time.monotonic() + 120  # a hang guard: the trigger starts the run within seconds
-        while not retrains(url):
-            assert time.monotonic() < deadline, "the estimated drop started no retrain"
-            time.sleep(0.5)
-        done = wait(url, retrains(url)[0]["id"], timeout=600)  # a hang guard
-        assert done["state_type"] == "COMPLETED", logs(url, done["id"])[-3000:]
+        done = the_one_retrain(url, "estimated drop")
         assert "estimated accuracy drop" in done["parameters"]["reason"], done["parameters"]
-        started = retrains(url)  # the retrain took a while: a second run from the one event would be here by now
-        assert len(started) == 1, [r["name"] for r in started]
         assert len(events(url, DRIFT_EVENT, 1)) == 1
         # the three batches came labelled: each estimator's record against the measured accuracy
         table = run(project, "tunedeck", "monitor", "--errors").stdout.splitlines()
         assert table[0].startswith("| estimator | labelled batches |") and table[2].startswith("| atc | 3 |"), table
         missing = run(project, "tunedeck", "monitor", check=False)
         assert missing.returncode == 2 and "name the folder of new images" in missing.stderr, missing.stderr
-    finally:
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(timeout=60)
-        server.stop(root=project)
