@@ -24,7 +24,25 @@ def work(params: Params, settings: Settings) -> dict:
         "macro_f1": round(metrics["macro_f1"], 4),
         "data_version": card.data_version,
         "model_sha256": card.sha256,
+        **explained(),
     }
+
+
+def explained() -> dict:
+    """Where the Grad-CAM overlays are and the sanity check's figure; each attribute's worst group and gap."""
+    import json
+
+    overlays = sorted((EVAL / "explain").glob("*.png"))
+    out = {"explanations": f"{EVAL / 'explain'}/ ({len(overlays)} Grad-CAM overlays, e.g. {overlays[0].name})"
+           if overlays else "none"}
+    try:
+        sanity = json.loads((EVAL / "explain" / "sanity.json").read_text())
+        out["gradcam_sanity_rho"] = sanity["spearman_trained_vs_random"]
+        for attribute, head in json.loads((EVAL / "groups_metrics.json").read_text()).items():
+            out[f"worst {attribute} group"] = f"{head['worst_accuracy']:.4f} (gap {head.get('gap', float('nan')):.4f})"
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
 
 
 def tags() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,9 @@ def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect, re
     assert not left, "run files must go when stages end"
     artifacts = api(prefect, "artifacts/filter")
     assert {a["key"] for a in artifacts} >= {"prepare-summary", "train-summary", "evaluate-summary"}
+    evaluated = next(a["data"] for a in artifacts if a["key"] == "evaluate-summary")  # the run detail's summary
+    assert re.search(r"\| explanations \| eval/explain/ \(\d+ Grad-CAM overlays, e\.g\. ", evaluated), evaluated
+    assert "| gradcam_sanity_rho |" in evaluated
     # what the dashboard reads of these runs has the shape the demo's fakes were recorded with
     from tui.providers.models import RunQuery
     from tui.providers.prefect_api import PrefectApi
