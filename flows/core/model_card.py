@@ -24,6 +24,8 @@ class CardFacts:
     gate: str  # the gate's one-sentence verdict
     groups: dict = field(default_factory=dict)  # eval/groups.json (data.groups), {} when none
     approved_by: str = "unknown"  # who promoted it (git identity)
+    explanations: tuple[str, ...] = ()  # eval/explain/'s overlay files (Grad-CAM)
+    sanity: str = ""  # the randomisation check's sentence (eval/explain/sanity.json)
 
 
 def front_matter(facts: CardFacts) -> dict:
@@ -154,7 +156,16 @@ def _lineage(facts: CardFacts) -> str:
 | code commit | {facts.code_commit} |
 | promotion gate | {facts.gate} |
 | approved by | {facts.approved_by} |
-""" + _groups(facts)
+""" + _groups(facts) + _explanations(facts)
+
+
+def _explanations(facts: CardFacts) -> str:
+    """A few Grad-CAM overlays linked, and the sanity check's figure."""
+    if not facts.explanations:
+        return ""
+    links = "\n".join(f"- [{name}](eval/explain/{name})" for name in facts.explanations[:4])
+    return (f"\n## Explanations\n\nGrad-CAM overlays of a seeded sample of test images ({len(facts.explanations)} in "
+            f"`eval/explain/`), for instance:\n\n{links}\n\n{facts.sanity}.\n")
 
 
 def _groups(facts: CardFacts) -> str:

@@ -156,8 +156,18 @@ def write_card(root: Path, params: Params, card: ModelCard, judgement: Judgement
                       per_class=json.loads((root / EVAL / "per_class.json").read_text()), version=judgement.version or "",
                       code_commit=commit or "unknown", gate=judgement.decision.summary(),
                       groups=json.loads(groups_file.read_text()) if groups_file.is_file() else {},
-                      approved_by=(judgement.audit or {}).get("who", "unknown"))
+                      approved_by=(judgement.audit or {}).get("who", "unknown"),
+                      explanations=tuple(sorted(p.name for p in (root / EVAL / "explain").glob("*.png"))),
+                      sanity=sanity_sentence(root / EVAL / "explain" / "sanity.json"))
     (root / CARD_FILE).write_text(render(facts))
+
+
+def sanity_sentence(path: Path) -> str:
+    """The randomisation check's sentence from eval/explain/sanity.json ("" when there is none)."""
+    try:
+        return str(json.loads(path.read_text())["verdict"])
+    except (OSError, ValueError, KeyError):
+        return ""
 
 
 def markdown(judgement: Judgement) -> str:

@@ -30,3 +30,21 @@ def test_the_model_card_lists_each_group_with_its_interval_or_why_not_and_the_ga
         groups = {}
 
     assert _groups(NoGroups()) == ""
+
+
+def test_the_model_card_links_a_few_overlays_and_states_the_sanity_check():
+    from flows.core.model_card import _explanations
+
+    class Facts:
+        explanations = tuple(f"cat-right-as-cat-{i}.png" for i in range(6))
+        sanity = "sanity check (model randomisation, Adebayo et al. 2018): rank correlation ... 0.12 over 6 images"
+
+    text = _explanations(Facts())
+    assert "(6 in `eval/explain/`)" in text and text.count("](eval/explain/") == 4
+    assert "- [cat-right-as-cat-0.png](eval/explain/cat-right-as-cat-0.png)" in text and Facts.sanity in text
+
+    class NoOverlays:
+        explanations = ()
+        sanity = ""
+
+    assert _explanations(NoOverlays()) == ""
