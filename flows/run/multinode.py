@@ -63,8 +63,33 @@ def server_endpoint() -> tuple[str, int]:
     return url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "https" else 80)
 
 
-def free_port(address: str) -> int:
-    with socket.socket() as s:
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def free_port(address: str, tries: int = 200) -> int:
+    """A port on address for node 0's rendezvous, free now and outside the kernel's ephemeral range.
+
+    torchrun listens on it seconds after it is picked (the other nodes' runs are placed first), and
+    a port from the ephemeral range (what binding port 0 gives) can meanwhile become the local end of
+    any outgoing connection on the host (this host's Prefect clients make many): torchrun then failed
+    with EADDRINUSE (seen in CI). Ports below the range are never handed out that way; one is picked at
+    random among them and checked free.
+    """
+    import random
+
+    try:
+        low = int(EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts here
+    candidates = range(max(1024, low - 10_000), low)
+    for port in random.Random().sample(candidates, min(tries, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # all taken: the ephemeral range after all
         s.bind((address, 0))
         return s.getsockname()[1]
 

@@ -104,3 +104,16 @@ def test_the_warm_servers_sigterm_ends_the_server_at_once_but_never_a_child_fork
                              f"stop_handler({str(sock)!r}, os.getpid())(signal.SIGTERM, None); print('went on')"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (server.returncode, server.stdout) == (0, "") and not sock.exists(), server
+
+
+def test_the_rendezvous_port_is_free_and_outside_the_ephemeral_range_that_outgoing_connections_take():
+    import socket
+
+    from flows.run.multinode import EPHEMERAL, free_port
+
+    low, high = (int(v) for v in EPHEMERAL.read_text().split())
+    ports = {free_port("127.0.0.1") for _ in range(20)}
+    assert all(max(1024, low - 10_000) <= p < low for p in ports), ports
+    port = ports.pop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # still free: nothing held it
