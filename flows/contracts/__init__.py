@@ -270,6 +270,8 @@ class ModelCard(StageFile, ModelMeta):
     oom_events: int = 0
     sha256: str = Field(description="of model.safetensors")
     train_seconds: float
+    privacy: dict | None = Field(None, description="a federated run's DP-SGD settings, each silo's (epsilon, delta) "
+                                 "and secure aggregation (flows.federated.rounds.Federation.privacy_card)")
 
     def meta(self) -> ModelMeta:
         """The part of the card the model file carries."""

@@ -71,15 +71,34 @@ def round_params(cfg: TrainParams, model_name: str, image_size: int, when: Sched
 
 
 def local_round(model: nn.Module, model_name: str, x: np.ndarray, y: np.ndarray, cfg: TrainParams, when: Schedule,
-                classes: list[str], device: torch.device = CPU, cpu_bf16: bool | None = None) -> float:
+                classes: list[str], device: torch.device = CPU, cpu_bf16: bool | None = None, mu: float = 0.0,
+                private=None) -> float:
     """Train model in place on (x uint8 NHWC, y) for the round's epochs; the mean training loss of the last one.
-    cpu_bf16: the process's setting of whether the CPU has native bf16 (None: its flags say)."""
+    cpu_bf16: the process's setting of whether the CPU has native bf16 (None: its flags say); mu: FedProx's proximal
+    weight (0: plain FedAvg); private: a flows.core.privacy.Private for DP-SGD."""
     check_round_params(cfg)
     params = round_params(cfg, model_name, x.shape[1], when)
     manifest = PrepareManifest(source="silo", data_version="", classes=classes, image_size=x.shape[1],
                                counts={"train": len(y)})
-    trainer = Trainer(params, manifest, Splits.train_only(x, y), device, World(), None, model=model, cpu_bf16=cpu_bf16)
+    trainer = Trainer(params, manifest, Splits.train_only(x, y), device, World(), None, model=model, cpu_bf16=cpu_bf16,
+                      private=private)
+    if mu > 0:
+        trainer.grad_hooks.append(proximal_pull(model, mu))
     return trainer.train_round(when.first, when.epochs)
+
+
+def proximal_pull(model: nn.Module, mu: float):
+    """FedProx (Li et al. 2020): the gradient of (mu / 2) ||w - w_global||^2, added to every step's gradient, with the
+    round's starting weights as w_global. Under DP-SGD it is added after the noise: it reads no image."""
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def pull(module: nn.Module) -> None:
+        with torch.no_grad():
+            for p, a in zip(module.parameters(), anchor, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p - a, alpha=mu)
+
+    return pull
 
 
 def global_score(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int,

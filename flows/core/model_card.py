@@ -156,7 +156,29 @@ def _lineage(facts: CardFacts) -> str:
 | code commit | {facts.code_commit} |
 | promotion gate | {facts.gate} |
 | approved by | {facts.approved_by} |
-""" + _groups(facts) + _explanations(facts)
+""" + _groups(facts) + _explanations(facts) + _privacy(facts)
+
+
+def _privacy(facts: CardFacts) -> str:
+    """A federated run's privacy promise: DP-SGD's settings, each silo's (epsilon, delta), secure aggregation."""
+    privacy = facts.card.privacy
+    if not privacy:
+        return ""
+    dp = privacy.get("dp_sgd")
+    rows = ["", "## Privacy", ""]
+    if dp:
+        rows += [f"Trained by federated DP-SGD (Opacus): each image's gradient clipped to {dp['clip_norm']:g}, Gaussian "
+                 f"noise, Poisson-sampled batches; {privacy['composition']}.", "",
+                 "| silo | rounds taken | ε | δ | noise multiplier | sampling rate |", "|---|---|---|---|---|---|"]
+        for name, s in privacy["silos"].items():
+            rows.append(f"| {name} | {s.get('rounds', 0)} | {s['epsilon']:.3f} | {s['delta']:.3g} | "
+                        f"{s['noise_multiplier']:.3g} | {s['sample_rate']:.3g} |" if "epsilon" in s
+                        else f"| {name} | {s.get('rounds', 0)} | 0 (took no DP round) | | | |")
+    else:
+        rows.append("No differential privacy: the silos' updates carry what their images taught the model.")
+    rows += ["", "Secure aggregation: the coordinator saw only the sum of the silos' updates in each round."
+             if privacy.get("secure_aggregation") else "No secure aggregation: the coordinator saw each silo's update."]
+    return "\n".join(rows) + "\n"
 
 
 def _explanations(facts: CardFacts) -> str:

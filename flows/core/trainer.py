@@ -21,10 +21,11 @@ from flows.core.augment import BatchAugment, Normalizer, PolicyImages, crop_and_
 from flows.core.distributed import World, all_reduce_sum, broadcast_flag, broadcast_value
 from flows.core.errors import TunedeckError
 from flows.core.model import build_model, preprocessing
-from flows.core.params import Params, save_resolved
+from flows.core.params import Params
 from flows.core.prepare import Splits
 from flows.core.scoring import score
 from flows.core.speed import (
+    Precision,
     autocast,
     fused_option,
     grad_scaler,
@@ -36,6 +37,7 @@ from flows.core.speed import (
     uses_convolutions,
 )
 from flows.core.train_state import TrainState
+from flows.core.trainer_files import TrainerFiles
 from flows.core.transfer import Freezer, param_groups
 
 log = logging.getLogger("tunedeck")
@@ -85,13 +87,14 @@ def step_scheduler(scheduler, epoch: int, val_acc: float | None, world: World, d
         scheduler.step(epoch + 1, broadcast_value(val_acc, world, device))
 
 
-class Trainer:
+class Trainer(TrainerFiles):
     """Holds the model, optimizer, schedule, EMA and data of one run."""
 
     def __init__(self, params: Params, manifest: PrepareManifest, data: Path | Splits, device: torch.device, world: World,
-                 tracker, model: nn.Module | None = None, cpu_bf16: bool | None = None) -> None:
+                 tracker, model: nn.Module | None = None, cpu_bf16: bool | None = None, private=None) -> None:
         """data: the prepare stage's folder, or the splits themselves; model: weights to start from (a FedAvg round's
-        global model) instead of params.model's; cpu_bf16: whether the CPU has native bf16 (None: its flags say)."""
+        global model) instead of params.model's; cpu_bf16: whether the CPU has native bf16 (None: its flags say);
+        private: a flows.core.privacy.Private to train with DP-SGD (a silo's round)."""
         from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
 
@@ -100,6 +103,9 @@ class Trainer:
         self.image_size = manifest.image_size
         self.data_version = manifest.data_version
         self.precision = resolve_precision(self.cfg.precision, device, cpu_bf16)
+        self.private = private
+        if private is not None and self.precision.dtype is not None:
+            self.precision = Precision(None, "DP-SGD computes per-image gradients in fp32")
         self.dtype = self.precision.dtype
         torch.manual_seed(params.base.seed)
         if model is None:
@@ -122,6 +128,10 @@ class Trainer:
         self.optimizer = create_optimizer_v2(
             param_groups(self.model, self.cfg), opt=self.cfg.optimizer, lr=self.cfg.lr, **fused_option(self.cfg.optimizer, device)
         )
+        self.grad_hooks: list = []  # each called with the model on a step's final gradients (FedProx's pull)
+        if private is not None:
+            self.private_forward, self.optimizer = private.wrap(self.model, self.optimizer)
+            self.optimizer.attach_step_hook(lambda _: self._run_grad_hooks())  # after the noise, before the update
         if device.type == "cpu":
             retain_freed_memory()  # no page faults per step
         self.scheduler = self._scheduler()
@@ -132,7 +142,9 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay)
         self.augment = BatchAugment(self.cfg, len(self.classes), device)
-        self.loss_fn = SoftTargetCrossEntropy() if self.augment.soft_targets else nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        reduction = "sum" if private is not None else "mean"  # DP-SGD: each image's own gradient, whole
+        self.loss_fn = SoftTargetCrossEntropy() if self.augment.soft_targets else nn.CrossEntropyLoss(
+            label_smoothing=self.cfg.label_smoothing, reduction=reduction)
         self.gen = torch.Generator().manual_seed(params.base.seed)
         self.policy = PolicyImages(self.train_x, self.cfg.auto_augment, params.base.seed) if self.cfg.auto_augment else None
         self.state = TrainState(micro=self.cfg.batch_size, accum=self.cfg.accum_steps)
@@ -145,6 +157,8 @@ class Trainer:
     def _wrap(self) -> nn.Module:
         """The module the forward pass runs through: DDP and torch.compile around the model."""
         module: nn.Module = self.model
+        if self.private is not None:
+            return self.private_forward
         if self.world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -202,6 +216,8 @@ class Trainer:
         for epoch in range(first, first + epochs):
             loss = self._epoch(epoch, 0, None, None, "")["train/loss"]
             step_scheduler(self.scheduler, epoch, None, self.world, self.device)
+        if self.private is not None:
+            self.private.close()
         return loss
 
     def _epoch(self, epoch: int, first_batch: int, partial: dict | None, checkpoints: Path | None, key: str) -> dict:
@@ -245,6 +261,8 @@ class Trainer:
 
     def _batches(self, epoch: int) -> list[torch.Tensor]:
         """This process's effective batches of the epoch (a shard of them under DDP)."""
+        if self.private is not None:
+            return self.private.batches(len(self.train_y), epoch, self.params.base.seed)
         order = epoch_order(len(self.train_y), self.params.base.seed, epoch)
         order = order[: len(order) - len(order) % self.world.size][self.world.rank::self.world.size]
         size = self.cfg.batch_size * self.cfg.accum_steps
@@ -265,6 +283,8 @@ class Trainer:
 
     def _optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Augment one effective batch, accumulate its micro-batches, step; halve them on OOM."""
+        if self.private is not None:
+            return self._private_step(x, y)
         x = self.norm(crop_and_flip(x, self.cfg, self.gen, self.image_size))
         x, target = self.augment(x, y.to(self.device))
         while True:
@@ -298,9 +318,11 @@ class Trainer:
                 loss = self.loss_fn(self.forward(cx), cy) * (len(cx) / len(x))
             self.scaler.scale(loss).backward()
             total += loss.item()
-        if self.cfg.clip_grad is not None:
+        if self.cfg.clip_grad is not None or self.grad_hooks:
             self.scaler.unscale_(self.optimizer)
+        if self.cfg.clip_grad is not None:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.cfg.clip_grad)
+        self._run_grad_hooks()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -308,6 +330,29 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.step)
         return total
+
+    def _private_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One DP-SGD step on a Poisson batch (no micro-batches: its per-image gradients are clipped together)."""
+        if not len(y):
+            self.private.empty_step(self.model, self.optimizer)
+            self.state.step += 1
+            return 0.0
+        x = self.norm(crop_and_flip(x, self.cfg, self.gen, self.image_size))
+        x, target = self.augment(x, y.to(self.device))
+        try:
+            loss = self.loss_fn(self.forward(x), target)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            raise TunedeckError(f"out of device memory with DP-SGD's per-image gradients of {len(y)} images: lower "
+                                "train.batch_size or use a smaller model.") from None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return loss.item() / len(y)
+
+    def _run_grad_hooks(self) -> None:
+        for hook in self.grad_hooks:
+            hook(self.model)
 
     def _end_epoch(self, epoch: int, metrics: dict, checkpoints: Path | None, key: str) -> bool:
         """Validate, keep the best, log, step the schedule, checkpoint; True to stop early."""
@@ -340,60 +385,3 @@ class Trainer:
             value = metrics.get(f"val/acc{suffix}", -metrics["train/loss"])
             improved = self.state.improve(value, epoch, name, module, metrics.get(f"val/acc{suffix}")) or improved
         self.state.since_best = 0 if improved else self.state.since_best + 1
-
-    # ---- checkpoints and export -----------------------------------------------------------
-    def _checkpoint(self, folder: Path, key: str, epoch: int, batch: int, partial: dict | None) -> Path:
-        state = {
-            "run_key": key, "epoch": epoch, "batch": batch, "partial": partial,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": ckpt.rng_state(self.gen), **self.state.to_checkpoint(),
-        }
-        return ckpt.save(folder, state)
-
-    def _restore(self, state: dict) -> tuple[int, int, dict | None]:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        ckpt.restore_rng(state["rng"], self.gen)
-        self.state = TrainState.from_checkpoint(state)
-        return state["epoch"], state["batch"], state["partial"]
-
-    def _export(self, out: Path, seconds: float) -> dict:
-        from flows.contracts import ModelCard
-        from flows.core.model_file import save_model, sha256
-
-        out.mkdir(parents=True, exist_ok=True)
-        weights = out / "model.safetensors"
-        card = ModelCard(
-            model_name=self.params.model.name, classes=self.classes, image_size=self.image_size,
-            mean=list(self.prep.mean), std=list(self.prep.std), interpolation=self.prep.interpolation,
-            data_version=self.data_version, temperature=self._temperature(),
-            weights_from=self.weights_from, best_epoch=self.state.best.epoch + 1, val_accuracy=self.state.best.val_acc,
-            weights=self.state.best.weights, micro_batch=self.state.micro, accum_steps=self.state.accum,
-            oom_events=self.state.oom_events,
-            sha256="", train_seconds=round(seconds, 1),
-        )
-        save_model(weights, self.state.best.state, card.meta())
-        card = card.model_copy(update={"sha256": sha256(weights)})
-        card.write(out)
-        config = card.model_dump()
-        save_resolved(self.params, out)
-        return config
-
-    def _temperature(self) -> float:
-        """Temperature scaling of the best weights, fitted on the validation split (1.0 without one)."""
-        from flows.core.calibration import fit_temperature
-        from flows.core.scoring import logits_of
-
-        if not len(self.val_y):
-            return 1.0
-        self.model.load_state_dict(self.state.best.state)  # training is over: the model becomes the best weights
-        logits = logits_of(self.model, self.norm, self.val_x, self.params.evaluate.batch_size)
-        return fit_temperature(logits, self.val_y)
-

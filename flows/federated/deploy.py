@@ -39,7 +39,7 @@ def deploy_federated(silos: list[str], root: Path | None = None) -> list[str]:
     names = []
     for silo in silos:
         ensure_pool(pool_of(silo))
-        deploy_flow(root, "flows/federated/coordinator.py:silo", silo, pool_of(silo))
+        deploy_flow(root, "flows/federated/silo.py:silo", silo, pool_of(silo))
         names.append(f"silo/{silo}")
     ensure_pool(DEFAULT_POOL)
     proc = prefect_api.cli("deploy", "--name", "coordinator", cwd=root, env=Settings(project=root).env())  # prefect.yaml's

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from flows.host import server
 from tests.conftest import write_images
@@ -179,3 +180,61 @@ def test_a_coordinator_that_can_read_a_silo_folder_refuses_to_run(federation):
     failed = wait(url, run_id, timeout=180)
     assert failed["state_type"] == "FAILED", failed["state_type"]
     assert "the coordinator can read silo data at data/eval" in failed["state"]["message"], failed["state"]["message"]
+
+
+def test_dp_and_secure_aggregation_through_the_workers_redo_a_round_without_a_killed_silo(federation):
+    """DP-SGD (a target epsilon), secure aggregation and FedProx through the same three workers. Silo c's first round is
+    killed after a and b were told to mask with it: the round is masked again without c (a and b reuse what they
+    trained), never unmasked partially. Only masked updates ever sit in the exchange; the model card and the run's
+    labels state each silo's epsilon (composition over rounds: tests/unit/test_private_fl.py)."""
+    project, url, private = federation
+    params = project / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["model"]["name"] = "test_efficientnet_gn"  # no BatchNorm: DP-SGD refuses test_resnet
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        config = {"silos": list(SILOS), "eval_source": "data/eval", "exchange": str(project / "exchange"), "rounds": 1,
+                  "local_epochs": 1, "min_silos": 2, "silo_timeout_s": 150, "privacy": {"target_epsilon": 8.0},
+                  "secure_aggregation": True, "proximal_mu": 0.01, "out": "models-private"}
+        silo_c = deployment_id(url, "silo", "c")
+        before = {r["id"] for r in api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [silo_c]}}})}
+        run_id = api(url, f"deployments/{deployment_id(url, 'federated', 'coordinator')}/create_flow_run",
+                     {"parameters": {"config": config}})["id"]
+        killed = kill_first_round(url, silo_c, before, project)
+        done = wait(url, run_id, timeout=300)
+        text = logs_until(url, run_id, "round 1/1")
+        assert done["state_type"] == "COMPLETED", ([ln for ln in text.splitlines() if "round" in ln][-8:], worker_logs(project))
+        assert wait(url, killed, timeout=120)["state_type"] in ("CRASHED", "FAILED")
+    finally:
+        params.write_text(original)
+    assert "secure aggregation: 3 public keys exchanged" in text, text[-2000:]
+    assert "round 1: silo(s) c did not deliver after the others masked with them" in text, text[-2000:]
+    assert "round 1/1: 2 silos (a, b)" in text, text[-2000:]
+    run_folder = next(p for p in (project / "exchange").iterdir() if (p / "setup").is_dir() and (p / "setup" / "c.json").is_file()
+                      and "public_key" in json.loads((p / "setup" / "c.json").read_text()))
+    assert not [p.name for p in run_folder.rglob("*.safetensors") if p.name != "global.safetensors"], "no clear update"
+    assert sorted(p.name for p in run_folder.rglob("*.masked")) == ["a.masked", "b.masked"]  # the redo's
+    card = json.loads((project / "models-private" / "model.json").read_text())["privacy"]
+    assert card["secure_aggregation"] and card["dp_sgd"]["target_epsilon"] == 8.0
+    assert {n: s["rounds"] for n, s in card["silos"].items()} == {"a": 1, "b": 1, "c": 0}
+    assert all(7.9 <= card["silos"][n]["epsilon"] <= 8.0 for n in "ab")  # the whole budget, in the one round
+    assert "epsilon" not in card["silos"]["c"]  # its killed round released nothing
+    labels = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})[0]["labels"]
+    assert labels["privacy.a.epsilon"] == round(card["silos"]["a"]["epsilon"], 3), labels
+
+
+def kill_first_round(url: str, deployment: str, before: set[str], project: Path) -> str:
+    """Kill (-9, the whole tree) the silo's first training round's process as it starts; its flow run's id."""
+    deadline = time.monotonic() + 300  # a hang guard
+    while time.monotonic() < deadline:
+        started = [r for r in api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment]}}})
+                   if r["name"].endswith("-r1") and r["id"] not in before]
+        family = run_processes(started[0]["id"]) if started else []
+        if family:
+            for proc in family:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            return started[0]["id"]
+        time.sleep(0.1)
+    raise AssertionError(("the silo's first round never started", worker_logs(project)))
