@@ -119,7 +119,7 @@ def run_processes(run_id: str) -> list[psutil.Process]:
 
 def test_fedavg_over_three_silos_survives_a_killed_silo(federation):
     project, url, private = federation
-    config = {"silos": list(SILOS), "eval_source": "data/eval", "exchange": str(project / "exchange"), "rounds": 2,
+    config = {"silos": list(SILOS), "eval_source": "data/eval", "exchange": str(project / "exchange"), "rounds": 1,
               "local_epochs": 1, "min_silos": 2, "silo_timeout_s": 150, "unreadable": [str(private / s) for s in SILOS]}
     run_id = api(url, f"deployments/{deployment_id(url, 'federated', 'coordinator')}/create_flow_run",
                  {"parameters": {"config": config}})["id"]
@@ -142,14 +142,14 @@ def test_fedavg_over_three_silos_survives_a_killed_silo(federation):
     assert coordinator_caps == 0, "the coordinator's flow run must have no capability (no DAC override)"
     assert all(os.stat(private / s).st_uid != 0 and os.stat(private / s).st_mode & 0o077 == 0 for s in SILOS)
     done = wait(url, run_id, timeout=300)
-    text = logs_until(url, run_id, "round 2/2")  # a run's last log lines reach the server in batches
+    text = logs_until(url, run_id, "round 1/1")  # a run's last log lines reach the server in batches
     runs = [(r["name"], r["state_type"], (r["state"] or {}).get("message")) for r in api(url, "flow_runs/filter")]
     assert done["state_type"] == "COMPLETED", ([line for line in text.splitlines() if "round" in line][-8:], runs, worker_logs(project))
     assert wait(url, killed, timeout=120)["state_type"] in ("CRASHED", "FAILED"), (  # a hang guard: final by now
         "the killed silo's run must not complete")
     assert "cannot read any of the 3 silo data paths" in text, text[-2000:]
     assert "round 1: silo c skipped" in text, text[-2000:]
-    assert "round 1/2: 2 silos" in text and "round 2/2: 3 silos" in text, text[-2000:]
+    assert "round 1/1: 2 silos (a, b)" in text, text[-2000:]
     warnings = api(url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": 30}}})
     assert any("silo c skipped" in w["message"] for w in warnings), "the skip is logged as a warning"
     # the final global model is an ordinary model file of the project
@@ -159,13 +159,13 @@ def test_fedavg_over_three_silos_survives_a_killed_silo(federation):
     assert meta.model_name == "test_resnet" and meta.classes == ["blue", "green", "red"]
     assert json.loads((project / "models" / "model.json").read_text())["sha256"]
     history = json.loads((project / "models" / "federated.json").read_text())["history"]
-    assert [h["silos"] for h in history] == [2, 3] and [h["examples"] for h in history] == [36, 54]
+    assert [h["silos"] for h in history] == [2] and [h["examples"] for h in history] == [36]
     assert (project / "dvclive" / "federated" / "metrics.json").is_file()
     # only weights came back from the silos: each exchange file is a state dict of the model's keys
     from safetensors import safe_open
 
     sent = sorted(project.joinpath("exchange").rglob("[abc].safetensors"))
-    assert len(sent) == 5, sent
+    assert [p.name for p in sent] == ["a.safetensors", "b.safetensors"], sent
     with safe_open(str(sent[0]), framework="pt") as handle:
         assert set(handle.keys()) == set(safe_open(str(project / "models" / "model.safetensors"), framework="pt").keys())
 

@@ -273,3 +273,16 @@ def test_client_sampling_is_seeded_varies_by_round_and_keeps_min_silos():
     fed.exhausted = {"a", "b", "c", "d"}
     with pytest.raises(TunedeckError, match=r"only 1 of 5 silos could take part \(4 spent their privacy budget\)"):
         Federation.choose(fed, 0)
+
+
+def test_the_model_card_states_each_silos_epsilon_and_whether_the_coordinator_saw_only_sums():
+    from flows.core.model_card import _privacy
+
+    privacy = {"dp_sgd": PrivacyParams(target_epsilon=8.0).model_dump(), "secure_aggregation": True,
+               "composition": "composed", "silos": {
+                   "a": {"epsilon": 7.99, "delta": 1 / 300, "noise_multiplier": 0.61, "sample_rate": 0.05, "rounds": 5},
+                   "b": {"rounds": 0}}}
+    text = _privacy(types.SimpleNamespace(card=types.SimpleNamespace(privacy=privacy)))
+    assert "## Privacy" in text and "| a | 5 | 7.990 | 0.00333 | 0.61 | 0.05 |" in text
+    assert "| b | 0 | 0 (took no DP round) |" in text and "saw only the sum" in text
+    assert _privacy(types.SimpleNamespace(card=types.SimpleNamespace(privacy=None))) == ""
