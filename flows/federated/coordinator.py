@@ -41,7 +41,7 @@ def call_silo(deployment: str, task: SiloTask, timeout_s: float) -> tuple[str, s
     if state is None or not state.is_final():
         _cancel(run.id)
         return deployment, f"no answer in {timeout_s:g} s (its run {run.name} was cancelled)"
-    return deployment, f"its run {run.name} ended {state.name}: {(state.message or '')[:200]}"
+    return deployment, f"its run {run.name} ended {state.name}: {(state.message or '')[:400]}"
 
 
 def _cancel(run_id) -> None:
@@ -72,7 +72,7 @@ def setup_silos(fed, logger) -> None:
     failed = {n: why for n, why in whys.items() if why is not None}
     if failed:
         name, why = next(iter(failed.items()))
-        raise TunedeckError(f"silo {name} cannot take part, so no round started: {why.split(': ', 1)[-1]}")
+        raise TunedeckError(f"silo {name} cannot take part, so no round started: {why.rsplit('TunedeckError: ', 1)[-1]}")
     for name in names:
         fed.take_setup(name, read_setup(fed.config.exchange, fed.key, name))
     for line in fed.setup_lines():

@@ -286,3 +286,33 @@ def test_the_model_card_states_each_silos_epsilon_and_whether_the_coordinator_sa
     assert "## Privacy" in text and "| a | 5 | 7.990 | 0.00333 | 0.61 | 0.05 |" in text
     assert "| b | 0 | 0 (took no DP round) |" in text and "saw only the sum" in text
     assert _privacy(types.SimpleNamespace(card=types.SimpleNamespace(privacy=None))) == ""
+
+
+def test_the_setup_refuses_a_silo_smaller_than_a_batch_and_an_unreachable_budget_before_any_round(tmp_path, monkeypatch,
+                                                                                                   three_silos):
+    """The silo flow's setup phase (what the coordinator calls on every silo before round 1) says what is wrong in
+    one sentence, trains nothing and writes no setup answer; a good setup publishes the plan and the key."""
+    big_batch = silo_task(tmp_path, phase="setup", train=TRAIN.model_copy(update={"batch_size": 16}).model_dump(mode="json"))
+    with pytest.raises(TunedeckError, match=r"^silo a has 10 images, fewer than one batch \(16\): lower train.batch_size"):
+        run_silo(monkeypatch, "a", big_batch, three_silos["a"])
+    tiny_budget = silo_task(tmp_path, phase="setup", rounds=50, privacy=PrivacyParams(target_epsilon=0.01))
+    with pytest.raises(TunedeckError, match=r"needs a noise multiplier above 20, at which nothing is learnt"):
+        run_silo(monkeypatch, "a", tiny_budget, three_silos["a"])
+    assert not (tmp_path / "exchange").exists(), "no answer and no weights from a refused setup"
+    good = silo_task(tmp_path, phase="setup", privacy=PrivacyParams(target_epsilon=8.0), secure=True)
+    answer = run_silo(monkeypatch, "b", good, three_silos["b"])
+    assert answer["examples"] == 12 and 7.9 <= answer["plan"]["epsilon"] <= 8.0 and len(answer["public_key"]) == 64
+    key = silo_module.local_folder(good) / "b-x25519.key"
+    assert key.stat().st_mode & 0o077 == 0, "the private key is readable by its owner only"
+
+
+def test_a_silo_whose_setup_failed_stops_the_run_before_round_1_in_the_silos_own_sentence(monkeypatch):
+    from flows.federated import coordinator
+
+    said = "silo b has 5 images, fewer than one batch (8): lower train.batch_size or leave this silo out of the federation."
+    monkeypatch.setattr(coordinator, "call_silos", lambda fed, names, task, logger: {
+        "a": None, "b": f"its run b-5555-setup ended Failed: Flow run encountered an exception: TunedeckError: {said}"})
+    fed = types.SimpleNamespace(names=lambda: ["a", "b"], silo_task=lambda r, phase: None)
+    with pytest.raises(TunedeckError) as caught:
+        coordinator.setup_silos(fed, None)
+    assert str(caught.value) == f"silo b cannot take part, so no round started: {said}"
