@@ -25,7 +25,7 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from flows.gateways.git import failure, git
+from flows.gateways.git import failure, git, host_lock
 from flows.run.overrides import apply_overrides
 
 WORKSPACES = Path(".tunedeck") / "workspaces"
@@ -36,12 +36,13 @@ def create(clone: Path, name: str) -> Path:
     """A new worktree of clone's HEAD at clone/.tunedeck/workspaces/<name>, set up to run the pipeline."""
     clone = clone.resolve()
     path = clone / WORKSPACES / name
-    remove_orphans(clone)
-    if path.exists():  # a run of this id that was killed: start it clean
-        remove(clone, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    git("worktree", "add", "--detach", "--force", str(path), "HEAD", cwd=clone)
-    path.with_name(f"{name}.pid").write_text(str(os.getpid()))
+    with host_lock(clone, "worktrees"):  # git reads every worktree's files: one being added or removed fails it
+        _remove_orphans(clone)
+        if path.exists():  # a run of this id that was killed: start it clean
+            _remove(clone, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        git("worktree", "add", "--detach", "--force", str(path), "HEAD", cwd=clone)
+        path.with_name(f"{name}.pid").write_text(str(os.getpid()))
     write_dvc_config(clone, path)
     link_weights(clone, path)
     return path
@@ -104,15 +105,23 @@ def tracks_dvc_data(path: Path) -> bool:
 
 
 def remove(clone: Path, path: Path) -> None:
-    """The worktree and its folder gone; the clone's own files untouched."""
+    """The worktree and its folder gone; the clone's own files untouched. Under the clone's worktree lock: a
+    `git worktree add` of another run reads every registered worktree's files, and one half removed (or half
+    added) fails it ("fatal: failed to read .git/worktrees/<id>/commondir", seen in CI with two runs at once)."""
+    with host_lock(clone, "worktrees"):
+        _remove(clone, path)
+
+
+def _remove(clone: Path, path: Path) -> None:
     if failure("worktree", "remove", "--force", "--force", str(path), cwd=clone) and path.exists():
         shutil.rmtree(path, ignore_errors=True)
-    failure("worktree", "prune", cwd=clone)  # what it did not prune, the next run's remove_orphans does
+    failure("worktree", "prune", cwd=clone)  # what it did not prune, the next run's _remove_orphans does
     path.with_name(f"{path.name}.pid").unlink(missing_ok=True)
 
 
-def remove_orphans(clone: Path) -> None:
-    """Remove the workspaces of runs whose process is gone (killed with kill -9: nobody removed theirs)."""
+def _remove_orphans(clone: Path) -> None:
+    """Remove the workspaces of runs whose process is gone (killed with kill -9: nobody removed theirs); the caller
+    holds the worktree lock."""
     import psutil
 
     for pid_file in (clone / WORKSPACES).glob("*.pid"):
@@ -121,7 +130,7 @@ def remove_orphans(clone: Path) -> None:
         except (OSError, ValueError):
             alive = False
         if not alive:
-            remove(clone, pid_file.with_suffix(""))
+            _remove(clone, pid_file.with_suffix(""))
 
 
 @contextlib.contextmanager
