@@ -35,7 +35,8 @@ class Settings(BaseModel):
     progress: Literal["", "lines"] = ""
     """lines: a stage prints its progress as marked lines (its pipeline run reads them)"""
     warm: str = ""
-    """the socket of the run's warm stage server (flows.stages.warm): stages hand their work over"""
+    """the socket of the run's warm stage server (flows.stages.warm): stages hand their work over; off: every stage
+    in its own process; unset: a stage DVC runs (`dvc repro`) uses its project's own warm server, started if none is up"""
     checkpoints: Path | None = None
     """where checkpoints go (a run's workspace points it at its clone's); else checkpoints/ of the project"""
     checkpoint_remote: bool | None = None

@@ -8,6 +8,8 @@ hello gives WarmEnded first.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 
@@ -19,6 +21,9 @@ class WarmRequest(BaseModel):
     cwd: str
     env: dict[str, str]
     executable: str
+    orphaned: Literal["stop", "kill"] = "stop"
+    """what the child does when its stand-in dies (even by SIGKILL): stop as a SIGTERM would (a pipeline run's stage
+    says how it ended), or die at once, as a stage in its own process would (a stage run by hand)"""
 
     def line(self) -> bytes:
         return self.model_dump_json().encode() + b"\n"

@@ -41,6 +41,7 @@ from flows.run.labels import flush_labels
 from flows.run.session import dvc_session, open_session
 from flows.run.slot import device_slot
 from flows.run.workspace import run_workspace
+from flows.stages.warm import OFF
 
 NODE_DEPLOYMENT = "ddp-node/ddp-node"
 
@@ -229,7 +230,7 @@ def ddp_node(overrides: list[str], node_rank: int, nodes: int, master: str, comm
         for stage in dvc_session().stage_order():
             if stage == "train":
                 break
-            dvc_session().repro(stage, {**env, **settings.but(prefect="off").env()}, on_line=logger.info)
+            dvc_session().repro(stage, {**env, **settings.but(prefect="off", warm=OFF).env()}, on_line=logger.info)
         mine = load_manifest(ws / PREPARED).data_version
         if mine != data_version:
             raise TunedeckError(

@@ -58,8 +58,11 @@ def run_stage(stage: str, env: dict[str, str]) -> str:
 
 def stage_env(slot: dict[str, str], settings: Settings) -> dict[str, str]:
     """What a stage of this run runs with: the slot's variables (its GPU, its threads) and the run's settings, with
-    no flow run of its own (the run's is its) and its progress as marked lines for StageWatch."""
-    return {**slot, **settings.but(prefect="off", progress="lines").env()}
+    no flow run of its own (the run's is its), its progress as marked lines for StageWatch, and the run's warm server
+    or none (never its workspace's own: flows.stages.warm)."""
+    from flows.stages.warm import OFF
+
+    return {**slot, **settings.but(prefect="off", progress="lines", warm=settings.warm or OFF).env()}
 
 
 DVC_HINTS = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",

@@ -31,15 +31,16 @@ def run_main(name: str, work: Callable[[Params, Settings], dict[str, Any]], tags
     """Read this process's settings and params.yaml, run work as the flow ``name``; print one sentence and return 2
     on bad input.
 
-    In a pipeline run, a stage that imports torch (warm=True) is handed to the run's warm server
-    (flows.stages.warm), which runs it with torch already imported (and reads the settings again, at its entry).
+    A stage that imports torch (warm=True) is handed to a warm server (flows.stages.warm), which runs it with torch
+    already imported (and reads the settings again, at its entry): its pipeline run's, or for a stage of a plain
+    `dvc repro`, its project's.
     """
     try:
         settings = Settings.read()
     except TunedeckError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
-    if warm and (status := warm_stages.delegate(settings.warm)) is not None:
+    if warm and (status := warm_stages.hand_over(settings)) is not None:
         return status
     setup_logging()
     try:

@@ -12,8 +12,14 @@ forks a child that runs the stage module as `__main__` there. The stage process 
 child's stand-in: DVC and the tests see the same command, output and exit status; a SIGTERM or
 SIGINT it gets goes to the child; if it dies (even by SIGKILL) the child is terminated too.
 
-Without the variable (a plain `dvc repro`, the tests' direct stage calls), or when the server
-cannot be reached, the stage runs in its own process, as before: only slower, never different.
+A stage that DVC runs outside a pipeline run (a plain `dvc repro` or `dvc exp run`) uses its
+project's own server in the same way (`hand_over`): the first torch stage starts it (detached, in
+a session of its own, no file of the stage's held open), later stages find it at a socket named
+after the project's folder and the Python, and it exits after BY_HAND_IDLE_S with nothing to do.
+There a stand-in killed even by SIGKILL takes its child with it at once, as a stage in its own
+process would die. A stage not run by DVC (`python -m flows.stages.train` typed by hand, the
+tests' direct calls), a DDP rank, `TUNEDECK_WARM=off`, or a server that cannot be reached: the
+stage runs in its own process, as before: only slower, never different.
 """
 
 from __future__ import annotations
@@ -46,12 +52,63 @@ CHILD = "tunedeck_warm_child"
 ends asks it (flows.stages.entry.finish), to end through SystemExit, which the child reports to its stand-in."""
 IDLE_S = 900.0
 """A server with nothing to do for this long exits (the run that started it stops it sooner)."""
+BY_HAND_IDLE_S = 120.0
+"""A project's server (stages of a plain `dvc repro`) exits after this long with nothing to do: long enough for the
+next stage of the same repro, or the next `dvc repro` soon after; short enough that a library upgraded in the
+virtual environment is what the next stage imports."""
+OFF = "off"
+"""The warm setting that keeps every stage in its own process."""
+BIND_WAIT_S = 5.0
+"""How long a stage that started its project's server waits for it to listen (it binds before importing)."""
 
 
 # ---- the stage's side --------------------------------------------------------------------------
 
 
-def delegate(path: str) -> int | None:
+def hand_over(settings: Settings) -> int | None:
+    """Run this stage process's work in a warm server, if it has one (see the module's doc): its exit status, or
+    None to run here."""
+    if settings.warm == OFF or CHILD in sys.modules:
+        return None
+    if settings.warm:
+        return delegate(settings.warm)
+    if "DVC_STAGE" not in os.environ or "RANK" in os.environ:  # not run by DVC, or a DDP rank (its torchrun's child)
+        return None
+    path = project_socket(Path.cwd())
+    status = delegate(str(path), orphaned="kill")
+    if status is None and start_project_server(path):
+        status = delegate(str(path), orphaned="kill")
+    return status
+
+
+def project_socket(project: Path) -> Path:
+    """The socket of the project's own warm server: one per folder and Python (a unix socket's path is limited to
+    107 bytes, so it is named by a digest, in the temporary folder)."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(f"{project.resolve()}\0{sys.executable}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tunedeck-warm-{os.getuid()}-{digest}.sock"
+
+
+def start_project_server(path: Path) -> bool:
+    """Start the project's warm server at path (none answered there), detached: it outlives this stage, on purpose,
+    for the next. It imports with the default threads (a stage that sets OMP_NUM_THREADS sets its child's). Whether
+    it listens within BIND_WAIT_S."""
+    with contextlib.suppress(OSError):
+        path.unlink()  # a server killed without its cleanup left its socket file: nothing listens there
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DVC_STAGE", ENV)}
+    processes.spawn([sys.executable, "-m", "flows.stages.warm", str(path), str(BY_HAND_IDLE_S)], tie=False, group=True,
+                    cwd="/", env=env, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL)
+    deadline = time.monotonic() + BIND_WAIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def delegate(path: str, orphaned: str = "stop") -> int | None:
     """Run this stage process's module in the warm server at path (the process's warm setting), if there is one;
     its exit status, or None to run here."""
     main = sys.modules.get("__main__")
@@ -61,8 +118,9 @@ def delegate(path: str) -> int | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
-        env = {k: v for k, v in os.environ.items() if k != ENV}  # the stage's own children run plainly
-        request = WarmRequest(module=module, argv=sys.argv, cwd=os.getcwd(), env=env, executable=sys.executable)
+        env = {**os.environ, ENV: OFF}  # the stage's own children run plainly
+        request = WarmRequest(module=module, argv=sys.argv, cwd=os.getcwd(), env=env, executable=sys.executable,
+                              orphaned=orphaned)
         socket.send_fds(conn, [request.line()], [0, 1, 2])
         reader = conn.makefile("rb")
         first = FIRST_REPLY.validate_json(reader.readline())
@@ -91,14 +149,18 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
     """Import PRELOAD, then fork a child for each stage that connects to path, until idle for idle_s or told to stop.
 
     The socket is bound first: a stage that connects while the imports run waits in the backlog
-    for them to finish (less than starting its own), instead of finding no server.
+    for them to finish (less than starting its own), instead of finding no server. Another server already
+    listening at path (two stages started one at once): this one leaves.
     """
     import importlib
     import warnings
 
     signal.signal(signal.SIGTERM, stop_handler(path, os.getpid()))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    try:
+        listener.bind(path)
+    except OSError:
+        return
     listener.listen(8)
     listener.setblocking(False)
     children = processes.Children()  # each child's connection to its stand-in, kept to report the child's end
@@ -216,7 +278,7 @@ def _run_child(conn: socket.socket, request: WarmRequest, fds: list[int]) -> int
     sys.modules[CHILD] = types.ModuleType(CHILD)
     conn.settimeout(None)
     conn.sendall(WarmStarted(pid=os.getpid()).line())
-    threading.Thread(target=_watch, args=(conn,), daemon=True).start()
+    threading.Thread(target=_watch, args=(conn, request.orphaned == "kill"), daemon=True).start()
     try:
         runpy.run_module(request.module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
@@ -226,11 +288,14 @@ def _run_child(conn: socket.socket, request: WarmRequest, fds: list[int]) -> int
     return 0
 
 
-def _watch(conn: socket.socket) -> None:
-    """The stand-in closed its end (it died, even by SIGKILL): stop as its SIGTERM would, then for good."""
+def _watch(conn: socket.socket, kill: bool) -> None:
+    """The stand-in closed its end (it died, even by SIGKILL): stop as its SIGTERM would, then for good (kill: at
+    once)."""
     with contextlib.suppress(OSError):
         while conn.recv(4096):
             pass
+    if kill:
+        processes.send(os.getpid(), signal.SIGKILL)
     processes.send(os.getpid(), signal.SIGTERM)
     time.sleep(10)
     processes.send(os.getpid(), signal.SIGKILL)
@@ -284,4 +349,5 @@ class WarmStages:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], *(float(a) for a in sys.argv[2:3]))
+    os._exit(0)  # idle: gone now, not after a second of unwinding torch

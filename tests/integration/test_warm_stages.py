@@ -200,3 +200,39 @@ def test_a_child_killed_before_it_says_hello_still_ends_its_stage_process(warm, 
         time.sleep(0.005)
     kids[0].kill()  # this stage's child (killing the earlier one let this one train on: CI on 71a8b15)
     assert proc.wait(timeout=HANG_S) == 128 + signal.SIGKILL  # a hang guard
+
+
+def test_a_plain_dvc_repro_runs_its_torch_stages_in_the_projects_own_server_and_kill_9_ends_its_stage_at_once(tmp_path):
+    """No pipeline run: the first torch stage of a `dvc repro` starts the project's warm server (detached, for the
+    next stages and the next repro), the stages after it fork from it, and a kill -9 of a `dvc repro`'s process group
+    ends the stage's child at once, as it would end a stage in its own process. The outputs are a plain stage's:
+    test_a_warm_stage_writes_what_a_plain_one_writes_and_says_the_same."""
+    from flows.stages.warm import project_socket
+
+    project = make_project(tmp_path / "by-hand")
+    socket_path = project_socket(project)
+    run(project, "dvc", "repro", TUNEDECK_PREFECT="off")
+    assert (project / "export" / "model.onnx").is_file()
+    servers = [p for p in psutil.process_iter(["cmdline"]) if str(socket_path) in (p.info["cmdline"] or [])]
+    assert len(servers) == 1 and socket_path.exists(), "one warm server of the project's own, still listening"
+    server = servers[0]
+    try:
+        raw = yaml.safe_load((project / "params.yaml").read_text())
+        raw["train"]["epochs"] = 5000
+        (project / "params.yaml").write_text(yaml.safe_dump(raw))
+        err = (tmp_path / "repro.err").open("w")
+        proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, stdout=subprocess.DEVNULL, stderr=err,
+                                env=env(TUNEDECK_PREFECT="off", TUNEDECK_CHECKPOINTS=str(tmp_path / "ckpt")),
+                                start_new_session=True)
+        proc.said = lambda: Path(err.name).read_text()  # type: ignore[attr-defined]
+        child = wait_until(lambda: [k for k in server.children() if k.status() != psutil.STATUS_ZOMBIE], proc,
+                           "the train stage forked from the project's server")[0]
+        wait_for_training(tmp_path / "ckpt", proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # as a terminal's kill of the whole `dvc repro`
+        proc.wait()
+        gone, alive = psutil.wait_procs([child], timeout=HANG_S)  # a hang guard: it dies at once, not after a grace
+        assert not alive, f"the warm child {child.pid} outlived its `dvc repro`"
+        assert server.is_running(), "the server stays for the next repro"
+    finally:
+        with contextlib.suppress(psutil.Error):
+            server.terminate()
