@@ -103,6 +103,10 @@ def server_command(action: str, port: int, host: str = "127.0.0.1", database: st
     return 0
 
 
+WARM_COMMANDS = ("promote", "rollback", "predict", "monitor", "explain")
+"""The commands that import torch: run in the project's warm server (flows.stages.warm), started if none is up."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; bad input is one sentence on stderr and exit 2."""
     args = build_parser().parse_args(argv)
@@ -134,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             return federated_command(args.action, args.silos, args.config)
         if args.command in ("promote", "rollback", "registry", "predict", "monitor", "verify", "explain"):
             from cli.ship import run_ship_command
+            from flows.stages.warm import hand_over
+
+            if argv is None and args.command in WARM_COMMANDS and (status := hand_over(settings, "cli.main")) is not None:
+                return status
 
             return run_ship_command(args, settings)
         from tui.app import run_dashboard

@@ -21,6 +21,8 @@ class WarmRequest(BaseModel):
     cwd: str
     env: dict[str, str]
     executable: str
+    path0: str = ""
+    """the stand-in's sys.path[0] (its working directory for `python -m`, the script's folder for `tunedeck`)"""
     orphaned: Literal["stop", "kill"] = "stop"
     """what the child does when its stand-in dies (even by SIGKILL): stop as a SIGTERM would (a pipeline run's stage
     says how it ended), or die at once, as a stage in its own process would (a stage run by hand)"""

@@ -58,6 +58,8 @@ next stage of the same repro, or the next `dvc repro` soon after; short enough t
 virtual environment is what the next stage imports."""
 OFF = "off"
 """The warm setting that keeps every stage in its own process."""
+IMPORT_ENV = ("HF_", "HUGGINGFACE_", "TORCH", "PYTORCH", "TIMM", "XDG_", "PYTHON", "CUDA_", "LD_")
+"""The variables the preloaded libraries may read as they import: a project's server is one per set of their values."""
 BIND_WAIT_S = 5.0
 """How long a stage that started its project's server waits for it to listen (it binds before importing)."""
 
@@ -65,29 +67,32 @@ BIND_WAIT_S = 5.0
 # ---- the stage's side --------------------------------------------------------------------------
 
 
-def hand_over(settings: Settings) -> int | None:
-    """Run this stage process's work in a warm server, if it has one (see the module's doc): its exit status, or
-    None to run here."""
+def hand_over(settings: Settings, command: str | None = None) -> int | None:
+    """Run this stage process's work (or, with command, this `tunedeck` command's: its module) in a warm server, if
+    it has one (see the module's doc): its exit status, or None to run here."""
     if settings.warm == OFF or CHILD in sys.modules:
         return None
     if settings.warm:
-        return delegate(settings.warm)
-    if "DVC_STAGE" not in os.environ or "RANK" in os.environ:  # not run by DVC, or a DDP rank (its torchrun's child)
-        return None
+        return delegate(settings.warm, module=command)
+    if command is None and ("DVC_STAGE" not in os.environ or "RANK" in os.environ):
+        return None  # a stage not run by DVC, or a DDP rank (its torchrun's child)
     path = project_socket(Path.cwd())
-    status = delegate(str(path), orphaned="kill")
+    status = delegate(str(path), orphaned="kill", module=command)
     if status is None and start_project_server(path):
-        status = delegate(str(path), orphaned="kill")
+        status = delegate(str(path), orphaned="kill", module=command)
     return status
 
 
-def project_socket(project: Path) -> Path:
-    """The socket of the project's own warm server: one per folder and Python (a unix socket's path is limited to
-    107 bytes, so it is named by a digest, in the temporary folder)."""
+def project_socket(project: Path, environ: dict[str, str] | None = None) -> Path:
+    """The socket of the project's own warm server: one per folder, Python and the variables its imports read
+    (IMPORT_ENV: huggingface_hub reads its cache folders and offline flag at import, so a command with others gets a
+    server of its own). A unix socket's path is limited to 107 bytes: it is named by a digest, in the temporary
+    folder."""
     import hashlib
     import tempfile
 
-    digest = hashlib.sha256(f"{project.resolve()}\0{sys.executable}".encode()).hexdigest()[:16]
+    read = sorted((k, v) for k, v in (os.environ if environ is None else environ).items() if k.startswith(IMPORT_ENV))
+    digest = hashlib.sha256(repr((str(project.resolve()), sys.executable, read)).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"tunedeck-warm-{os.getuid()}-{digest}.sock"
 
 
@@ -108,11 +113,11 @@ def start_project_server(path: Path) -> bool:
     return True
 
 
-def delegate(path: str, orphaned: str = "stop") -> int | None:
-    """Run this stage process's module in the warm server at path (the process's warm setting), if there is one;
-    its exit status, or None to run here."""
+def delegate(path: str, orphaned: str = "stop", module: str | None = None) -> int | None:
+    """Run this stage process's module (or module) in the warm server at path (the process's warm setting), if there
+    is one; its exit status, or None to run here."""
     main = sys.modules.get("__main__")
-    module = getattr(getattr(main, "__spec__", None), "name", None)
+    module = module or getattr(getattr(main, "__spec__", None), "name", None)
     if not path or not module:
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,7 +125,7 @@ def delegate(path: str, orphaned: str = "stop") -> int | None:
         conn.connect(path)
         env = {**os.environ, ENV: OFF}  # the stage's own children run plainly
         request = WarmRequest(module=module, argv=sys.argv, cwd=os.getcwd(), env=env, executable=sys.executable,
-                              orphaned=orphaned)
+                              orphaned=orphaned, path0=sys.path[0])
         socket.send_fds(conn, [request.line()], [0, 1, 2])
         reader = conn.makefile("rb")
         first = FIRST_REPLY.validate_json(reader.readline())
@@ -273,7 +278,7 @@ def _run_child(conn: socket.socket, request: WarmRequest, fds: list[int]) -> int
         torch.set_num_threads(int(threads))
     for name in [m for m in sys.modules if m == "flows" or m.startswith("flows.")]:
         del sys.modules[name]  # the stage's code is its workspace's, not the server's
-    sys.path[0] = request.cwd
+    sys.path[0] = request.path0 or request.cwd  # where the stand-in imports from: its folder for -m, a script's own
     sys.argv = list(request.argv)
     sys.modules[CHILD] = types.ModuleType(CHILD)
     conn.settimeout(None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -202,21 +203,34 @@ def test_a_child_killed_before_it_says_hello_still_ends_its_stage_process(warm, 
     assert proc.wait(timeout=HANG_S) == 128 + signal.SIGKILL  # a hang guard
 
 
-def test_a_plain_dvc_repro_runs_its_torch_stages_in_the_projects_own_server_and_kill_9_ends_its_stage_at_once(tmp_path):
+def test_a_plain_dvc_repro_and_tunedeck_commands_fork_from_the_projects_own_server_and_kill_9_ends_a_stage_at_once(
+        tmp_path):
     """No pipeline run: the first torch stage of a `dvc repro` starts the project's warm server (detached, for the
-    next stages and the next repro), the stages after it fork from it, and a kill -9 of a `dvc repro`'s process group
-    ends the stage's child at once, as it would end a stage in its own process. The outputs are a plain stage's:
-    test_a_warm_stage_writes_what_a_plain_one_writes_and_says_the_same."""
+    next stages and the next repro), the stages after it fork from it, so do `tunedeck` commands that import torch,
+    with the same output and exit status as in their own process, and a kill -9 of a `dvc repro`'s process group
+    ends the stage's child at once, as it would end a stage in its own process. A warm stage's outputs are a plain
+    one's: test_a_warm_stage_writes_what_a_plain_one_writes_and_says_the_same."""
     from flows.stages.warm import project_socket
 
     project = make_project(tmp_path / "by-hand")
-    socket_path = project_socket(project)
+    socket_path = project_socket(project, env(TUNEDECK_PREFECT="off"))
     run(project, "dvc", "repro", TUNEDECK_PREFECT="off")
     assert (project / "export" / "model.onnx").is_file()
     servers = [p for p in psutil.process_iter(["cmdline"]) if str(socket_path) in (p.info["cmdline"] or [])]
     assert len(servers) == 1 and socket_path.exists(), "one warm server of the project's own, still listening"
     server = servers[0]
     try:
+        run(project, "tunedeck", "promote", TUNEDECK_PREFECT="off")
+        served = sum(server.cpu_times()[2:4])  # the CPU time of the server's children, once each is reaped
+        said = {}
+        for mode in ("", "off"):
+            out = tmp_path / "labels.csv"
+            good = run(project, "tunedeck", "predict", "--input", "data/tiny", "--out", str(out), TUNEDECK_WARM=mode)
+            bad = run(project, "tunedeck", "predict", "--input", "nowhere", "--out", str(out), check=False, TUNEDECK_WARM=mode)
+            said[mode] = re.sub(r" in [\d.]+ s ", " ", good.stdout), out.read_text(), bad.returncode, bad.stderr
+            if mode == "":
+                assert sum(server.cpu_times()[2:4]) > served, "the commands did not run as forks of the project's server"
+        assert said[""] == said["off"] and said[""][2] == 2 and "does not exist" in said[""][3], said
         raw = yaml.safe_load((project / "params.yaml").read_text())
         raw["train"]["epochs"] = 5000
         (project / "params.yaml").write_text(yaml.safe_dump(raw))
