@@ -17,9 +17,12 @@ project's own server in the same way (`hand_over`): the first torch stage starts
 a session of its own, no file of the stage's held open), later stages find it at a socket named
 after the project's folder and the Python, and it exits after BY_HAND_IDLE_S with nothing to do.
 There a stand-in killed even by SIGKILL takes its child with it at once, as a stage in its own
-process would die. A stage not run by DVC (`python -m flows.stages.train` typed by hand, the
-tests' direct calls), a DDP rank, `TUNEDECK_WARM=off`, or a server that cannot be reached: the
-stage runs in its own process, as before: only slower, never different.
+process would die. The `tunedeck` commands that import torch (predict, monitor, promote, ...)
+use it too. A project's server is Linux's only (a fork after importing torch is not safe on
+macOS). A stage not run by DVC (`python -m flows.stages.train` typed by hand, the tests' direct
+calls), a DDP rank, `TUNEDECK_WARM=off`, or a server that cannot be reached: the stage runs in
+its own process, as before: only slower, never different. Every server's socket is its user's
+alone (mode 0700), and it serves no other user (SO_PEERCRED).
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ def hand_over(settings: Settings, command: str | None = None) -> int | None:
         return None
     if settings.warm:
         return delegate(settings.warm, module=command)
-    if command is None and ("DVC_STAGE" not in os.environ or "RANK" in os.environ):
-        return None  # a stage not run by DVC, or a DDP rank (its torchrun's child)
+    if sys.platform != "linux" or (command is None and ("DVC_STAGE" not in os.environ or "RANK" in os.environ)):
+        return None  # not Linux (a fork after importing torch is not safe on macOS), a stage not run by DVC, a DDP rank
     path = project_socket(Path.cwd())
     status = delegate(str(path), orphaned="kill", module=command)
     if status is None and start_project_server(path):
@@ -162,10 +165,13 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
 
     signal.signal(signal.SIGTERM, stop_handler(path, os.getpid()))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mask = os.umask(0o077)  # the socket is its user's alone: whoever may connect runs code as this user
     try:
         listener.bind(path)
     except OSError:
         return
+    finally:
+        os.umask(mask)
     listener.listen(8)
     listener.setblocking(False)
     children = processes.Children()  # each child's connection to its stand-in, kept to report the child's end
@@ -226,12 +232,13 @@ def _report(children: processes.Children) -> None:
 def _start(conn: socket.socket, listener: socket.socket) -> int | None:
     """Fork the child that runs one stage; the server keeps its end of conn to report the child's end.
 
-    A stage of another Python (another virtual environment) is refused: it runs in its own process.
+    A stage of another Python (another virtual environment) is refused: it runs in its own process. So is anyone
+    but this server's own user (the socket is theirs alone too: serve).
     """
     conn.settimeout(10)
     message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     request = WarmRequest.model_validate_json(message)
-    if request.executable != sys.executable or len(fds) != 3:
+    if request.executable != sys.executable or len(fds) != 3 or not _same_user(conn):
         for fd in fds:
             os.close(fd)
         conn.close()
@@ -252,6 +259,17 @@ def _start(conn: socket.socket, listener: socket.socket) -> int | None:
         code = 1
     _exit(conn, code)
     raise AssertionError  # unreachable
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the process at the other end of conn runs as this one's user (Linux: SO_PEERCRED; elsewhere the
+    socket file's mode alone guards it)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    import struct
+
+    _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid == os.getuid()
 
 
 def _run_child(conn: socket.socket, request: WarmRequest, fds: list[int]) -> int:

@@ -218,6 +218,7 @@ def test_a_plain_dvc_repro_and_tunedeck_commands_fork_from_the_projects_own_serv
     assert (project / "export" / "model.onnx").is_file()
     servers = [p for p in psutil.process_iter(["cmdline"]) if str(socket_path) in (p.info["cmdline"] or [])]
     assert len(servers) == 1 and socket_path.exists(), "one warm server of the project's own, still listening"
+    assert socket_path.stat().st_mode & 0o077 == 0, "whoever may connect runs code as this user: the owner alone"
     server = servers[0]
     try:
         run(project, "tunedeck", "promote", TUNEDECK_PREFECT="off")
