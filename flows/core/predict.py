@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from flows.contracts import ModelMeta
+from flows.core.atomic import replace_atomically
 from flows.core.calibration import softmax
 from flows.core.errors import TunedeckError
 from flows.core.images import decode_image
@@ -276,24 +277,12 @@ def write_predictions(pred: Predictions, out: Path) -> None:
     if out.suffix.lower() not in writers:
         raise TunedeckError(f"output '{out}' is neither .parquet nor .csv: name the output file with one of those suffixes.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(out, lambda tmp: writers[out.suffix.lower()](pred, tmp))
+    replace_atomically(out, lambda tmp: writers[out.suffix.lower()](pred, tmp))
     errors = out.with_name(f"{out.stem}.errors.csv")
     if pred.failures:
-        _atomic(errors, lambda tmp: _write_csv_rows(tmp, ["path", "reason"], ([f.path, f.reason] for f in pred.failures)))
+        replace_atomically(errors, lambda tmp: _write_csv_rows(tmp, ["path", "reason"], ([f.path, f.reason] for f in pred.failures)))
     else:
         errors.unlink(missing_ok=True)  # one left by an earlier run would blame files this run read fine
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp) then rename over path: a reader sees the old file or the whole new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_parquet(pred: Predictions, path: Path) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from flows.contracts.federated import PrivacyParams
+from flows.core.atomic import replace_atomically
 from flows.core.errors import TunedeckError
 
 MAX_NOISE = 20.0  # above this, DP-SGD's noise drowns any signal a silo's gradients carry
@@ -53,9 +54,8 @@ class Ledger:
             return float(accountant.get_epsilon(delta=delta))
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps({"accountant": self.accountant, "history": self.history}))
-        path.with_suffix(".tmp").replace(path)
+        data = json.dumps({"accountant": self.accountant, "history": self.history})
+        replace_atomically(path, lambda tmp: tmp.write_text(data))
 
     @classmethod
     def load(cls, path: Path, accountant: str) -> Ledger:
@@ -79,13 +79,18 @@ class Plan:
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
 
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Poisson batches an epoch draws: as many as plain batches of batch_size would cover the images."""
+    return max(1, round(images / batch_size))
+
+
 def plan(cfg: PrivacyParams, images: int, batch_size: int, epochs_per_round: int, rounds: int) -> Plan:
     """The silo's plan for the run; one sentence when it cannot keep the promise (too few images, an unreachable ε)."""
     if images < batch_size:
         raise TunedeckError(f"this silo has {images} images, fewer than one batch ({batch_size}): DP-SGD samples batches "
                             "of that expected size, so lower train.batch_size or leave this silo out.")
     q = batch_size / images
-    steps = epochs_per_round * max(1, round(images / batch_size))
+    steps = epochs_per_round * steps_per_epoch(images, batch_size)
     delta = cfg.delta if cfg.delta is not None else 1.0 / images
     sigma = cfg.noise_multiplier
     if sigma is None:
@@ -156,7 +161,7 @@ class Private:
     def batches(self, images: int, epoch: int, seed: int) -> list[torch.Tensor]:
         """The epoch's Poisson batches: steps_per_epoch draws, each image in each with probability q."""
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        steps = max(1, round(images / self.batch_size))
+        steps = steps_per_epoch(images, self.batch_size)
         return [torch.nonzero(torch.rand(images, generator=gen) < self.plan.sample_rate).flatten() for _ in range(steps)]
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ reuse the update they trained, kept in their own clone), never unmasked partiall
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -33,17 +32,13 @@ def key_file(task: SiloTask, name: str) -> Path:
 
 def own_public_key(task: SiloTask, name: str) -> str:
     """This silo's public key (hex) for the run, its private key made once and kept on this host, mode 0600."""
+    from flows.core.atomic import replace_atomically
     from flows.core.secagg import keypair
 
     path = key_file(task, name)
     if not path.is_file():
         private, public = keypair()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_suffix(".tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(private + public)
-        os.replace(temp, path)
+        replace_atomically(path, lambda tmp: tmp.write_bytes(private + public), mode=0o600)
     return path.read_bytes()[32:].hex()
 
 

@@ -179,6 +179,6 @@ def _load(path: Path):
 def _save(path: Path, state: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path.with_suffix(".tmp")))
-    os.replace(path.with_suffix(".tmp"), path)
+    from flows.core.atomic import replace_atomically
+
+    replace_atomically(path, lambda tmp: save_file(state, str(tmp)))
