@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpus", help="GPU indices this worker hands out, e.g. 0,1 (default: CPU only)")
     worker.add_argument("--git-pull", action="store_true",
                         help="git pull --ff-only this clone before each run (for remote GPU hosts)")
+    worker.add_argument("--price-per-hour", type=float, metavar="P",
+                        help="what a device-hour (a GPU, or the CPU) of this host costs: each run's cost, beside its energy")
     worker.add_argument("--cpu-slots", type=int, default=1, metavar="N",
                         help="without --gpus: runs at once on the CPU, each with its share of the cores (default 1)")
     add_ship_commands(sub)
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from flows.host.worker import run_worker
 
+            if args.price_per_hour is not None:
+                if not 0 <= args.price_per_hour < float("inf"):
+                    raise TunedeckError(f"--price-per-hour {args.price_per_hour}: give a price of 0 or more.")
+                settings = settings.but(price_per_hour=args.price_per_hour)
             return run_worker(settings, args.pool, args.gpus, args.git_pull, args.cpu_slots)
         if args.command == "federated":
             from cli.federated import federated_command

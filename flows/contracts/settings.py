@@ -66,6 +66,8 @@ class Settings(BaseModel):
     ddp_node_rank: int | None = Field(None, ge=0)
     ddp_master: str = ""
     """a run over several hosts: this host's place (flows.contracts.placement), set by the run that placed it"""
+    price_per_hour: float | None = Field(None, ge=0)
+    """what a device-hour of this host costs (a worker's --price-per-hour): each run's cost (flows.gateways.power)"""
     silo_data: Path | None = None
     """a federated silo's images, which never leave its host"""
 
@@ -117,6 +119,8 @@ def _takes(name: str, message: str) -> str:
         return "use lines, or leave it unset"
     if name in ("checkpoint_remote", "git_pull", "cpu_bf16"):
         return "use 1 or 0 (on or off)"
+    if name == "price_per_hour":
+        return "use a price per device-hour, 0 or more (e.g. 2.5)"
     if name == "zombie_after_s":
         return f"use a whole number of seconds above {HEARTBEAT_S} (the heartbeat period)"
     return message[0].lower() + message[1:]

@@ -67,6 +67,7 @@ class TrainResult:
     oom_events: int
     precision: str = "fp32"  # bf16, fp16 or fp32: what autocast ran in
     precision_reason: str = ""  # why (train.precision, or what auto found on the device)
+    device: str = "cpu"  # where it trained (torch's name: cuda:1, mps, cpu)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg):
@@ -203,7 +204,7 @@ class Trainer(TrainerFiles):
             best_epoch=self.state.best.epoch + 1, val_accuracy=self.state.best.val_acc, weights_from=self.weights_from,
             seconds=time.perf_counter() - start, model_sha256=result.get("sha256", ""), epochs_run=epoch + 1,
             resumed_at=resumed_at, oom_events=self.state.oom_events, precision=self.precision.name,
-            precision_reason=self.precision.reason,
+            precision_reason=self.precision.reason, device=str(self.device),
         )
 
     def train_round(self, first: int, epochs: int) -> float:

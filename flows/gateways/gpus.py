@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from flows.contracts import GpuReading
 MAX_USED_FRACTION = 0.10  # a GPU with more memory in use than this is busy
 MAX_UTILISATION = 10  # percent
 MIB = 1024**2
+STAND_IN_WATTS = 100
+"""What a stand-in GPU's energy counter says it draws."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,11 @@ class StandInNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list:  # noqa: N802
         return []
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: int) -> int:  # noqa: N802
+        """A counter in mJ as if the GPU drew STAND_IN_WATTS since the epoch: the same in every process, so a test
+        knows what a run of T seconds on it used (STAND_IN_WATTS x T)."""
+        return int(time.time() * STAND_IN_WATTS * 1000)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("nvmlDevice"):
@@ -191,6 +199,16 @@ def gpu_states() -> list[GpuState]:
         used = memory.used / max(memory.total, 1) if memory is not None else 0.0
         states.append(GpuState(i, used, util.gpu if util is not None else 0))
     return states
+
+
+def index_by_uuid(uuid: str) -> int | None:
+    """The NVML index of the GPU with this CUDA UUID (torch's device properties name it): CUDA numbers devices its own
+    way (fastest first, then CUDA_VISIBLE_DEVICES), NVML by PCI bus. None without NVML or on a stand-in GPU."""
+    nvml, _ = load_nvml()
+    if nvml is None or getattr(nvml, "STAND_IN", False):
+        return None
+    handle = get(nvml.nvmlDeviceGetHandleByUUID, uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    return get(nvml.nvmlDeviceGetIndex, handle) if handle is not None else None
 
 
 def free_bytes_by_uuid(uuid: str) -> int | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.runtime import flow_run, task_run
 
-from flows.contracts import StageProgress, eval_scores
+from flows.contracts import LABEL, StageProgress, eval_scores
 from flows.gateways import prefect_api
 
 
@@ -114,3 +114,17 @@ def label_scores(ws: Path) -> None:
         return
     if scores:
         label_run(StageProgress.scores("evaluate", scores).labels(), must=True)
+
+
+def label_cost(ws: Path) -> None:
+    """The training's energy, device-hours and cost (the train stage wrote them to dvclive/metrics.json:
+    flows.gateways.power) on the run's labels, e.g. tunedeck.energy.gpu_wh, tunedeck.cost.total ("unknown" where a
+    counter could not be read); a train stage DVC found up to date: the figures of the training that made its model."""
+    try:
+        summary = json.loads((ws / "dvclive/metrics.json").read_text())
+    except (OSError, ValueError):
+        return
+    labels = {f"{LABEL}{group}.{name}": value for group in ("energy", "cost")
+              for name, value in (summary.get(group) or {}).items()}
+    if labels:
+        label_run(labels, must=True)

@@ -26,7 +26,7 @@ from flows.gateways import prefect_api
 from flows.gateways.dvc.cli import sync
 from flows.gateways.git import git, head, host_lock
 from flows.run import workspace
-from flows.run.labels import flush_labels, label_run, label_scores
+from flows.run.labels import flush_labels, label_cost, label_run, label_scores
 from flows.run.multinode import train_across_nodes
 from flows.run.session import dvc_session, open_session, run_stage, stage_env
 from flows.run.slot import device_slot
@@ -75,6 +75,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
             else:
                 run_stage(stage, stage_env(slot, stages_settings.but(warm=warm.socket_path())))
         label_scores(ws)
+        label_cost(ws)
         if push:
             sync("push", cwd=ws, on_line=logger.info)
         # one gate at a time on this clone: two runs ending together would both judge against the same

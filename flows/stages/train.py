@@ -24,11 +24,15 @@ def work(params: Params, settings: Settings) -> dict:
     """
     from flows.core.distributed import current_world
     from flows.core.train import train
+    from flows.gateways.power import EnergyMeter
 
     warn_if_untracked_weights(params)
     mirror = checkpoint_mirror(params, settings)
+    meter = EnergyMeter.for_host() if "RANK" not in os.environ else None  # the stage's process measures, not a rank
     if (params.base.devices > 1 or params.base.nodes > 1) and "RANK" not in os.environ:
-        return launch_ddp(params, settings)
+        summary = launch_ddp(params, settings)
+        devices = [f"cuda:{i}" for i in range(params.base.devices)] if params.base.device != "cpu" else ["cpu"]
+        return {**summary, **record_energy(meter, devices, settings)}
     tracker = LiveTracker(params.train.epochs, settings, mirror)
     try:
         result = train(params, PREPARED, MODELS, tracker, checkpoints_base(settings.checkpoints), settings.cpu_bf16)
@@ -37,6 +41,7 @@ def work(params: Params, settings: Settings) -> dict:
     if current_world().rank:
         return {}
     return {
+        **record_energy(meter, [result.device], settings),
         "model_sha256": result.model_sha256,
         "best_epoch": result.best_epoch,
         "val_accuracy": result.val_accuracy,
@@ -48,6 +53,38 @@ def work(params: Params, settings: Settings) -> dict:
         "precision": result.precision,
         "precision_reason": result.precision_reason,
     }
+
+
+def record_energy(meter, devices: list[str], settings: Settings) -> dict:
+    """The training's energy, device-hours and cost (flows.gateways.power) added to dvclive/metrics.json, so
+    `dvc exp show` has them beside the accuracy, and returned for the stage's summary (a run's labels)."""
+    import json
+
+    from flows.core.atomic import replace_atomically
+    from flows.gateways.gpus import index_by_uuid
+    from flows.gateways.power import cpu_share
+
+    if meter is None:
+        return {}
+    cuda = [d for d in devices if d.startswith("cuda")]
+    used: list[int] | None = []
+    if cuda:
+        import torch
+
+        used = [index_by_uuid(str(torch.cuda.get_device_properties(torch.device(d)).uuid)) for d in cuda]
+        used = None if None in used else used  # a device NVML cannot name: its energy is unknown
+    energy = meter.stop(used, held=len(cuda), cpu_share=1.0 if cuda else cpu_share())
+    metrics = energy.metrics(settings.price_per_hour)
+    path = TRAIN_LIVE / "metrics.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = {}
+    for key, value in metrics.items():  # nested by "/", as dvclive writes its own
+        group, name = key.split("/")
+        summary.setdefault(group, {})[name] = value
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=4) + "\n"))
+    return metrics
 
 
 class LiveTracker:

@@ -89,6 +89,8 @@ def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
     assert flow_run["state_type"] == "COMPLETED", logs(url, flow_run["id"])[-2000:]
     assert flow_run["name"] in run(project, "dvc", "exp", "show", "--csv").stdout, "the run is a DVC experiment"
     assert {t.split(":")[0] for t in flow_run["tags"]} >= {"data", "model"}, flow_run["tags"]
+    labels = flow_run["labels"]  # the training's cost and energy: on a CPU here ("unknown" where RAPL is unreadable)
+    assert labels.get("tunedeck.cost.device_hours", 0) > 0 and "tunedeck.energy.cpu_wh" in labels, labels
     pushed = list((project / "dvc-remote").rglob("*"))
     assert any(p.is_file() for p in pushed), "dvc push put nothing on the remote"
     assert "holding GPU 0" in logs(url, flow_run["id"])

@@ -49,17 +49,18 @@ def reproduced(project, prefect):
     """
     before = len(flow_runs(prefect))
     files_before = set((project / ".tunedeck" / "runs").glob("*.json"))  # a stage killed by another test leaves its own
-    first = run(project, "dvc", "repro")
+    first = run(project, "dvc", "repro", TUNEDECK_PRICE_PER_HOUR="2.5")  # a price per device-hour: the run's cost
     runs = flow_runs(prefect)[before:]
     ids = [r["id"] for r in api(prefect, "flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})[before:]]
     left = set((project / ".tunedeck" / "runs").glob("*.json")) - files_before
     scores = scores_of(project)  # now: a later test may train another model (CI on 71a8b15, seed 8512)
+    cost = json.loads((project / "dvclive" / "metrics.json").read_text())["cost"]  # the same
     second = run(project, "dvc", "repro")
-    return first, runs, second, len(flow_runs(prefect)) - before - len(runs), ids, left, scores
+    return first, runs, second, len(flow_runs(prefect)) - before - len(runs), ids, left, scores, cost
 
 
 def test_dvc_repro_runs_every_stage_as_a_completed_flow_run(project, prefect, reproduced):
-    proc, runs, _, _, ids, left, scores = reproduced
+    proc, runs, _, _, ids, left, scores, _ = reproduced
     assert "Running stage 'evaluate'" in proc.stdout
     for out in ("data/prepared/train_x.npy", "models/model.safetensors", "models/model.json", "eval/metrics.json",
                 "eval/reliability.json", "export/model.onnx"):
@@ -118,19 +119,32 @@ def test_every_evaluate_run_carries_its_test_scores(project, prefect, reproduced
 
 
 def test_second_repro_is_a_noop(reproduced):
-    _, _, second, new_runs, _, _, _ = reproduced
+    _, _, second, new_runs, _, _, _, _ = reproduced
     assert "Data and pipelines are up to date" in second.stdout
     assert new_runs == 0
 
 
 def test_metrics_plots_and_experiments(project, reproduced):
+    """Also the training's energy and cost (flows.gateways.power) among the metrics `dvc exp show` has: the CPU's
+    energy where RAPL is readable here, "unknown" where not, never zero."""
+    from flows.gateways.power import rapl_packages, read_rapl
+
     metrics = json.loads(run(project, "dvc", "metrics", "show", "--json").stdout)
     assert "accuracy" in json.dumps(metrics)
+    cost = reproduced[7]  # the first repro's, priced at 2.5 a device-hour
+    assert cost["price_per_hour"] == 2.5 and cost["total"] == pytest.approx(cost["device_hours"] * 2.5, abs=1e-6), cost
     run(project, "dvc", "plots", "show", "-o", "plots")
     assert (project / "plots" / "index.html").is_file()
     run(project, "dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
     shown = run(project, "dvc", "exp", "show", "--csv").stdout
     assert "one-epoch" in shown and "train.epochs" in shown
+    header, *rows = shown.splitlines()
+    assert "energy.cpu_wh" in header and "cost.device_hours" in header, header
+    row = next(dict(zip(header.split(","), r.split(","), strict=False)) for r in rows if "one-epoch" in r)
+    cpu_wh = row[next(k for k in row if k.endswith("energy.cpu_wh"))]
+    readable = read_rapl(rapl_packages()) is not None
+    assert (float(cpu_wh) > 0) if readable else cpu_wh == "unknown", row
+    assert float(row[next(k for k in row if k.endswith("cost.device_hours"))]) > 0, row
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ from tui.providers.models import Curves, Experiment, Progress, Registry, Registr
 
 CURVES = ("train/loss", "val/loss", "val/acc")
 PLOTS = "dvclive/plots/metrics"
+UNKNOWN = "unknown"
+"""A metric's value where a run could not measure it (flows.gateways.power: an energy counter it could not read)."""
 
 
 def parse_tsv(text: str, metric: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -55,9 +57,10 @@ def _row(entry: dict, name: str) -> Experiment:
     params: dict[str, Any] = {}
     for content in (data.get("params") or {}).values():
         params.update(flatten(content.get("data") or {}))
-    metrics: dict[str, float] = {}
-    for content in (data.get("metrics") or {}).values():
-        metrics.update({k: v for k, v in flatten(content.get("data") or {}).items() if isinstance(v, int | float)})
+    metrics: dict[str, float | str] = {}
+    for content in (data.get("metrics") or {}).values():  # "unknown": a counter a run could not read (energy.cpu_wh)
+        metrics.update({k: v for k, v in flatten(content.get("data") or {}).items()
+                        if isinstance(v, int | float) or v == UNKNOWN})
     rev = str(entry.get("rev", ""))
     return Experiment(name, "" if rev == "workspace" else rev[:7], tuple((k, str(v)) for k, v in params.items()),
                       tuple(sorted(metrics.items())))

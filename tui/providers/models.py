@@ -202,7 +202,8 @@ class Experiment:
     name: str
     rev: str
     params: tuple[tuple[str, str], ...]
-    metrics: tuple[tuple[str, float], ...]
+    metrics: tuple[tuple[str, float | str], ...]
+    """numbers, or "unknown" where a run could not measure one (its CPU energy without RAPL)"""
     running: str = ""
     """What the flow run making this experiment does now ("train 8/12"); empty for a saved experiment."""
 
