@@ -171,6 +171,9 @@ class Reporter:
                 self.server_down()
                 return self.end
             elif "done" in message:
+                if self.progress_task is not None:  # the newest epoch first: a finished run shows its last epoch k/N
+                    with contextlib.suppress(Exception):  # each labels write has its own timeout (send_labels)
+                        await asyncio.shield(self.progress_task)
                 return await self.done(message["done"])
 
     async def done(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +191,9 @@ class Reporter:
         return summary
 
     def publish_progress(self, raw) -> None:
-        """A training epoch's progress as the run's labels, in the background: the relay never waits on it.
+        """A training epoch's progress as the run's labels, in the background: the relay waits on it only at the
+        stage's successful end (a stage forked warm can train a tiny model's epochs and end within a second, and the
+        newest epoch, dropped at the end, left its run with no progress at all: CI on c1d743f).
 
         Only the newest epoch matters, so one waiting replaces another; a server that is down
         loses these updates (the stage's log has every epoch), never the run's end.
