@@ -81,10 +81,10 @@ class Energy:
         if self.gpus:
             out["energy/gpu_wh"] = UNKNOWN if self.gpu_wh is None else round(self.gpu_wh, 4)
         out["energy/cpu_wh"] = UNKNOWN if self.cpu_wh is None else round(self.cpu_wh, 4)
-        out["cost/device_hours"] = round(self.device_hours, 6)
-        if price_per_hour is not None:
+        hours = out["cost/device_hours"] = round(self.device_hours, 6)
+        if price_per_hour is not None:  # from the hours shown, so that a reader's own product agrees with it
             out["cost/price_per_hour"] = price_per_hour
-            out["cost/total"] = round(self.device_hours * price_per_hour, 6)
+            out["cost/total"] = round(hours * price_per_hour, 6)
         return out
 
 

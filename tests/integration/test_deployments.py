@@ -186,11 +186,18 @@ def model_sha256(url: str, run_id: str) -> str:
 
 
 def _process_tree(run_id: str) -> list[psutil.Process]:
-    """The run's flow-run process (the worker started it with PREFECT__FLOW_RUN_ID) and all below it."""
-    for proc in psutil.process_iter(["pid"]):
+    """The run's flow-run process (the worker started it with PREFECT__FLOW_RUN_ID) and all below it.
+
+    The first started of the processes carrying the run's id, not the lowest pid: its stages and their servers
+    inherit the variable, and once pids wrap (32768 of them go quickly in a full suite) one of those can have a
+    lower pid than the flow-run process: killing that tree alone left the run alive (CI on 43102a9)."""
+    carrying = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
         if _env(proc).get("PREFECT__FLOW_RUN_ID") == run_id:
-            with contextlib.suppress(psutil.Error):
-                return [proc, *proc.children(recursive=True)]
+            carrying.append(proc)
+    for proc in sorted(carrying, key=lambda p: (p.info["create_time"], p.pid)):
+        with contextlib.suppress(psutil.Error):
+            return [proc, *proc.children(recursive=True)]
     return []
 
 

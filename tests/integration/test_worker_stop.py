@@ -100,7 +100,8 @@ def test_a_run_whose_process_dies_during_a_server_outage_is_crashed_soon_after_t
         # could record its end; the outage goes on until then
         deadline = time.monotonic() + STOP_GUARD_S  # a hang guard
         while f"Failed to update state of flow run '{run_id}'" not in log.read_text():
-            assert time.monotonic() < deadline, "the worker never tried to report the dead run"
+            assert time.monotonic() < deadline, "the worker never tried to report the dead run:\n" + "\n".join(
+                line[:200] for line in log.read_text().splitlines()[-40:])
             time.sleep(0.2)
         assert server.start(port, root=project) == url
         restarted = time.monotonic()
