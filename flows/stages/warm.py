@@ -103,6 +103,8 @@ def start_project_server(path: Path) -> bool:
     """Start the project's warm server at path (none answered there), detached: it outlives this stage, on purpose,
     for the next. It imports with the default threads (a stage that sets OMP_NUM_THREADS sets its child's). Whether
     it listens within BIND_WAIT_S."""
+    if _listens(path):
+        return False  # a live server refused this request (another Python, a peer it does not serve): keep it
     with contextlib.suppress(OSError):
         path.unlink()  # a server killed without its cleanup left its socket file: nothing listens there
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DVC_STAGE", ENV)}
@@ -113,6 +115,15 @@ def start_project_server(path: Path) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
+    return True
+
+
+def _listens(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
     return True
 
 

@@ -192,6 +192,31 @@ def test_without_a_server_the_stage_runs_in_its_own_process(project, tmp_path):
     assert proc.returncode == 0 and "evaluate done:" in proc.stderr, proc.stderr
 
 
+def test_a_live_server_that_refuses_a_request_keeps_its_socket(tmp_path):
+    """A server listening at the project's socket that refuses this request (another Python, another user) is left
+    alone: the command runs in its own process, and the socket is neither removed nor taken by a new server."""
+    import socket
+    import threading
+
+    from flows.stages.warm import delegate, start_project_server
+
+    path = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(str(path))
+        listening.listen()
+
+        def refuse() -> None:  # as the server does with a request it will not serve: it closes the connection
+            for _ in range(2):
+                listening.accept()[0].close()
+
+        refusing = threading.Thread(target=refuse, daemon=True)
+        refusing.start()
+        assert delegate(str(path), module="flows.stages.evaluate") is None
+        assert start_project_server(path) is False
+        refusing.join(timeout=HANG_S)  # a hang guard
+        assert path.exists() and not refusing.is_alive()
+
+
 def test_a_child_killed_before_it_says_hello_still_ends_its_stage_process(warm, long_params, long_train):
     """Killed right after the fork: the stand-in gets 137 from the server, and must not run the stage itself."""
     proc = long_train()
