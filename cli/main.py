@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("action", choices=["deploy", "run"], help="deploy: pools silo-NAME + deployments; run: the coordinator")
     fed.add_argument("silos", nargs="*", metavar="NAME", help="deploy: the silos' names")
     fed.add_argument("--config", type=Path, default=Path("federated.yaml"), help="run: the settings file (default federated.yaml)")
+    plan = sub.add_parser("plan", help="each host's expected time and cost for a run of the current params, from past runs")
+    plan.add_argument("--deadline", metavar="DURATION", help="e.g. 45m or 2h: pick the cheapest host that meets it")
+    plan.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="a param override, as dvc exp run -S takes it (repeatable), e.g. train.epochs=20")
+    plan.add_argument("--run", action="store_true", help="start the pipeline deployment on the picked host")
     dash = sub.add_parser("dash", help="the terminal dashboard: GPUs, runs, deployments, experiments")
     dash.add_argument("--demo", action="store_true", help="fake GPUs, runs and deployments: no GPU or server needed")
     dash.add_argument("--readonly", action="store_true", help="hide every action (cancel, retry, pause, run)")
@@ -138,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                     raise TunedeckError(f"--price-per-hour {args.price_per_hour}: give a price of 0 or more.")
                 settings = settings.but(price_per_hour=args.price_per_hour)
             return run_worker(settings, args.pool, args.gpus, args.git_pull, args.cpu_slots)
+        if args.command == "plan":
+            from cli.plan import plan_command
+
+            return plan_command(args.deadline, args.overrides, args.run)
         if args.command == "federated":
             from cli.federated import federated_command
 

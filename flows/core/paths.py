@@ -10,6 +10,8 @@ MODEL_CONFIG = MODELS / "model.json"
 TRAIN_LIVE = Path("dvclive")
 EVAL = Path("eval")
 WEIGHTS = Path("weights")
+THROUGHPUT = Path(".tunedeck/throughput.json")  # the last training's throughput, kept out of DVC: a stage DVC skipped
+# leaves none, so a run never claims a figure measured on another host (flows.stages.train.throughput)
 CHECKPOINTS = Path("checkpoints")  # a folder per run key below it; the checkpoints setting moves it (checkpoints_base)
 
 

@@ -128,3 +128,31 @@ def cpu_share() -> float:
     threads = os.environ.get("OMP_NUM_THREADS", "")
     cores = os.cpu_count() or 1
     return min(1.0, int(threads) / cores) if threads.isdigit() and int(threads) > 0 else 1.0
+
+
+def device_name(devices: list[str]) -> str:
+    """What a run trained on, as a person names it: "cpu: AMD EPYC 7B13 (2 threads)", "cuda: NVIDIA H100 80GB HBM3"
+    (with several: "2 x ..."); a GPU library or a CPU model that cannot be read gives the kind alone."""
+    if not devices or devices[0] in ("cpu", "mps"):
+        kind = devices[0] if devices else "cpu"
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        threads = threads if threads.isdigit() else str(os.cpu_count() or 1)
+        return f"{kind}: {cpu_model()} ({threads} threads)" if kind == "cpu" else kind
+    try:
+        import torch
+
+        name = torch.cuda.get_device_name(torch.device(devices[0]))
+    except Exception:  # noqa: BLE001 - a name is a label; the figures stand without it
+        name = devices[0].split(":")[0]
+    return f"cuda: {name}" if len(devices) == 1 else f"cuda: {len(devices)} x {name}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or "unknown CPU"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return "unknown CPU"

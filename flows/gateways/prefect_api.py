@@ -196,23 +196,25 @@ async def async_session():
         yield AsyncSession(api)
 
 
-def completed_runs_tags(flow_name: str, limit: int = 20) -> list[list[str]]:
-    """The tags of the newest completed runs of a flow, newest first."""
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
+@dataclasses.dataclass(frozen=True)
+class DoneRun:
+    """A completed flow run's tags and labels."""
+
+    tags: list[str]
+    labels: dict
+
+
+def completed_runs(flow_names: list[str], limit: int = 20) -> list[DoneRun]:
+    """The newest completed runs of these flows (at most 200: the API's limit), newest first."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType as Types
     from prefect.client.schemas.sorting import FlowRunSort
 
-    completed = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
+    completed = FlowRunFilter(state=FlowRunFilterState(type=Types(any_=["COMPLETED"])))
     with _client() as api:
-        runs = api.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+        runs = api.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=flow_names)),
                                   flow_run_filter=completed, sort=FlowRunSort.END_TIME_DESC, limit=limit)
-    return [list(run.tags or []) for run in runs]
+    return [DoneRun(list(run.tags or []), dict(run.labels or {})) for run in runs]
 
 
 def auth() -> tuple[str, str] | None:
@@ -279,11 +281,21 @@ def using(url: str) -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = before
 
 
-def start_deployment_run(deployment: str, parameters: dict, name: str | None = None) -> str:
-    """A new flow run of deployment FLOW/NAME with parameters (and a run name), for its work pool's workers; its id."""
+def start_deployment_run(deployment: str, parameters: dict, name: str | None = None, queue: str | None = None) -> str:
+    """A new flow run of deployment FLOW/NAME with parameters (and a run name), for its work pool's workers (with
+    queue: those polling that work queue of the pool); its id."""
     with _client() as api:
         found = api.read_deployment_by_name(deployment)
-        return str(api.create_flow_run_from_deployment(found.id, parameters=parameters, name=name).id)
+        return str(api.create_flow_run_from_deployment(found.id, parameters=parameters, name=name,
+                                                       work_queue_name=queue).id)
+
+
+def ensure_queue(pool: str, name: str) -> None:
+    """A work queue of that name in the pool, made where missing (by whichever worker is first)."""
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with _client() as api, contextlib.suppress(ObjectAlreadyExists):
+        api.create_work_queue(name=name, work_pool_name=pool)
 
 
 @dataclasses.dataclass(frozen=True)

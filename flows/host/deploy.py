@@ -11,6 +11,7 @@ from flows.contracts.settings import HEARTBEAT_S, Settings
 from flows.core.errors import TunedeckError
 from flows.gateways import prefect_api
 from flows.gateways.gpus import cpu_slot_name, gpu_states, host, slot_name
+from flows.host.plan import host_queue
 
 DEFAULT_POOL = "local"
 
@@ -123,6 +124,9 @@ def worker_command(settings: Settings, pool: str, gpus: str | None, git_pull: bo
         runs = settings.but(project=root, git_pull=git_pull, gpus="", cpu_slots=cpu_slots)
         slots = [cpu_slot_name(i, host(settings.host)) for i in range(cpu_slots)]
     prefect_api.ensure_limits(slots)
+    mine = host_queue(host(settings.host))  # `tunedeck plan --run` puts a run here: this host's workers alone take it
+    prefect_api.ensure_queue(pool, mine)
     exe = Path(sys.executable).parent / "prefect"
-    cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots))]
+    cmd = [str(exe), "worker", "start", "--pool", pool, "--type", "process", "--limit", str(len(slots)),
+           "--work-queue", "default", "--work-queue", mine]
     return cmd, runs.environ({**os.environ, **env}), runs

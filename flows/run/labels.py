@@ -5,6 +5,7 @@ Published from a thread of its own (Labeller), in order, so the stages never wai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -119,12 +120,23 @@ def label_scores(ws: Path) -> None:
 def label_cost(ws: Path) -> None:
     """The training's energy, device-hours and cost (the train stage wrote them to dvclive/metrics.json:
     flows.gateways.power) on the run's labels, e.g. tunedeck.energy.gpu_wh, tunedeck.cost.total ("unknown" where a
-    counter could not be read); a train stage DVC found up to date: the figures of the training that made its model."""
-    try:
+    counter could not be read); a train stage DVC found up to date: the figures of the training that made its model.
+    And the throughput of a training this run did (flows.stages.train.throughput), with the model, image size and
+    batch it was measured at: tunedeck.throughput.s_per_image_epoch, ... (what `tunedeck plan` reads)."""
+    import yaml
+
+    from flows.core.paths import THROUGHPUT
+
+    labels = {}
+    with contextlib.suppress(OSError, ValueError):
         summary = json.loads((ws / "dvclive/metrics.json").read_text())
-    except (OSError, ValueError):
-        return
-    labels = {f"{LABEL}{group}.{name}": value for group in ("energy", "cost")
-              for name, value in (summary.get(group) or {}).items()}
+        labels = {f"{LABEL}{group}.{name}": value for group in ("energy", "cost")
+                  for name, value in (summary.get(group) or {}).items()}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        measured = json.loads((ws / THROUGHPUT).read_text())
+        params = yaml.safe_load((ws / "params.yaml").read_text())
+        measured.update(model=str(params["model"]["name"]), image_size=int(params["data"]["image_size"]),
+                        batch=int(params["train"]["batch_size"]))
+        labels.update({f"{LABEL}throughput.{name}": value for name, value in measured.items()})
     if labels:
         label_run(labels, must=True)

@@ -12,7 +12,7 @@ from flows.contracts import ModelCard
 from flows.contracts.settings import Settings
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
-from flows.core.paths import MODELS, PREPARED, TRAIN_LIVE, WEIGHTS, checkpoints_base
+from flows.core.paths import MODELS, PREPARED, THROUGHPUT, TRAIN_LIVE, WEIGHTS, checkpoints_base
 from flows.gateways import processes
 from flows.stages.entry import finish, run_main
 
@@ -41,7 +41,7 @@ def work(params: Params, settings: Settings) -> dict:
     if current_world().rank:
         return {}
     return {
-        **record_energy(meter, [result.device], settings),
+        **record_energy(meter, [result.device], settings, result),
         "model_sha256": result.model_sha256,
         "best_epoch": result.best_epoch,
         "val_accuracy": result.val_accuracy,
@@ -55,9 +55,10 @@ def work(params: Params, settings: Settings) -> dict:
     }
 
 
-def record_energy(meter, devices: list[str], settings: Settings) -> dict:
+def record_energy(meter, devices: list[str], settings: Settings, result=None) -> dict:
     """The training's energy, device-hours and cost (flows.gateways.power) added to dvclive/metrics.json, so
-    `dvc exp show` has them beside the accuracy, and returned for the stage's summary (a run's labels)."""
+    `dvc exp show` has them beside the accuracy, and returned for the stage's summary; its throughput (what
+    `tunedeck plan` predicts from) in THROUGHPUT, for the run's labels."""
     import json
 
     from flows.core.atomic import replace_atomically
@@ -75,6 +76,11 @@ def record_energy(meter, devices: list[str], settings: Settings) -> dict:
         used = None if None in used else used  # a device NVML cannot name: its energy is unknown
     energy = meter.stop(used, held=len(cuda), cpu_share=1.0 if cuda else cpu_share())
     metrics = energy.metrics(settings.price_per_hour)
+    measured = throughput(result, energy.seconds, devices)
+    THROUGHPUT.unlink(missing_ok=True)
+    if measured:
+        THROUGHPUT.parent.mkdir(exist_ok=True)
+        replace_atomically(THROUGHPUT, lambda tmp: tmp.write_text(json.dumps(measured, indent=4) + "\n"))
     path = TRAIN_LIVE / "metrics.json"
     try:
         summary = json.loads(path.read_text())
@@ -85,6 +91,26 @@ def record_energy(meter, devices: list[str], settings: Settings) -> dict:
         summary.setdefault(group, {})[name] = value
     replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=4) + "\n"))
     return metrics
+
+
+def throughput(result, wall_s: float, devices: list[str]) -> dict:
+    """The seconds per training image and epoch on this device, the rest of the stage's time (building the model,
+    loading the data) and the device: what `tunedeck plan` predicts a run's time from (flows.host.plan). None for
+    a resumed training (its time covers only some of its epochs) or a DDP one (recorded later)."""
+    from flows.core.prepare import load_manifest
+    from flows.gateways.power import device_name
+
+    if result is None or result.resumed_at or not result.epochs_run:
+        return {}
+    try:
+        images = load_manifest(PREPARED).counts.get("train", 0)
+    except TunedeckError:
+        return {}
+    if not images:
+        return {}
+    return {"device": device_name(devices), "images": images, "epochs": result.epochs_run,
+            "s_per_image_epoch": round(result.seconds / (result.epochs_run * images), 9),
+            "overhead_s": round(max(0.0, wall_s - result.seconds), 2)}
 
 
 class LiveTracker:

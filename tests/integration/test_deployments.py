@@ -16,6 +16,7 @@ import yaml
 
 from flows.gateways.gpus import stand_in_env
 from flows.host import server
+from flows.host.plan import Record
 from flows.ship.registry import next_version, prod
 from tests.conftest import write_images
 from tests.integration.project import FINAL, api, checkpoint_written, env, free_port, make_project, run, wait
@@ -91,6 +92,8 @@ def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
     assert {t.split(":")[0] for t in flow_run["tags"]} >= {"data", "model"}, flow_run["tags"]
     labels = flow_run["labels"]  # the training's cost and energy: on a CPU here ("unknown" where RAPL is unreadable)
     assert labels.get("tunedeck.cost.device_hours", 0) > 0 and "tunedeck.energy.cpu_wh" in labels, labels
+    record = Record.from_labels(labels)  # its throughput, as `tunedeck plan` reads it (and as the plan test fakes it)
+    assert record and record.model == "test_resnet" and record.device.startswith("cpu: ") and record.images > 0, labels
     pushed = list((project / "dvc-remote").rglob("*"))
     assert any(p.is_file() for p in pushed), "dvc push put nothing on the remote"
     assert "holding GPU 0" in logs(url, flow_run["id"])
@@ -340,3 +343,37 @@ async def test_train_progress_reaches_another_folders_dashboard_through_the_api_
     assert shape(real_running) == shape(templates()["pipeline:running"]), real_running
     real_done = next(r for r in PrefectApi(url).snapshot(RunQuery(limit=200)).runs if r.id == run_id)
     assert shape(real_done) == shape(templates()["pipeline:final"]), real_done
+
+
+def test_plan_picks_the_cheapest_host_within_the_deadline_and_runs_there(cluster):
+    """Recorded throughput of two stand-in hosts at the job's params (this one, slower and cheaper, as a real run
+    records it: test_pipeline_runs_through_a_worker...; another, faster and dearer): a loose deadline picks this
+    host, and --run puts the pipeline on its work queue, which its worker takes; a tight one picks the other, whose
+    queue no worker here polls; one nobody meets is one sentence and exit 2."""
+    from flows.gateways.gpus import host
+
+    project, url = cluster
+    flow = api(url, "flows/", {"name": "pipeline"})["id"]
+    for name, device, spie, overhead, price in ((host(), "cpu: stand-in (2 threads)", 0.05, 3.0, 0.5),
+                                                 ("stand-in-fast", "cuda: stand-in GPU", 0.001, 1.0, 20.0)):
+        wall = spie * 18 * 2 + overhead
+        labels = {"tunedeck.host": name, "tunedeck.throughput.device": device, "tunedeck.throughput.model": "test_resnet",
+                  "tunedeck.throughput.image_size": 16, "tunedeck.throughput.batch": 4,
+                  "tunedeck.throughput.s_per_image_epoch": spie, "tunedeck.throughput.overhead_s": overhead,
+                  "tunedeck.throughput.images": 18, "tunedeck.throughput.epochs": 2,
+                  "tunedeck.cost.price_per_hour": price, "tunedeck.cost.total": round(wall / 3600 * price, 6)}
+        api(url, "flow_runs/", {"flow_id": flow, "state": {"type": "COMPLETED"}, "labels": labels})
+    job = ["-S", "train.batch_size=4", "-S", "promote.tolerance=1.0", "-S", "promote.max_class_drop=1.0"]
+    tight = run(project, "tunedeck", "plan", "--deadline", "3s", *job, PREFECT_API_URL=url)
+    assert "pick: stand-in-fast" in tight.stdout, tight.stdout
+    nobody = run(project, "tunedeck", "plan", "--deadline", "0.5s", *job, check=False, PREFECT_API_URL=url)
+    assert nobody.returncode == 2 and "no host meets the deadline" in nobody.stderr, nobody.stderr
+    elsewhere = run(project, "tunedeck", "plan", "--deadline", "3s", "--run", *job, PREFECT_API_URL=url).stdout
+    elsewhere_id = re.search(r"started pipeline run (\S+) ", elsewhere).group(1)
+    loose = run(project, "tunedeck", "plan", "--deadline", "1h", "--run", *job, PREFECT_API_URL=url).stdout
+    assert f"pick: {host()} (the cheapest that meets the deadline)" in loose, loose
+    flow_run = wait(url, re.search(r"started pipeline run (\S+) ", loose).group(1))
+    assert flow_run["state_type"] == "COMPLETED" and flow_run["work_queue_name"] == f"host-{host()}", flow_run
+    waiting = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [elsewhere_id]}}})[0]
+    api(url, f"flow_runs/{elsewhere_id}/set_state", {"state": {"type": "CANCELLED"}, "force": True})
+    assert waiting["state_type"] == "SCHEDULED" and waiting["work_queue_name"] == "host-stand-in-fast", waiting
