@@ -81,33 +81,6 @@ def test_deploy_lists_deployments_and_a_paused_schedule(cluster):
     assert again.returncode == 0 and len(api(url, "deployments/filter")) == len(declared)
 
 
-def test_pipeline_runs_through_a_worker_and_pushes_to_the_dvc_remote(cluster):
-    """With a tolerance of 1 the gate's verdict is certain whatever ran before in this module (the exact
-    verdicts on known-better and known-worse candidates: test_gate.py and tests/unit/test_promotion.py)."""
-    project, url = cluster
-    version = next_version(project)
-    flow_run = wait(url, start(url, "pipeline", overrides=["promote.tolerance=1.0", "promote.max_class_drop=1.0"]))
-    assert flow_run["state_type"] == "COMPLETED", logs(url, flow_run["id"])[-2000:]
-    assert flow_run["name"] in run(project, "dvc", "exp", "show", "--csv").stdout, "the run is a DVC experiment"
-    assert {t.split(":")[0] for t in flow_run["tags"]} >= {"data", "model"}, flow_run["tags"]
-    labels = flow_run["labels"]  # the training's cost and energy: on a CPU here ("unknown" where RAPL is unreadable)
-    assert labels.get("tunedeck.cost.device_hours", 0) > 0 and "tunedeck.energy.cpu_wh" in labels, labels
-    record = Record.from_labels(labels)  # its throughput, as `tunedeck plan` reads it (and as the plan test fakes it)
-    assert record and record.model == "test_resnet" and record.device.startswith("cpu: ") and record.images > 0, labels
-    pushed = list((project / "dvc-remote").rglob("*"))
-    assert any(p.is_file() for p in pushed), "dvc push put nothing on the remote"
-    assert "holding GPU 0" in logs(url, flow_run["id"])
-    artifacts = api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
-    versions = next(a["data"] for a in artifacts if a["key"] == "versions")
-    for field in ("code", "data_version", "model_sha256", "accuracy"):
-        assert f"| {field} |" in versions, versions
-    verdict = next(a for a in artifacts if a["key"] == "promotion")  # the gate: the pipeline's last step
-    assert verdict["description"].startswith("promoted: "), verdict
-    registered = run(project, "git", "tag", "--list", f"model@{version}").stdout.split()
-    assert registered == [f"model@{version}"], f"the run's model is registered as {version}"
-    assert prod(project).version == version
-
-
 def test_predict_deployment_labels_a_folder_with_the_prod_model(cluster, tmp_path):
     project, url = cluster
     if not run(project, "git", "tag", "--list", "model#prod#*").stdout.strip():
@@ -345,14 +318,18 @@ async def test_train_progress_reaches_another_folders_dashboard_through_the_api_
     assert shape(real_done) == shape(templates()["pipeline:final"]), real_done
 
 
-def test_plan_picks_the_cheapest_host_within_the_deadline_and_runs_there(cluster):
-    """Recorded throughput of two stand-in hosts at the job's params (this one, slower and cheaper, as a real run
-    records it: test_pipeline_runs_through_a_worker...; another, faster and dearer): a loose deadline picks this
-    host, and --run puts the pipeline on its work queue, which its worker takes; a tight one picks the other, whose
-    queue no worker here polls; one nobody meets is one sentence and exit 2."""
+def test_a_pipeline_run_goes_to_the_host_plan_picks_runs_through_its_worker_and_pushes_to_the_dvc_remote(cluster):
+    """`tunedeck plan` on recorded throughput of two stand-in hosts at the job's params (this one, slower and
+    cheaper, as a real run records it: asserted below on this run's own labels; another, faster and dearer): a
+    tight deadline picks the other (its queue, which no worker here polls, keeps the run Scheduled), one nobody
+    meets is one sentence and exit 2, a loose one picks this host, and --run puts the pipeline on this host's work
+    queue, which its worker takes: the run trains, pushes, is a DVC experiment, and the gate registers its model.
+    With a tolerance of 1 the gate's verdict is certain whatever ran before in this module (the exact verdicts on
+    known-better and known-worse candidates: test_gate.py and tests/unit/test_promotion.py)."""
     from flows.gateways.gpus import host
 
     project, url = cluster
+    version = next_version(project)
     flow = api(url, "flows/", {"name": "pipeline"})["id"]
     for name, device, spie, overhead, price in ((host(), "cpu: stand-in (2 threads)", 0.05, 3.0, 0.5),
                                                  ("stand-in-fast", "cuda: stand-in GPU", 0.001, 1.0, 20.0)):
@@ -363,6 +340,7 @@ def test_plan_picks_the_cheapest_host_within_the_deadline_and_runs_there(cluster
                   "tunedeck.throughput.images": 18, "tunedeck.throughput.epochs": 2,
                   "tunedeck.cost.price_per_hour": price, "tunedeck.cost.total": round(wall / 3600 * price, 6)}
         api(url, "flow_runs/", {"flow_id": flow, "state": {"type": "COMPLETED"}, "labels": labels})
+    # batch 4: params no other test of this module trains with, so this run trains (DVC's run cache would skip it)
     job = ["-S", "train.batch_size=4", "-S", "promote.tolerance=1.0", "-S", "promote.max_class_drop=1.0"]
     tight = run(project, "tunedeck", "plan", "--deadline", "3s", *job, PREFECT_API_URL=url)
     assert "pick: stand-in-fast" in tight.stdout, tight.stdout
@@ -373,7 +351,28 @@ def test_plan_picks_the_cheapest_host_within_the_deadline_and_runs_there(cluster
     loose = run(project, "tunedeck", "plan", "--deadline", "1h", "--run", *job, PREFECT_API_URL=url).stdout
     assert f"pick: {host()} (the cheapest that meets the deadline)" in loose, loose
     flow_run = wait(url, re.search(r"started pipeline run (\S+) ", loose).group(1))
-    assert flow_run["state_type"] == "COMPLETED" and flow_run["work_queue_name"] == f"host-{host()}", flow_run
+    assert flow_run["state_type"] == "COMPLETED", logs(url, flow_run["id"])[-2000:]
+    assert flow_run["work_queue_name"] == f"host-{host()}", flow_run
     waiting = api(url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [elsewhere_id]}}})[0]
     api(url, f"flow_runs/{elsewhere_id}/set_state", {"state": {"type": "CANCELLED"}, "force": True})
     assert waiting["state_type"] == "SCHEDULED" and waiting["work_queue_name"] == "host-stand-in-fast", waiting
+
+    assert flow_run["name"] in run(project, "dvc", "exp", "show", "--csv").stdout, "the run is a DVC experiment"
+    assert {t.split(":")[0] for t in flow_run["tags"]} >= {"data", "model"}, flow_run["tags"]
+    labels = flow_run["labels"]  # the training's cost and energy: on a CPU here ("unknown" where RAPL is unreadable)
+    assert labels.get("tunedeck.cost.device_hours", 0) > 0 and "tunedeck.energy.cpu_wh" in labels, labels
+    record = Record.from_labels(labels)  # its throughput, as `tunedeck plan` reads it (and as the fakes above have it)
+    assert record and (record.host, record.model, record.image_size, record.batch) == (host(), "test_resnet", 16, 4)
+    assert record.device.startswith("cpu: ") and record.images == 18 and record.s_per_image_epoch > 0, labels
+    pushed = list((project / "dvc-remote").rglob("*"))
+    assert any(p.is_file() for p in pushed), "dvc push put nothing on the remote"
+    assert "holding GPU 0" in logs(url, flow_run["id"])
+    artifacts = api(url, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    versions = next(a["data"] for a in artifacts if a["key"] == "versions")
+    for field in ("code", "data_version", "model_sha256", "accuracy"):
+        assert f"| {field} |" in versions, versions
+    verdict = next(a for a in artifacts if a["key"] == "promotion")  # the gate: the pipeline's last step
+    assert verdict["description"].startswith("promoted: "), verdict
+    registered = run(project, "git", "tag", "--list", f"model@{version}").stdout.split()
+    assert registered == [f"model@{version}"], f"the run's model is registered as {version}"
+    assert prod(project).version == version
