@@ -71,7 +71,8 @@ def add_ship_commands(sub) -> None:
     predict.add_argument("--model", default="prod", help="prod (default), a registry version vX.Y.Z, or a .safetensors file")
     predict.add_argument("--input", required=True, type=Path, metavar="DIR", help="folder of images (searched recursively)")
     predict.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.parquet or FILE.csv")
-    predict.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (the export stage's model)")
+    predict.add_argument("--backend", choices=["torch", "onnx", "openvino", "onnx-int8", "openvino-int8"], default="torch",
+                         help="torch (default); onnx or openvino run the export stage's ONNX model; -int8: its int8 model")
     predict.add_argument("--device", help="cpu, cuda, cuda:N (default: params.yaml base.device)")
     predict.add_argument("--prior-shift", action="store_true",
                          help="correct the predictions for the images' own class mix (EM of Saerens et al.), printed")

@@ -19,12 +19,26 @@ def free_memory(index: int) -> int:
     return free if free is not None else int(torch.cuda.mem_get_info(index)[0])
 
 
+def xpu_available() -> bool:
+    """Whether this torch build sees an Intel GPU (torch.xpu, torch 2.4 and later)."""
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def gpu_kind() -> str:
+    """What torch's "cuda" is on this build: rocm (AMD, a HIP build) or cuda (NVIDIA)."""
+    return "rocm" if getattr(torch.version, "hip", None) else "cuda"
+
+
 def resolve_device(spec: str) -> torch.device:
-    """base.device to a torch.device: auto picks the CUDA GPU with most free memory, then MPS, then CPU."""
+    """base.device to a torch.device: auto picks the CUDA GPU with most free memory (NVIDIA, or AMD: a ROCm build of
+    torch calls its GPUs cuda too), then an Intel GPU (xpu), then MPS, then CPU."""
     if spec == "auto":
         if torch.cuda.is_available():
             free = [free_memory(i) for i in range(torch.cuda.device_count())]
             return torch.device("cuda", free.index(max(free)))
+        if xpu_available():
+            return torch.device("xpu", 0)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -37,6 +51,16 @@ def resolve_device(spec: str) -> torch.device:
                 f"base.device is '{spec}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible: use cuda:0 or auto."
             )
         return torch.device("cuda", index)
+    if spec.startswith("xpu"):
+        if not xpu_available():
+            raise TunedeckError(f"base.device is '{spec}' but torch sees no Intel GPU (xpu) here: install a torch "
+                                "build with XPU support, or use auto or cpu.")
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.xpu.device_count():
+            raise TunedeckError(
+                f"base.device is '{spec}' but only {torch.xpu.device_count()} Intel GPU(s) are visible: use xpu:0 or auto."
+            )
+        return torch.device("xpu", index)
     if spec == "mps" and not torch.backends.mps.is_available():
         raise TunedeckError("base.device is 'mps' but Apple MPS is not available here: use auto or cpu.")
     return torch.device(spec)

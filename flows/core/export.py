@@ -176,8 +176,10 @@ def parity_images(prepared: Path, limit: int = PARITY_IMAGES) -> np.ndarray:
 
 
 def check_parity(model_path: Path, onnx_path: Path, images: np.ndarray, batch_sizes=(1, 7),
-                 max_prob_diff: float = 1e-4) -> dict:
-    """Compare the ONNX export with the torch model on the first PARITY_IMAGES images (uint8 NHWC), at each batch size.
+                 max_prob_diff: float = 1e-4, run: Callable[[np.ndarray], np.ndarray] | None = None,
+                 by: str = "") -> dict:
+    """Compare the ONNX export, run by onnxruntime (or by run: another runtime's logits of a batch, named by), with
+    the torch model on the first PARITY_IMAGES images (uint8 NHWC), at each batch size.
 
     Both sides get the same normalised input; their softmax(logits / temperature) may differ by
     at most max_prob_diff, and their top-1 classes must agree (a flip between two classes whose
@@ -200,12 +202,14 @@ def check_parity(model_path: Path, onnx_path: Path, images: np.ndarray, batch_si
     with torch.no_grad():
         x = Normalizer(meta.mean, meta.std, torch.device("cpu"))(torch.from_numpy(images)).numpy()
     x = np.ascontiguousarray(x, dtype=np.float32)
-    session = open_session(onnx_path, ["CPUExecutionProvider"], spin=False)
+    if run is None:
+        session = open_session(onnx_path, ["CPUExecutionProvider"], spin=False)
+        run = lambda b: _run(session, b, onnx_path)  # noqa: E731
     n, worst, flips = len(x), 0.0, np.zeros(len(x), dtype=bool)
     for size in batch_sizes:
         with torch.no_grad():
             ours = _in_batches(lambda b: model(torch.from_numpy(b)).numpy(), x, size)
-        theirs = _in_batches(lambda b: _run(session, b, onnx_path), x, size)
+        theirs = _in_batches(run, x, size)
         if theirs.shape != ours.shape:
             raise TunedeckError(f"{onnx_path} gives {theirs.shape[1]} classes where {model_path} has {ours.shape[1]}: {REMEDY}.")
         p, q = softmax(ours, meta.temperature), softmax(theirs, meta.temperature)
@@ -215,11 +219,12 @@ def check_parity(model_path: Path, onnx_path: Path, images: np.ndarray, batch_si
         flips |= (top_p != top_q) & (margin > 2 * max_prob_diff)
     report = {
         "top1_agreement": 1.0 - float(flips.mean()), "max_prob_diff": worst, "images": n,
-        "batch_sizes": list(batch_sizes), "opset": onnx_opset(onnx_path), "exporter": onnx_props(session).get(EXPORTER_KEY, "unknown"),
+        "batch_sizes": list(batch_sizes), "opset": onnx_opset(onnx_path),
+        "exporter": _file_props(onnx_path).get(EXPORTER_KEY, "unknown"),
     }
     if flips.any() or worst > max_prob_diff:
         raise TunedeckError(
-            f"the ONNX export {onnx_path} disagrees with the torch model {model_path} (top-1 differs on {int(flips.sum())} "
+            f"the ONNX export {onnx_path}{f' run by {by}' if by else ''} disagrees with the torch model {model_path} (top-1 differs on {int(flips.sum())} "
             f"of the {n} images checked, max probability difference {worst:.2g} > {max_prob_diff:g}): try another "
             "export.opset (`dvc exp run -S export.opset=17`), or raise export.max_prob_diff if the difference is acceptable."
         )
@@ -271,7 +276,27 @@ def onnx_props(session) -> dict[str, str]:
 
 def read_onnx_meta(session, onnx_path: Path) -> ModelMeta:
     """The ModelMeta in an export's metadata_props; one sentence when it is missing or damaged."""
-    raw = onnx_props(session).get(META_KEY)
+    return _parse_meta(onnx_props(session).get(META_KEY), onnx_path)
+
+
+def onnx_meta(onnx_path: Path) -> ModelMeta:
+    """The ModelMeta in an export's metadata_props, read from the file (for a runtime other than onnxruntime)."""
+    if not Path(onnx_path).is_file():
+        raise TunedeckError(f"ONNX model {onnx_path} not found: export the model first (`dvc repro export`).")
+    try:
+        props = _file_props(onnx_path)
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others for a damaged file
+        raise TunedeckError(f"{onnx_path} is not a readable ONNX model ({_gist(exc)}): {REMEDY}.") from None
+    return _parse_meta(props.get(META_KEY), onnx_path)
+
+
+def _file_props(onnx_path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
+def _parse_meta(raw: str | None, onnx_path: Path) -> ModelMeta:
     if raw is None:
         raise TunedeckError(f"{onnx_path} has no tunedeck metadata: it was not written by the export stage; {REMEDY}.")
     try:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from flows.core.errors import TunedeckError
 
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 class _Group(BaseModel):
@@ -40,7 +40,7 @@ class BaseParams(_Group):
     """Settings every stage shares."""
 
     seed: int = Field(42, ge=0, description="seed for the split, initialisation and batches")
-    device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N")
+    device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N (NVIDIA, or AMD with ROCm), xpu or xpu:N (Intel)")
     devices: int = Field(1, ge=1, le=64, description="processes for data-parallel training (torchrun DDP when > 1)")
     nodes: int = Field(1, ge=1, le=64, description="hosts one training run spans (torchrun DDP across hosts when > 1)")
 
@@ -48,7 +48,7 @@ class BaseParams(_Group):
     @classmethod
     def _known_device(cls, value: str) -> str:
         if not DEVICE_PATTERN.match(value):
-            raise ValueError("must be one of auto, cpu, mps, cuda, cuda:N")
+            raise ValueError("must be one of auto, cpu, mps, cuda, cuda:N, xpu, xpu:N")
         return value
 
 
@@ -200,6 +200,8 @@ class ExportParams(_Group):
 
     opset: int = Field(18, ge=13, le=23)
     max_prob_diff: float = Field(1e-4, gt=0.0, le=1.0, description="largest |p_torch - p_onnx| allowed")
+    int8: bool = Field(False, description="also an int8 model quantised after training (export/int8/model.onnx)")
+    int8_max_drop: float = Field(0.01, ge=0.0, le=1.0, description="the int8 model's largest test accuracy drop allowed")
 
 
 class MonitorParams(_Group):

@@ -254,13 +254,16 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """An exported .onnx model run by ONNX Runtime (flows.core.export.OnnxClassifier); torch is not needed."""
+    """An exported .onnx model run by ONNX Runtime (flows.core.export.OnnxClassifier) or, with runtime="openvino",
+    by OpenVINO (flows.core.runtimes.OpenVinoClassifier); torch is not needed."""
 
-    def __init__(self, onnx_path: Path, threads: int | None = None) -> None:
+    def __init__(self, onnx_path: Path, threads: int | None = None, runtime: str = "onnxruntime") -> None:
         from flows.core.export import OnnxClassifier
         from flows.core.model_file import sha256
+        from flows.core.runtimes import OpenVinoClassifier
 
-        self.classifier = OnnxClassifier(Path(onnx_path), threads)
+        kind = OpenVinoClassifier if runtime == "openvino" else OnnxClassifier
+        self.classifier = kind(Path(onnx_path), threads)
         self.meta = self.classifier.meta
         self.prepare = HostNormalizer(self.meta)
         self.sha256 = sha256(Path(onnx_path))

@@ -76,6 +76,8 @@ def resolve_precision(precision: str, device: torch.device, cpu_bf16_forced: boo
         if device.type == "cpu":
             native, why = cpu_bf16(cpu_bf16_forced)
             return Precision(torch.bfloat16 if native else None, f"auto: {why}")
+        if device.type == "xpu":  # Intel's data-centre and Arc GPUs compute bf16 natively
+            return Precision(torch.bfloat16, f"auto: {torch.xpu.get_device_name(device)} (xpu) supports bf16")
         return Precision(None, f"auto: fp32 on {device.type}")
     if precision == "fp16":
         if device.type == "cpu":
@@ -129,8 +131,8 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process on device, in MiB (process RSS peak on the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type in ("cuda", "xpu"):
+        return getattr(torch, device.type).max_memory_allocated(device) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -299,8 +299,8 @@ class Trainer(TrainerFiles):
                 return loss
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                if self.device.type in ("cuda", "xpu"):
+                    getattr(torch, self.device.type).empty_cache()
                 st = self.state
                 if st.micro == 1:
                     raise TunedeckError(

@@ -131,20 +131,25 @@ def cpu_share() -> float:
 
 
 def device_name(devices: list[str]) -> str:
-    """What a run trained on, as a person names it: "cpu: AMD EPYC 7B13 (2 threads)", "cuda: NVIDIA H100 80GB HBM3"
+    """What a run trained on, as a person names it: "cpu: AMD EPYC 7B13 (2 threads)", "cuda: NVIDIA H100 80GB HBM3",
+    "rocm: AMD Instinct MI300X" (a ROCm build of torch names AMD GPUs cuda), "xpu: Intel(R) Data Center GPU Max 1550"
     (with several: "2 x ..."); a GPU library or a CPU model that cannot be read gives the kind alone."""
     if not devices or devices[0] in ("cpu", "mps"):
         kind = devices[0] if devices else "cpu"
         threads = os.environ.get("OMP_NUM_THREADS", "")
         threads = threads if threads.isdigit() else str(os.cpu_count() or 1)
         return f"{kind}: {cpu_model()} ({threads} threads)" if kind == "cpu" else kind
+    kind = devices[0].split(":")[0]
     try:
         import torch
 
-        name = torch.cuda.get_device_name(torch.device(devices[0]))
+        from flows.core.devices import gpu_kind
+
+        name = getattr(torch, kind).get_device_name(torch.device(devices[0]))
+        kind = gpu_kind() if kind == "cuda" else kind
     except Exception:  # noqa: BLE001 - a name is a label; the figures stand without it
-        name = devices[0].split(":")[0]
-    return f"cuda: {name}" if len(devices) == 1 else f"cuda: {len(devices)} x {name}"
+        name = kind
+    return f"{kind}: {name}" if len(devices) == 1 else f"{kind}: {len(devices)} x {name}"
 
 
 def cpu_model() -> str:

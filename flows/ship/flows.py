@@ -10,7 +10,7 @@ from prefect import flow
 @flow(name="predict", log_prints=True)
 def predict(input: str, out: str, model: str = "prod", backend: str = "torch", prior_shift: bool = False) -> dict:
     """Label the images under input (a folder on the worker's host) into out (.parquet/.csv) with model:
-    prod, a registry version vX.Y.Z or a .safetensors path; backend torch or onnx; prior_shift: corrected
+    prod, a registry version vX.Y.Z or a .safetensors path; backend torch, onnx, openvino, onnx-int8 or openvino-int8; prior_shift: corrected
     for the images' own class mix (EM)."""
     from flows.core.params import load_params
     from flows.ship.predict import predict_command

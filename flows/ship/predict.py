@@ -1,5 +1,5 @@
 """`tunedeck predict` and the `predict` deployment: a folder of images labelled by prod, a registry
-version or a model file, with torch or the exported ONNX model; one row per image."""
+version or a model file, with torch, or the exported ONNX model run by ONNX Runtime or OpenVINO (or its int8 model); one row per image."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import numpy as np
 from flows.core.errors import TunedeckError
 from flows.core.params import Params
 from flows.ship.gate import MODEL_CACHE, resolve_model
+
+BACKENDS = ("torch", "onnx", "openvino", "onnx-int8", "openvino-int8")
+"""torch runs the model file; the others the export stage's ONNX file (with -int8: its int8 model)."""
 
 
 def onnx_for(root: Path, model_path: Path, version: str, opset: int) -> Path:
@@ -40,6 +43,42 @@ def onnx_for(root: Path, model_path: Path, version: str, opset: int) -> Path:
             pass  # that version's commit has no export output: export it here
     print(f"predict: exporting {model_path} to ONNX for this prediction ({cached})", file=sys.stderr)
     return export_onnx(model_path, cached, opset)
+
+
+def int8_for(root: Path, model_path: Path, version: str) -> Path:
+    """The int8 model the export stage kept for a model file (of this workspace, or of the registry version's
+    commit); one sentence saying why there is none (export.int8 off, or the model refused for its accuracy cost)."""
+    import json
+
+    from flows.contracts import ModelCard
+    from flows.core.model_file import sha256
+    from flows.gateways.dvc.cli import dvc
+
+    digest = sha256(model_path)
+    cached = root / MODEL_CACHE / f"{digest[:16]}.int8.onnx"
+    local = root / "export" / "int8"
+    try:
+        ours = ModelCard.read(root / "models").sha256 == digest
+    except TunedeckError:
+        ours = False
+    if ours and (local / "model.onnx").is_file():
+        return local / "model.onnx"
+    if ours and (local / "report.json").is_file():
+        reason = json.loads((local / "report.json").read_text()).get("reason")
+        why = f"the export stage refused it: {reason}" if reason else "export.int8 is off"
+        raise TunedeckError(f"{model_path} has no int8 model ({why}): set export.int8: true (or raise "
+                            "export.int8_max_drop) and run the export stage, or use --backend onnx.")
+    if cached.is_file():
+        return cached
+    if version != "file":
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            dvc("get", ".", "export/int8/model.onnx", "--rev", f"model@{version}", "-o", str(cached), "--force", cwd=root)
+            return cached
+        except TunedeckError:
+            pass
+    raise TunedeckError(f"{model_path} ({version}) has no int8 model from the export stage: run it with "
+                        "export.int8: true (`dvc exp run -S export.int8=true`), or use --backend onnx.")
 
 
 def training_priors(root: Path, model_path: Path, version: str) -> np.ndarray:
@@ -73,10 +112,14 @@ def predict_command(root: Path, params: Params, model: str, input_dir: Path, out
     images = list_images(Path(input_dir))
     model_path, version = resolve_model(model, root)
     source = training_priors(root, model_path, version) if prior_shift else None
-    if backend == "onnx":
+    if backend not in BACKENDS:
+        raise TunedeckError(f"--backend {backend}: give one of {', '.join(BACKENDS)}.")
+    if backend != "torch":
         from flows.core.model_file import sha256
 
-        runner = OnnxBackend(onnx_for(root, model_path, version, params.export.opset))
+        runtime, _, int8 = backend.partition("-")
+        path = int8_for(root, model_path, version) if int8 else onnx_for(root, model_path, version, params.export.opset)
+        runner = OnnxBackend(path, runtime="openvino" if runtime == "openvino" else "onnxruntime")
         runner.sha256 = sha256(model_path)  # rows name the model file (the registry's), whichever backend ran it
     else:
         runner = TorchBackend(model_path, device or params.base.device)

@@ -221,6 +221,9 @@ def launch_ddp(params: Params, settings: Settings) -> dict:
     check_model_name(params.model.name)  # refuse bad input here, not in n tracebacks
     autocast_dtype(params.train.precision, resolve_device(params.base.device), settings.cpu_bf16)
     n = params.base.devices
+    if params.base.device.startswith("xpu"):
+        raise TunedeckError(f"base.devices is {n} on Intel GPUs (xpu), and DDP over them is not supported yet: set "
+                            "base.devices: 1, or train on CUDA GPUs or CPU processes.")
     if params.base.device != "cpu" and torch.cuda.is_available() and n > torch.cuda.device_count():
         raise TunedeckError(
             f"base.devices is {n} but only {torch.cuda.device_count()} CUDA GPU(s) are visible: lower it or free GPUs."

@@ -160,15 +160,16 @@ def test_unknown_output_suffix_is_one_sentence(tmp_path):
     assert "out.json" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_onnx_backend_agrees_with_torch_on_top1(model_path, photos, tmp_path):
-    export = pytest.importorskip("flows.core.export", reason="flows/core/export.py is not written yet")
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_onnx_and_openvino_backends_agree_with_torch_on_top1(model_path, photos, tmp_path, runtime):
+    from flows.core import export
     from flows.core.predict import OnnxBackend
 
     onnx_path = tmp_path / "model.onnx"
     export.export_onnx(model_path, onnx_path, 18)
     files = list_images(photos)
     ours = predict(files, TorchBackend(model_path), batch_size=4, top_k=3, workers=2)
-    theirs = predict(files, OnnxBackend(onnx_path), batch_size=4, top_k=3, workers=2)
+    theirs = predict(files, OnnxBackend(onnx_path, runtime=runtime), batch_size=4, top_k=3, workers=2)
     assert [r.label for r in theirs.rows] == [r.label for r in ours.rows]
     np.testing.assert_allclose([r.topk_probs for r in theirs.rows], [r.topk_probs for r in ours.rows], atol=1e-4)
     assert [f.path for f in theirs.failures] == [f.path for f in ours.failures]
