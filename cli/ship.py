@@ -29,8 +29,7 @@ def run_ship_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "promote":
         summary = run_stage("promote", lambda: gate.promote_clone(root, params, args.force), {"force": args.force}, ["stage:promote"],
                             settings)
-        print(summary["decision"])
-        if summary.get("version"):
+        if summary.get("version"):  # the verdict itself the gate printed ("promotion gate: ...")
             print(f"{summary['version']} is prod ({summary['tags']}); `dvc artifacts get . model --stage prod` fetches it.")
         return 0 if summary["promoted"] else PROMOTE_REJECTED
     if args.command == "rollback":

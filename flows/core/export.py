@@ -177,9 +177,10 @@ def parity_images(prepared: Path, limit: int = PARITY_IMAGES) -> np.ndarray:
 
 def check_parity(model_path: Path, onnx_path: Path, images: np.ndarray, batch_sizes=(1, 7),
                  max_prob_diff: float = 1e-4, run: Callable[[np.ndarray], np.ndarray] | None = None,
-                 by: str = "") -> dict:
+                 by: str = "", torch_out: dict[int, np.ndarray] | None = None) -> dict:
     """Compare the ONNX export, run by onnxruntime (or by run: another runtime's logits of a batch, named by), with
-    the torch model on the first PARITY_IMAGES images (uint8 NHWC), at each batch size.
+    the torch model on the first PARITY_IMAGES images (uint8 NHWC), at each batch size. torch_out: the torch model's
+    logits by batch size, filled here and reused by a second check of the same model and images.
 
     Both sides get the same normalised input; their softmax(logits / temperature) may differ by
     at most max_prob_diff, and their top-1 classes must agree (a flip between two classes whose
@@ -206,9 +207,12 @@ def check_parity(model_path: Path, onnx_path: Path, images: np.ndarray, batch_si
         session = open_session(onnx_path, ["CPUExecutionProvider"], spin=False)
         run = lambda b: _run(session, b, onnx_path)  # noqa: E731
     n, worst, flips = len(x), 0.0, np.zeros(len(x), dtype=bool)
+    torch_out = {} if torch_out is None else torch_out
     for size in batch_sizes:
-        with torch.no_grad():
-            ours = _in_batches(lambda b: model(torch.from_numpy(b)).numpy(), x, size)
+        if size not in torch_out:
+            with torch.no_grad():
+                torch_out[size] = _in_batches(lambda b: model(torch.from_numpy(b)).numpy(), x, size)
+        ours = torch_out[size]
         theirs = _in_batches(run, x, size)
         if theirs.shape != ours.shape:
             raise TunedeckError(f"{onnx_path} gives {theirs.shape[1]} classes where {model_path} has {ours.shape[1]}: {REMEDY}.")

@@ -40,9 +40,11 @@ def compile_openvino(onnx_path: Path, threads: int | None = None, device: str = 
 
 
 def _gist(exc: BaseException) -> str:
-    """The line of an OpenVINO error that says what is wrong (its first lines name C++ files and checks)."""
-    frames = ("Exception from", "Check ", "FrontEnd API failed", "Errors during", "While validating")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith(frames)]
+    """The line of an OpenVINO error that says what is wrong: its first lines name C++ files, checks and headings
+    (ending in a colon), and their wording changes between releases (2025.4 and 2026.4 both read here)."""
+    frames = ("Exception from", "Check ", "FrontEnd API failed", "Errors during", "While validating", "--", "Summary")
+    lines = [line.strip() for line in str(exc).splitlines()
+             if line.strip() and not line.strip().startswith(frames) and not line.strip().endswith(":")]
     return (lines[0] if lines else type(exc).__name__)[:200].rstrip(".")
 
 

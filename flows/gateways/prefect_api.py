@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
+from flows.core.errors import TunedeckError
 from flows.gateways import processes
 
 STATE = Path(".tunedeck")
@@ -196,16 +197,8 @@ async def async_session():
         yield AsyncSession(api)
 
 
-@dataclasses.dataclass(frozen=True)
-class DoneRun:
-    """A completed flow run's tags and labels."""
-
-    tags: list[str]
-    labels: dict
-
-
-def completed_runs(flow_names: list[str], limit: int = 20) -> list[DoneRun]:
-    """The newest completed runs of these flows (at most 200: the API's limit), newest first."""
+def completed_runs(flow_names: list[str], limit: int = 20) -> list[tuple[list[str], dict]]:
+    """The tags and labels of the newest completed runs of these flows (at most 200: the API's limit), newest first."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState
     from prefect.client.schemas.filters import FlowRunFilterStateType as Types
     from prefect.client.schemas.sorting import FlowRunSort
@@ -214,7 +207,7 @@ def completed_runs(flow_names: list[str], limit: int = 20) -> list[DoneRun]:
     with _client() as api:
         runs = api.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=flow_names)),
                                   flow_run_filter=completed, sort=FlowRunSort.END_TIME_DESC, limit=limit)
-    return [DoneRun(list(run.tags or []), dict(run.labels or {})) for run in runs]
+    return [(list(run.tags or []), dict(run.labels or {})) for run in runs]
 
 
 def auth() -> tuple[str, str] | None:
@@ -281,11 +274,18 @@ def using(url: str) -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = before
 
 
-def start_deployment_run(deployment: str, parameters: dict, name: str | None = None, queue: str | None = None) -> str:
+def start_deployment_run(deployment: str, parameters: dict, name: str | None = None, queue: str | None = None,
+                         client=None) -> str:
     """A new flow run of deployment FLOW/NAME with parameters (and a run name), for its work pool's workers (with
-    queue: those polling that work queue of the pool); its id."""
-    with _client() as api:
-        found = api.read_deployment_by_name(deployment)
+    queue: those polling that work queue of the pool); its id. One sentence when the server has no such deployment."""
+    from prefect.exceptions import ObjectNotFound
+
+    with _client(client) as api:
+        try:
+            found = api.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            raise TunedeckError(f"the Prefect server has no deployment {deployment}: run `tunedeck deploy` in the "
+                                "project first.") from None
         return str(api.create_flow_run_from_deployment(found.id, parameters=parameters, name=name,
                                                        work_queue_name=queue).id)
 

@@ -143,7 +143,7 @@ def recorded() -> list[Record]:
     from flows.gateways import prefect_api
 
     done = prefect_api.completed_runs(["pipeline", "experiment"], limit=200)
-    return [r for run in done if (r := Record.from_labels(run.labels)) is not None]
+    return [r for _, labels in done if (r := Record.from_labels(labels)) is not None]
 
 
 def parse_duration(text: str) -> float:

@@ -50,7 +50,7 @@ def last_trained_data() -> str | None:
     """The 12-digit data version of the newest completed pipeline run, None when no run has one."""
     from flows.gateways.prefect_api import completed_runs
 
-    for tags in (run.tags for run in completed_runs(["pipeline"], limit=20)):
+    for tags, _ in completed_runs(["pipeline"], limit=20):
         tag = next((t for t in tags if t.startswith("data:")), None)
         if tag:
             return tag.removeprefix("data:")

@@ -27,15 +27,17 @@ def work(params: Params, settings: Settings) -> dict:
 
     images = parity_images(PREPARED)  # before exporting: no images, nothing to vouch for the file
     export_onnx(MODEL_WEIGHTS, EXPORT_ONNX, params.export.opset)
+    torch_out: dict = {}  # the torch side of the check, computed once for both runtimes
     try:
-        report = check_parity(MODEL_WEIGHTS, EXPORT_ONNX, images, max_prob_diff=params.export.max_prob_diff)
+        report = check_parity(MODEL_WEIGHTS, EXPORT_ONNX, images, max_prob_diff=params.export.max_prob_diff,
+                              torch_out=torch_out)
     except TunedeckError:
         # an export that failed its check is not left for predict to find, nor an older parity beside it
         EXPORT_ONNX.unlink(missing_ok=True)
         PARITY.unlink(missing_ok=True)
         raise
     report["max_prob_diff_allowed"] = params.export.max_prob_diff
-    report["openvino"] = openvino_parity(images, params.export.max_prob_diff)
+    report["openvino"] = openvino_parity(images, params.export.max_prob_diff, torch_out)
     PARITY.write_text(json.dumps(report, indent=2))
     int8 = export_int8(params)
     return {
@@ -46,7 +48,7 @@ def work(params: Params, settings: Settings) -> dict:
     }
 
 
-def openvino_parity(images, max_prob_diff: float) -> dict:
+def openvino_parity(images, max_prob_diff: float, torch_out: dict) -> dict:
     """The same parity check with OpenVINO running the export; a disagreement refuses that runtime (predict
     --backend openvino says so), not the export: the ONNX file is good for ONNX Runtime."""
     from flows.core.export import check_parity
@@ -54,7 +56,8 @@ def openvino_parity(images, max_prob_diff: float) -> dict:
 
     try:
         run = OpenVinoClassifier(EXPORT_ONNX).logits
-        found = check_parity(MODEL_WEIGHTS, EXPORT_ONNX, images, max_prob_diff=max_prob_diff, run=run, by="OpenVINO")
+        found = check_parity(MODEL_WEIGHTS, EXPORT_ONNX, images, max_prob_diff=max_prob_diff, run=run, by="OpenVINO",
+                             torch_out=torch_out)
     except TunedeckError as exc:
         logging.getLogger("tunedeck").warning("export: OpenVINO refused: %s", exc)
         return {"refused": str(exc)}

@@ -109,11 +109,16 @@ def deployment_id(url: str, flow: str, name: str) -> str:
 
 
 def run_processes(run_id: str) -> list[psutil.Process]:
-    """The flow run's process (its worker started it with PREFECT__FLOW_RUN_ID) and all below it."""
-    for proc in psutil.process_iter(["pid"]):
+    """The flow run's process (its worker started it with PREFECT__FLOW_RUN_ID) and all below it: the first started
+    of those carrying the id (its children carry it too, and once pids wrap one can have a lower pid)."""
+    carrying = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
         with contextlib.suppress(psutil.Error):
             if proc.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
-                return [proc, *proc.children(recursive=True)]
+                carrying.append(proc)
+    for proc in sorted(carrying, key=lambda p: (p.info["create_time"], p.pid)):
+        with contextlib.suppress(psutil.Error):
+            return [proc, *proc.children(recursive=True)]
     return []
 
 
@@ -127,7 +132,10 @@ def test_fedavg_over_three_silos_survives_a_killed_silo(federation):
     killed = coordinator_caps = None
     deadline = time.monotonic() + 300  # a hang guard
     while killed is None or coordinator_caps is None:
-        assert time.monotonic() < deadline, ("silo c never started, or the coordinator never ran", logs(url, run_id)[-2000:], worker_logs(project))
+        if time.monotonic() > deadline:  # which of the two was never seen, first: pytest cuts a long message short
+            silo_runs = [(r["state_type"], r["id"]) for r in api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [silo_c]}}})]
+            pytest.fail(f"coordinator's process seen: {coordinator_caps is not None}; silo c killed: {killed}; silo c's "
+                        f"runs: {silo_runs}\n{logs(url, run_id)[-2000:]}\n{worker_logs(project)[-4000:]}")
         if coordinator_caps is None and (family := run_processes(run_id)):
             coordinator_caps = capabilities(family[0])
         if killed is None:

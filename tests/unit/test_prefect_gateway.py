@@ -28,3 +28,19 @@ def test_an_open_run_is_ended_and_a_final_one_keeps_its_state_unless_told_otherw
     assert end_run("b", Crashed(), client=unknown) and unknown.set == [("b", "CRASHED", True)]
     assert not end_run("c", Crashed(), client=done) and done.set == [], "its engine got there first"
     assert end_run("c", Cancelling(), if_open=False, client=done) and done.set == [("c", "CANCELLING", True)]
+
+
+def test_a_deployment_the_server_lacks_is_one_sentence():
+    """`tunedeck plan --run` (and the demo) start runs of a deployment: on a server nobody deployed to, say so."""
+    import pytest
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.core.errors import TunedeckError
+    from flows.gateways.prefect_api import start_deployment_run
+
+    class Undeployed:
+        def read_deployment_by_name(self, name):
+            raise ObjectNotFound(http_exc=None)
+
+    with pytest.raises(TunedeckError, match=r"no deployment pipeline/pipeline: run `tunedeck deploy`"):
+        start_deployment_run("pipeline/pipeline", {}, client=Undeployed())
