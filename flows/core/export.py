@@ -223,8 +223,7 @@ def check_parity(model_path: Path, onnx_path: Path, images: np.ndarray, batch_si
         flips |= (top_p != top_q) & (margin > 2 * max_prob_diff)
     report = {
         "top1_agreement": 1.0 - float(flips.mean()), "max_prob_diff": worst, "images": n,
-        "batch_sizes": list(batch_sizes), "opset": onnx_opset(onnx_path),
-        "exporter": _file_props(onnx_path).get(EXPORTER_KEY, "unknown"),
+        "batch_sizes": list(batch_sizes), **_opset_and_exporter(onnx_path),
     }
     if flips.any() or worst > max_prob_diff:
         raise TunedeckError(
@@ -307,6 +306,15 @@ def _parse_meta(raw: str | None, onnx_path: Path) -> ModelMeta:
         return ModelMeta.model_validate_json(raw)
     except ValueError:  # pydantic's ValidationError is a ValueError
         raise TunedeckError(f"{onnx_path} has damaged tunedeck metadata: {REMEDY}.") from None
+
+
+def _opset_and_exporter(onnx_path: Path) -> dict:
+    """The file's opset and exporter, from one read of it (a large model's file is read once, not twice)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    return {"opset": _opset_of(proto), "exporter": props.get(EXPORTER_KEY, "unknown")}
 
 
 def onnx_opset(onnx_path: Path) -> int:
