@@ -18,6 +18,7 @@ import pytest
 
 ORDER_SEED = pytest.StashKey[int | None]()
 SEED_KEY = "tunedeck_order_seed"
+SPANS = pytest.StashKey[dict]()  # xdist worker -> module -> [first start, last stop], from the reports
 
 
 def under_ci() -> bool:
@@ -89,8 +90,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                        "make .ci/run install what it needs")
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Under xdist, when each worker ran each module (the controller sees every worker's reports)."""
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    if worker is None or not hasattr(report, "start"):
+        return
+    spans = report.node.config.stash.setdefault(SPANS, {}).setdefault(worker.id, {})
+    span = spans.setdefault(report.nodeid.split("::")[0], [report.start, report.stop])
+    span[0], span[1] = min(span[0], report.start), max(span[1], report.stop)
+
+
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    """The seed again at the end, where a failure is read."""
+    """The seed again at the end, where a failure is read; under xdist, where each worker's time went: its
+    longest modules and how long it sat idle at the end while the other finished (the suite's 20-minute bound)."""
+    spans = config.stash.get(SPANS, {})
+    if len(spans) > 1:
+        end = max(stop for modules in spans.values() for _, stop in modules.values())
+        for worker, modules in sorted(spans.items()):
+            busy = sorted(((stop - start, name) for name, (start, stop) in modules.items()), reverse=True)
+            last = max(stop for _, stop in modules.values())
+            top = ", ".join(f"{name.removeprefix('tests/')} {seconds:.0f} s" for seconds, name in busy[:6])
+            terminalreporter.write_line(f"{worker}: {len(modules)} modules, {sum(s for s, _ in busy):.0f} s in them, "
+                                        f"idle for the last {end - last:.0f} s; longest: {top}")
     seed = config.stash.get(ORDER_SEED, None)
     if seed is not None:
         terminalreporter.write_line(f"tests ran shuffled: TUNEDECK_TEST_ORDER=shuffle:{seed} repeats this order")
