@@ -126,9 +126,11 @@ def test_fedavg_over_three_silos_survives_a_killed_silo(federation):
     project, url, private = federation
     config = {"silos": list(SILOS), "eval_source": "data/eval", "exchange": str(project / "exchange"), "rounds": 1,
               "local_epochs": 1, "min_silos": 2, "silo_timeout_s": 150, "unreadable": [str(private / s) for s in SILOS]}
+    silo_c = deployment_id(url, "silo", "c")
+    # the module's other tests run silo c too (in a random order): only a run of this test's is killed
+    before = {r["id"] for r in api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [silo_c]}}})}
     run_id = api(url, f"deployments/{deployment_id(url, 'federated', 'coordinator')}/create_flow_run",
                  {"parameters": {"config": config}})["id"]
-    silo_c = deployment_id(url, "silo", "c")
     killed = coordinator_caps = None
     deadline = time.monotonic() + 300  # a hang guard
     while killed is None or coordinator_caps is None:
@@ -139,7 +141,8 @@ def test_fedavg_over_three_silos_survives_a_killed_silo(federation):
         if coordinator_caps is None and (family := run_processes(run_id)):
             coordinator_caps = capabilities(family[0])
         if killed is None:
-            started = api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [silo_c]}}})
+            started = [r for r in api(url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [silo_c]}}})
+                       if r["id"] not in before]
             family = run_processes(started[0]["id"]) if started else []
             if family:  # silo c's first round is under way (its process is starting): kill it, -9, whole tree
                 for proc in family:
