@@ -69,7 +69,7 @@ def capture(folder: Path, epochs: int = 3) -> Capture:
     try:
         run(project, "tunedeck", "deploy", PREFECT_API_URL=url)
         run(project, "dvc", "repro", PREFECT_API_URL=url)  # a flow run per stage, as a plain `dvc repro` makes
-        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1"], cwd=project,
+        worker = subprocess.Popen(["tunedeck", "worker", "--pool", "local", "--gpus", "0,1", "--price-per-hour", "2.5"], cwd=project,
                                   env=env(PREFECT_API_URL=url, TUNEDECK_HOST=HOST, **gpus.stand_in_env(2, project.parent / "stand-in-gpus")),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         finished = start(url, "pipeline", overrides=[f"train.epochs={epochs}"], pull=False, push=False)

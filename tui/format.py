@@ -85,6 +85,27 @@ def metric(progress: Progress | None, run: Run, key: str = "val/acc") -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def energy(run: Run) -> str:
+    """The Wh its training drew (GPUs and CPU package): "≥" before the sum when one of the two was unknown,
+    "unknown" when neither was read, blank before it trained."""
+    parts = [v for k, v in run.cost if k.startswith("energy/")]
+    known = [v for v in parts if isinstance(v, float)]
+    if not parts:
+        return ""
+    if not known:
+        return "unknown"
+    total = sum(known)
+    return ("≥" if len(known) < len(parts) else "") + (f"{total:.0f}" if total >= 100 else f"{total:.3g}")
+
+
+def cost(run: Run) -> str:
+    """What its training cost at its host's price per device-hour; blank without a price."""
+    total = dict(run.cost).get("cost/total")
+    if not isinstance(total, float):
+        return ""
+    return f"{total:.0f}" if total >= 100 else f"{total:.2f}" if total >= 0.01 or total == 0 else "<0.01"
+
+
 def score(run: Run, name: str) -> str:
     """A final score of the run (test/acc, test/macro_f1), else blank."""
     value = run.score(name)

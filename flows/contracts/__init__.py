@@ -169,6 +169,7 @@ class GpuReading(BaseModel):
     mem_clock_mhz: float | None = None
     processes: list[tuple[int, float | None, str | None]] = Field(
         default_factory=list, description="(pid, MiB used, flow run id or None) of each process on the GPU")
+    note: str | None = Field(None, description="why the metrics are missing: a device no reader reads (flows.gateways.drm)")
 
 
 class HostTelemetry(BaseModel):

@@ -48,7 +48,7 @@ def test_a_metric_the_gpu_lacks_is_none_not_an_error():
     assert sample.no_gpu is None and len(sample.gpus) == 8
 
 
-def test_no_nvml_shows_cpu_and_says_there_is_no_gpu(monkeypatch):
+def test_no_nvml_shows_cpu_and_says_there_is_no_gpu(monkeypatch, tmp_path):
     import pynvml
 
     def fail():
@@ -59,7 +59,7 @@ def test_no_nvml_shows_cpu_and_says_there_is_no_gpu(monkeypatch):
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
     gpus.reset()
     try:
-        sample = NvmlTelemetry(host=FakeHost()).sample()
+        sample = NvmlTelemetry(host=FakeHost(), sys_root=tmp_path).sample()  # a host with no other GPU either
     finally:
         gpus.reset()
     assert sample.gpus == () and sample.no_gpu.startswith("No GPU:") and "CPU only" in sample.no_gpu
@@ -197,3 +197,22 @@ def test_the_registry_line_shows_prods_worst_group_and_gap_when_the_data_has_gro
     assert line == ("model registry: prod [b]v0.2.0[/b] (worst camera group 0.810; worst site group 0.632, gap 0.339) "
                     "· versions v0.1.0, v0.2.0"), line
     assert registry_line(registry, rows[:1]).splitlines()[0] == "model registry: prod [b]v0.2.0[/b] · versions v0.1.0, v0.2.0"
+
+
+def test_a_runs_energy_and_cost_come_from_its_labels_and_unknown_is_never_zero():
+    from tui.format import cost, energy
+    from tui.providers.models import Run
+    from tui.providers.prefect_parse import run_cost
+
+    labels = {"tunedeck.energy.gpu_wh": 12.5, "tunedeck.energy.cpu_wh": "unknown", "tunedeck.cost.total": 0.0042,
+              "tunedeck.cost.device_hours": 0.5, "tunedeck.host": "box", "tunedeck.metric.test/acc": 0.9}
+    found = run_cost(labels)
+    assert found == (("cost/device_hours", 0.5), ("cost/total", 0.0042), ("energy/cpu_wh", "unknown"), ("energy/gpu_wh", 12.5))
+    run = Run("id", "name", "pipeline", "COMPLETED", "Completed", None, None, cost=found)
+    assert (energy(run), cost(run)) == ("≥12.5", "<0.01"), "the known part, marked as a lower bound"
+    unread = Run("id", "name", "pipeline", "COMPLETED", "Completed", None, None, cost=(("energy/cpu_wh", "unknown"),))
+    assert (energy(unread), cost(unread)) == ("unknown", ""), "an unread counter is unknown, and no price is no cost"
+    both = (("cost/total", 1234.5), ("energy/cpu_wh", 40.0), ("energy/gpu_wh", 310.0))
+    assert (energy(Run("i", "n", "p", "COMPLETED", "", None, None, cost=both)),
+            cost(Run("i", "n", "p", "COMPLETED", "", None, None, cost=both))) == ("350", "1234")
+    assert energy(Run("i", "n", "p", "RUNNING", "", None, None)) == "", "blank before it trained"

@@ -83,7 +83,8 @@ def make_run(i: int, layout: Fleet = DEMO, seed: int = 7) -> Run:
     if state != "COMPLETED" and flow in ("pipeline", "experiment"):
         stage = rng.choice(("prepare", "train", "evaluate"))
         run = replace(run, stage=stage, progress=None if stage == "prepare" else run.progress)
-    run = replace(run, scores=_scores(run, rng) if state == "COMPLETED" else ())
+    run = replace(run, scores=_scores(run, rng) if state == "COMPLETED" else (),
+                  cost=_cost(run, rng) if state == "COMPLETED" else ())
     return _place(run, i, name, state, NOW - 600 - 900 * i, rng.uniform(20, 3000))
 
 
@@ -120,6 +121,12 @@ def _scores(run: Run, rng: random.Random) -> tuple[tuple[str, float], ...]:
     acc = (val if val is not None else rng.uniform(0.8, 0.9)) - rng.uniform(0.0, 0.03)
     values = {"test/acc": acc, "test/macro_f1": acc - rng.uniform(0.002, 0.02)}
     return tuple((k, round(values.get(k, acc), 4)) for k, _ in run.scores)
+
+
+def _cost(run: Run, rng: random.Random) -> tuple[tuple[str, float | str], ...]:
+    """The recorded run's energy and cost figures, scaled by one random training length; "unknown" stays so."""
+    scale = rng.uniform(0.3, 3.0)
+    return tuple((k, v if isinstance(v, str) or k == "cost/price_per_hour" else round(v * scale, 6)) for k, v in run.cost)
 
 
 class FakeRuns(Sequence[Run]):

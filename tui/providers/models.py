@@ -33,6 +33,8 @@ class GpuSample:
     sm_clock_mhz: float | None
     mem_clock_mhz: float | None
     processes: tuple[GpuProcess, ...] = ()
+    note: str | None = None
+    """Why its metrics are missing (a device no reader reads), shown in their place."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class Run:
     """The GPUs it holds on that host (its ``tunedeck.gpus`` label)."""
     scores: tuple[tuple[str, float], ...] = ()
     """The final scores its evaluate stage published (``test/acc``, ``test/macro_f1`` labels), once evaluated."""
+    cost: tuple[tuple[str, float | str], ...] = ()
+    """Its training's energy and cost (``energy/gpu_wh``, ``energy/cpu_wh``, ``cost/device_hours``, ``cost/total``
+    labels; "unknown" where a counter could not be read), once trained."""
 
     def score(self, name: str) -> float | None:
         """One final score (``test/acc``), or None before the run was evaluated."""

@@ -21,6 +21,7 @@ from tui.providers.prefect_parse import (
     gpus_label,
     host_label,
     pool,
+    run_cost,
     run_filter,
     run_progress,
     run_scores,
@@ -103,6 +104,7 @@ class PrefectApi:
             r.get("state_name") or "", start, duration, deployment_names.get(r.get("deployment_id")),
             r.get("deployment_id"), tuple(r.get("tags") or ()), r.get("parameters") or {},
             stage_label(labels), run_progress(labels), host_label(labels), gpus_label(labels), run_scores(labels),
+            run_cost(labels),
         )
 
     def _deployment_runs(self, ids: list[str]) -> tuple[dict[str, list[float]], dict[str, str]]:

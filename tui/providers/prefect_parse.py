@@ -39,6 +39,20 @@ def run_scores(labels: dict[str, Any] | None) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(scores_from_labels(labels).items()))
 
 
+def run_cost(labels: dict[str, Any] | None) -> tuple[tuple[str, float | str], ...]:
+    """The training's energy and cost a run's labels carry (flows.run.labels.label_cost), sorted by name:
+    ("cost/total", 0.0012), ("energy/cpu_wh", "unknown"), ... ("unknown": a counter the run could not read)."""
+    found = []
+    for key, value in (labels or {}).items():
+        group, _, name = key.removeprefix(LABEL).partition(".")
+        if key.startswith(LABEL) and group in ("energy", "cost") and name:
+            try:
+                found.append((f"{group}/{name}", float(value)))
+            except (TypeError, ValueError):
+                found.append((f"{group}/{name}", str(value)))
+    return tuple(sorted(found))
+
+
 def host_label(labels: dict[str, Any] | None) -> str | None:
     """The host whose worker runs the flow run (its ``tunedeck.host`` label)."""
     value = (labels or {}).get(f"{LABEL}host")

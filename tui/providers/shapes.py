@@ -35,6 +35,7 @@ def shape(run: Run) -> dict[str, Any]:
             "metrics": sorted(k for k, _ in progress.metrics), "epochs": progress.epochs is not None,
             "eta": progress.eta_s is not None and run.state == "RUNNING"},
         "scores": sorted(k for k, _ in run.scores),
+        "cost": sorted(k for k, _ in run.cost),
     }
 
 
@@ -68,7 +69,7 @@ def templates() -> dict[str, Run]:
     found: dict[str, Run] = {}
     for raw in recorded()["runs"]:
         run = build(Run, raw)
-        run = replace(run, scores=tuple(tuple(s) for s in run.scores))
+        run = replace(run, scores=tuple(tuple(s) for s in run.scores), cost=tuple(tuple(c) for c in run.cost))
         if run.progress is not None:
             run = _with_progress(run, build(Progress, raw["progress"]))
         found.setdefault(kind(run), run)
@@ -86,4 +87,5 @@ def fits(run: Run, template: Run) -> bool:
         return mine == real
     return (mine["flow"], mine["deployment"]) == (real["flow"], real["deployment"]) and set(mine["tags"]) <= set(real["tags"]) \
         and all(not mine[k] or real[k] for k in ("stage", "host", "gpus")) \
-        and (mine["progress"] is None or mine["progress"] == real["progress"]) and set(mine["scores"]) <= set(real["scores"])
+        and (mine["progress"] is None or mine["progress"] == real["progress"]) and set(mine["scores"]) <= set(real["scores"]) \
+        and set(mine["cost"]) <= set(real["cost"])

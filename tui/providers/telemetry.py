@@ -1,4 +1,4 @@
-"""GPU telemetry from NVML (nvidia-ml-py) and host telemetry from psutil.
+"""GPU telemetry from NVML (nvidia-ml-py) and the kernel's DRM (other GPUs), host telemetry from psutil.
 
 A metric a device lacks is None, never an exception. NVML's per-process lists are costly, so
 they are polled at most every ``process_interval`` seconds; drawing reads the cached lists.
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from flows.contracts import GpuReading
-from flows.gateways import gpus
+from flows.gateways import drm, gpus
 from tui.providers.models import GpuProcess, GpuSample, HostSample, Telemetry
 
 
@@ -37,7 +38,8 @@ class PsutilHost:
 
 
 class NvmlTelemetry:
-    """Samples every GPU through an NVML module (pynvml, or a fake with the same functions)."""
+    """Samples every GPU: NVIDIA's through an NVML module (pynvml, or a fake with the same functions), then the
+    others the kernel lists (flows.gateways.drm: AMD read from its driver, any other named with no reader)."""
 
     def __init__(
         self,
@@ -46,7 +48,11 @@ class NvmlTelemetry:
         joiner: Callable[[int], str | None] | None = None,
         process_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        sys_root: Path | None = None,
+        proc_root: Path = drm.PROC,
     ) -> None:
+        """sys_root: where the kernel lists the other GPUs; by default the host's own /sys when NVML is the host's
+        own too, none with an injected NVML or a stand-in one (a test's GPUs stand in for all the host's)."""
         self.nvml, self.no_gpu = (nvml, None) if nvml is not None else gpus.load_nvml()
         self.host = host or PsutilHost()
         self.joiner = joiner or (lambda pid: None)
@@ -58,22 +64,37 @@ class NvmlTelemetry:
         self._count = gpus.count(self.nvml) if self.nvml else 0
         if self.nvml and not self._count:
             self.no_gpu = "No GPU: NVML reports no device on this host; showing CPU only."
+        if sys_root is None and nvml is None and not getattr(self.nvml, "STAND_IN", False):
+            sys_root = drm.SYS
+        self._others, self._proc = (drm.cards(sys_root) if sys_root is not None else []), proc_root
+        if self._others:
+            self.no_gpu = None  # NVML's absence means nothing on a host whose GPUs are not NVIDIA's
 
     def sample(self) -> Telemetry:
         """Host and GPUs now; per-process lists are refreshed at most every process_interval."""
         now = self.clock()
-        if self._count and (self._polled_at is None or now - self._polled_at >= self.process_interval):
+        if (self._count or self._others) and (self._polled_at is None or now - self._polled_at >= self.process_interval):
             self._polled_at = now
             self.process_polls += 1
             self._processes = {i: self._gpu_processes(i) for i in range(self._count)}
-        gpus = tuple(self._gpu(i) for i in range(self._count or 0))
-        return Telemetry(self.host.sample(), gpus, self.no_gpu)
+            self._processes |= self._other_processes()
+        gpus = [self._gpu(i) for i in range(self._count or 0)]
+        gpus += [gpu_sample(drm.read(card, i), self._processes.get(i, ()))
+                 for i, card in enumerate(self._others, start=self._count)]
+        return Telemetry(self.host.sample(), tuple(gpus), self.no_gpu)
 
     def _gpu(self, index: int) -> GpuSample:
         return gpu_sample(gpus.read_gpu(self.nvml, index), self._processes.get(index, ()))
 
     def _gpu_processes(self, index: int) -> tuple[GpuProcess, ...]:
         return tuple(GpuProcess(pid, mib, run) for pid, mib, run in gpus.gpu_processes(self.nvml, index, self.joiner))
+
+    def _other_processes(self) -> dict[int, tuple[GpuProcess, ...]]:
+        if not self._others:
+            return {}
+        clients = drm.drm_clients({card.pci for card in self._others}, self._proc)
+        return {i: tuple(GpuProcess(pid, mib, self.joiner(pid)) for pid, mib in clients.get(card.pci, {}).items())
+                for i, card in enumerate(self._others, start=self._count)}
 
 
 def gpu_sample(reading: GpuReading, processes: tuple[GpuProcess, ...] | None = None) -> GpuSample:
@@ -82,4 +103,4 @@ def gpu_sample(reading: GpuReading, processes: tuple[GpuProcess, ...] | None = N
         processes = tuple(GpuProcess(pid, mib, run) for pid, mib, run in reading.processes)
     return GpuSample(reading.index, reading.name, reading.util, reading.mem_used_mib, reading.mem_total_mib,
                      reading.temp_c, reading.power_w, reading.power_limit_w, reading.sm_clock_mhz, reading.mem_clock_mhz,
-                     processes)
+                     processes, reading.note)

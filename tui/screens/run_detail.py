@@ -54,6 +54,9 @@ class RunDetailScreen(Screen[None]):
         if r.scores:
             parts += ["", "[b]scores[/b] (the evaluate stage's, on the test split)"]
             parts += [f"{k} {v:.4g}" for k, v in r.scores]
+        if r.cost:
+            parts += ["", "[b]energy and cost[/b] (its training's: Wh, device-hours, at the host's price)"]
+            parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.cost]
         return "\n".join(parts).replace("[", "\\[").replace("\\[b]", "[b]").replace("\\[/b]", "[/b]")
 
     def on_mount(self) -> None:

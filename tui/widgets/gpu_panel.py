@@ -124,6 +124,9 @@ class GpuPanel(Vertical):
         )
         if telemetry.no_gpu:
             line.append(f"\n{telemetry.no_gpu}", style="bold yellow")
+        for g in telemetry.gpus:
+            if g.note:
+                line.append(f"\nGPU {g.index} {g.name}: {g.note}", style="yellow")
         if line != self._host_line:  # an unchanged line would still cost a repaint
             # the same number of lines needs no layout pass of the whole screen, only a repaint
             same_height = self._host_line is not None and self._host_line.plain.count("\n") == line.plain.count("\n")
@@ -134,7 +137,7 @@ class GpuPanel(Vertical):
         if telemetry.remote:
             title = f"GPUs · {len(telemetry.gpus) + remote_gpus} on {1 + len(telemetry.remote)} hosts"
         else:
-            title = f"GPUs · {len(telemetry.gpus)} × {telemetry.gpus[0].name}" if telemetry.gpus else "GPUs · none"
+            title = f"GPUs · {kinds(telemetry.gpus)}" if telemetry.gpus else "GPUs · none"
         if title != self.border_title:
             table.display = bool(telemetry.gpus) or bool(telemetry.remote)
             self.border_title = title
@@ -153,11 +156,22 @@ class GpuPanel(Vertical):
     def _cells(self, g: GpuSample, runs: dict[str, Run], hostname: str = "", slot: tuple[str, ...] = ()) -> tuple:
         hist = self.history.get(("" if hostname == self.telemetry.host.hostname else hostname, g.index), ())
         frac = None if g.util is None else g.util / 100
+        if g.note:  # a device no reader reads: what it is says so in place of its figures, and the run on its slot
+            return (str(g.index), Text("no reader", style="yellow"), "", "", "", "", "", run_label(g, runs, slot),
+                    processes(g))
         mem = NA if g.mem_used_mib is None else f"{g.mem_used_mib / 1024:.1f}/{(g.mem_total_mib or 0) / 1024:.0f}"
         power = NA if g.power_w is None else f"{g.power_w:.0f}/{num(g.power_limit_w)}"
         clocks = f"{num(g.sm_clock_mhz)}/{num(g.mem_clock_mhz)}"
         return (str(g.index), f"{bar(frac)}{num(g.util, unit='%'):>5}", sparkline(hist).rjust(HISTORY), mem,
                 num(g.temp_c, unit="°"), power, clocks, run_label(g, runs, slot), processes(g))
+
+
+def kinds(gpus: tuple[GpuSample, ...]) -> str:
+    """How many GPUs of each name: "2 × NVIDIA H100", or "1 × NVIDIA L4, 1 × AMD Radeon PRO W7900 (amdgpu)"."""
+    counts: dict[str, int] = {}
+    for g in gpus:
+        counts[g.name] = counts.get(g.name, 0) + 1
+    return ", ".join(f"{n} × {name}" for name, n in counts.items())
 
 
 def slot_runs(runs: dict[str, Run]) -> dict[tuple[str, int], tuple[str, ...]]:
@@ -201,5 +215,5 @@ def run_label(g: GpuSample, runs: dict[str, Run], slot: tuple[str, ...] = ()) ->
 
 
 def processes(g: GpuSample) -> str:
-    """pid:MiB of each process on the GPU."""
-    return " ".join(f"{p.pid}:{num(p.used_mib)}M" for p in g.processes)
+    """pid:MiB of each process on the GPU (its pid alone where the driver does not say its memory)."""
+    return " ".join(f"{p.pid}:{num(p.used_mib)}M" if p.used_mib is not None else str(p.pid) for p in g.processes)

@@ -12,17 +12,21 @@ from dataclasses import dataclass
 from textual.binding import Binding
 from textual.message import Message
 
-from tui.format import TEST_ACC, TEST_MACRO_F1, duration, eta, metric, score, short, state_text
+from tui.format import TEST_ACC, TEST_MACRO_F1, cost, duration, energy, eta, metric, score, short, state_text
 from tui.providers.models import Progress, Run
 from tui.widgets.keyed_table import columns_that_fit
 from tui.widgets.line_table import GAP, Layout, LineTable, row_line
 
 COLUMNS = [("STATE", "state", 9), ("NAME", "name", 16), ("STAGE", "stage", 8), ("DEPLOYMENT", "deployment", 18),
            ("DURATION", "duration", 8), ("EPOCH", "epoch", 7), ("ETA", "eta", 6), ("VAL", "acc", 5),
-           ("TEST", "test", 5), ("F1", "f1", 5), ("GPUS", "gpus", 5), ("DATA", "data", 8), ("MODEL", "model", 8)]
-"""VAL: the val accuracy of the training's last epoch; TEST and F1: the test accuracy and macro-F1 of an evaluated run."""
-DROP_ORDER = ("model", "data", "deployment", "duration", "eta")
-"""What a narrow table hides first: at 80 columns the metrics stay, the ETA goes (EPOCH k/N still shows)."""
+           ("TEST", "test", 5), ("F1", "f1", 5), ("GPUS", "gpus", 5), ("DATA", "data", 8), ("MODEL", "model", 8),
+           ("WH", "energy", 7), ("COST", "cost", 6)]
+"""VAL: the val accuracy of the training's last epoch; TEST and F1: the test accuracy and macro-F1 of an evaluated run;
+WH and COST: the energy its training drew and what it cost at its host's price per device-hour (the run detail has
+the parts)."""
+DROP_ORDER = ("cost", "energy", "model", "data", "deployment", "duration", "eta")
+"""What a narrow table hides first: at 80 columns the metrics stay, the ETA goes (EPOCH k/N still shows); the
+energy and cost need 150."""
 NAME_MAX = 28  # a wide terminal gives NAME the room left over, up to this many cells
 KEYS = [key for _, key, _ in COLUMNS]
 
@@ -46,7 +50,8 @@ def cells(r: Run, gpus: tuple[int, ...], progress: Progress | None) -> tuple:
     epoch, left = eta(r, progress)
     return (state_text(r.state, r.state_name or r.state.title()), r.name, r.current_stage, r.deployment or "",
             duration(r.duration_s), epoch, left, metric(progress, r), score(r, TEST_ACC), score(r, TEST_MACRO_F1),
-            ",".join(map(str, gpus or (r.gpus if r.state == "RUNNING" else ()))), short(r.data_version), short(r.model_version))
+            ",".join(map(str, gpus or (r.gpus if r.state == "RUNNING" else ()))), short(r.data_version), short(r.model_version),
+            energy(r), cost(r))
 
 
 class RunsTable(LineTable):
