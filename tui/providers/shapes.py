@@ -35,7 +35,8 @@ def shape(run: Run) -> dict[str, Any]:
             "metrics": sorted(k for k, _ in progress.metrics), "epochs": progress.epochs is not None,
             "eta": progress.eta_s is not None and run.state == "RUNNING"},
         "scores": sorted(k for k, _ in run.scores),
-        "cost": sorted(k for k, _ in run.cost),
+        # which figures it has (energy, cost), not which parts: a worker without a price records no cost/total
+        "cost": sorted({k.split("/")[0] for k, _ in run.cost}),
     }
 
 
