@@ -81,7 +81,7 @@ def run_pipeline(overrides: list[str], pull: bool, push: bool, name: str, promot
         # one gate at a time on this clone: two runs ending together would both judge against the same
         # prod and claim the same next version
         with host_lock(clone, "registry") if promote else contextlib.nullcontext():
-            judgement = promotion_gate(ws) if promote else None
+            judgement = promotion_gate(ws, stage_env(slot, stages_settings.but(warm=warm.socket_path()))) if promote else None
             timed("results saved as a DVC experiment", lambda: save_experiment(clone, ws, name, stages if until else None))
             if judgement is not None and judgement.decision.promote:
                 from flows.ship.gate import exp_commit, register
@@ -118,12 +118,32 @@ def node_count(ws: Path) -> int:
 
 
 @task(name="promote", persist_result=False)
-def promotion_gate(ws: Path):
-    """The promotion gate on the run's model (flows.ship.gate.judge), its verdict as a Prefect artifact."""
-    from flows.core.params import load_params
-    from flows.ship.gate import judge, markdown
+def promotion_gate(ws: Path, env: dict[str, str]):
+    """The promotion gate on the run's model, its verdict as a Prefect artifact. It runs as a process of its own
+    (flows.ship.judging), forked from the run's warm server like a stage, with the stage's environment (the run's GPU):
+    torch and timm are never imported into the flow run's process."""
+    import os
+    import subprocess
+    import sys
 
-    judgement = judge(ws, load_params(ws / "params.yaml"), log=get_run_logger().info)
+    from flows.gateways import processes
+    from flows.ship.gate import markdown, read_judgement
+
+    logger, said = get_run_logger(), []
+    gate = processes.spawn([sys.executable, "-m", "flows.ship.judging"], tie=True, cwd=ws, env={**os.environ, **env},
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in gate.stdout:
+            said.append(line.rstrip())
+            logger.info(said[-1])
+        code = gate.wait()
+    except BaseException:
+        gate.stop()
+        raise
+    if code != 0:
+        last = next((line for line in reversed(said) if line.strip()), f"it ended with status {code}")
+        raise TunedeckError(last.removeprefix("promotion gate: error: "))
+    judgement = read_judgement(ws)
     create_markdown_artifact(markdown=markdown(judgement), key="promotion", description=judgement.decision.summary())
     return judgement
 

@@ -93,6 +93,16 @@ def judge(root: Path, params: Params, force: bool = False, log=print) -> Judgeme
     return judgement
 
 
+def read_judgement(root: Path) -> Judgement:
+    """The judgement write_promotion wrote in root (flows.ship.judging's, made in a process of its own)."""
+    record = json.loads((root / PROMOTION_FILE).read_text())
+    prod = record["prod"]
+    decision = Decision(record["promote"], record["reasons"], Figures(**record["candidate"]),
+                        Figures(**prod) if prod else None, record["tolerance"], record["max_class_drop"], record["notes"],
+                        record["compared"], record["groups"])
+    return Judgement(decision, record["version"], record["prod_version"], record["candidate_sha256"], record["audit"])
+
+
 def check_candidate(root: Path) -> ModelCard:
     """root's model card, once its weights and test metrics are there and match it."""
     from flows.core.model_file import sha256

@@ -93,3 +93,16 @@ def test_a_prod_model_that_cannot_be_scored_is_could_not_compare_and_promotes_no
     assert decision.verdict == "could not compare" and not decision.promote
     assert decision.summary() == f"could not compare: {why}."
     assert decision.to_dict()["verdict"] == "could not compare" and decision.to_dict()["prod"] is None
+
+
+@pytest.mark.parametrize("prod", [None, figures(0.90, a=0.9, b=0.9)])
+def test_the_gates_process_hands_the_flow_back_the_same_judgement_through_promotion_json(tmp_path, prod):
+    """A pipeline run's gate runs as a process of its own (flows.ship.judging): what the flow reads back from
+    promotion.json is the judgement it wrote, promoted or rejected, with or without a prod model."""
+    from flows.ship.gate import Judgement, read_judgement, write_promotion
+
+    decision = decide(figures(0.85, a=0.8, b=0.9), prod, 0.01, 0.05)
+    judgement = Judgement(decision, None if prod else "v1.0.0", "v0.1.0" if prod else None, "ab" * 32,
+                          {"who": "me", "why": "a test"})
+    write_promotion(tmp_path, judgement)
+    assert read_judgement(tmp_path) == judgement
