@@ -62,9 +62,15 @@ def readings(first_index: int = 0, sys_root: Path = SYS, proc_root: Path = PROC,
     """One reading per card, numbered from first_index (after NVML's GPUs); the processes on each, joined to their
     flow runs by joiner (none listed without one: the dashboard polls them less often)."""
     found = cards(sys_root)
-    clients = drm_clients({c.pci for c in found}, proc_root) if joiner is not None and found else {}
-    return [read(card, first_index + i, [(pid, mib, joiner(pid)) for pid, mib in clients.get(card.pci, {}).items()])
-            for i, card in enumerate(found)]
+    users = processes(found, proc_root, joiner) if joiner is not None else {}
+    return [read(card, first_index + i, users.get(card.pci)) for i, card in enumerate(found)]
+
+
+def processes(found: list[Card], proc_root: Path, joiner: Callable[[int], str | None]
+              ) -> dict[str, list[tuple[int, float | None, str | None]]]:
+    """PCI address -> (pid, VRAM MiB, flow run id) of each process using that card."""
+    clients = drm_clients({card.pci for card in found}, proc_root) if found else {}
+    return {pci: [(pid, mib, joiner(pid)) for pid, mib in used.items()] for pci, used in clients.items()}
 
 
 def read(card: Card, index: int, processes: list[tuple[int, float | None, str | None]] | None = None) -> GpuReading:
@@ -85,19 +91,20 @@ def read(card: Card, index: int, processes: list[tuple[int, float | None, str | 
 
 def drm_clients(pcis: set[str], proc_root: Path = PROC) -> dict[str, dict[int, float | None]]:
     """PCI address -> {pid: VRAM MiB (None where its driver does not say)} of every other process with the device open.
-    A DRM client open through several descriptors counts once."""
+    A DRM client open through several descriptors counts once. Only a descriptor that links to /dev/dri has its
+    fdinfo read (one readlink per descriptor: a worker publishes this every few seconds)."""
     found: dict[str, dict[int, float | None]] = {}
     own = os.getpid()
-    for fdinfo in proc_root.glob("[0-9]*/fdinfo"):
-        pid, seen = int(fdinfo.parent.name), set()
+    for fds in proc_root.glob("[0-9]*/fd"):
+        pid, seen = int(fds.parent.name), set()
         if pid == own:
             continue
         try:
-            entries = list(fdinfo.iterdir())
+            entries = [fd.name for fd in fds.iterdir() if os.readlink(fd).startswith("/dev/dri/")]
         except OSError:  # gone, or not ours to read
             continue
         for entry in entries:
-            fields = _fields(entry)
+            fields = _fields(fds.parent / "fdinfo" / entry)
             pci, client = fields.get("drm-pdev"), fields.get("drm-client-id")
             if pci not in pcis or (pci, client) in seen:
                 continue

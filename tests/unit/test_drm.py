@@ -51,6 +51,12 @@ def sys_root(tmp_path) -> Path:
 @pytest.fixture
 def proc_root(tmp_path) -> Path:
     root = tmp_path / "proc"
+    for pid, fds in {"4242": {"5": "/dev/dri/renderD128", "6": "/dev/dri/card0"}, "4243": {"3": "/dev/dri/renderD129"},
+                     "4244": {"1": "/dev/null"}, "4245": {"7": "socket:[123]"}}.items():
+        (root / pid / "fd").mkdir(parents=True)
+        for fd, target in fds.items():
+            (root / pid / "fd" / fd).symlink_to(target)
+    write(root / "4245" / "fdinfo" / "7", f"drm-driver:\tamdgpu\ndrm-pdev:\t{AMD_PCI}\ndrm-client-id:\t9")  # not a DRM fd
     amd = f"drm-driver:\tamdgpu\ndrm-pdev:\t{AMD_PCI}\ndrm-client-id:\t7\ndrm-memory-vram:\t1048576 KiB"
     write(root / "4242" / "fdinfo" / "5", amd)
     write(root / "4242" / "fdinfo" / "6", amd)  # the same client through a second descriptor: counted once

@@ -92,8 +92,8 @@ class NvmlTelemetry:
     def _other_processes(self) -> dict[int, tuple[GpuProcess, ...]]:
         if not self._others:
             return {}
-        clients = drm.drm_clients({card.pci for card in self._others}, self._proc)
-        return {i: tuple(GpuProcess(pid, mib, self.joiner(pid)) for pid, mib in clients.get(card.pci, {}).items())
+        users = drm.processes(self._others, self._proc, self.joiner)
+        return {i: tuple(GpuProcess(*user) for user in users.get(card.pci, ()))
                 for i, card in enumerate(self._others, start=self._count)}
 
 
